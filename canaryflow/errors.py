@@ -1,0 +1,105 @@
+"""Every error canaryflow raises, in one tree.
+
+    CanaryflowError                  base: a message that says what went wrong and what to do
+    ├── ConfigError                  bad input from a user: fix the file or the flag, then rerun
+    │   ├── ManifestError            a model manifest that does not validate
+    │   ├── SpecError                a release spec that does not validate
+    │   └── PolicyError              a gate policy that does not validate
+    ├── SecurityError                refused before anything else happens
+    │   ├── SignatureError           a manifest changed after signing, or a bad signature
+    │   ├── UnknownKeyError          signed by a key that is not trusted
+    │   └── WebhookSignatureError    a CI webhook whose HMAC does not match
+    ├── CompatibilityError           candidate incompatible with the champion (tokenizer/embedding)
+    ├── RegistryError                the model registry refused or is missing something
+    │   └── AliasNotFound            no version carries that alias yet
+    ├── ProviderError                an LLM provider answered badly
+    │   ├── TransientProviderError   429, 5xx, timeouts: worth a retry (RetryableError)
+    │   └── ProviderResponseError    garbage or a 4xx: a retry will not help
+    ├── BudgetExceeded               a token or cost budget ran out: raise the budget or sample less
+    ├── ReleaseBusy                  another release of the same service holds the lock
+    └── StackError                   an embedded component did not start
+
+Retryable errors derive from `RetryableError` too, so the Prefect layer can retry exactly those.
+"""
+
+from __future__ import annotations
+
+
+class CanaryflowError(Exception):
+    """Base of every canaryflow error."""
+
+
+class RetryableError(CanaryflowError):
+    """Mixin root: the same call may succeed if tried again."""
+
+
+class ConfigError(CanaryflowError):
+    """Bad user input (file, flag or payload)."""
+
+
+class ManifestError(ConfigError):
+    pass
+
+
+class SpecError(ConfigError):
+    pass
+
+
+class PolicyError(ConfigError):
+    pass
+
+
+class SecurityError(CanaryflowError):
+    pass
+
+
+class SignatureError(SecurityError):
+    pass
+
+
+class UnknownKeyError(SecurityError):
+    pass
+
+
+class WebhookSignatureError(SecurityError):
+    pass
+
+
+class CompatibilityError(CanaryflowError):
+    pass
+
+
+class RegistryError(CanaryflowError):
+    pass
+
+
+class TransientRegistryError(RegistryError, RetryableError):
+    """The registry did not answer (connection refused, 5xx)."""
+
+
+class AliasNotFound(RegistryError):
+    pass
+
+
+class ProviderError(CanaryflowError):
+    pass
+
+
+class TransientProviderError(ProviderError, RetryableError):
+    """429, 5xx or a timeout after the client's own retries were spent."""
+
+
+class ProviderResponseError(ProviderError):
+    """The provider answered with something we cannot use; retrying will not help."""
+
+
+class BudgetExceeded(CanaryflowError):
+    pass
+
+
+class ReleaseBusy(CanaryflowError):
+    pass
+
+
+class StackError(CanaryflowError):
+    pass

@@ -1,0 +1,90 @@
+"""Read manifests, specs and policies from YAML or JSON, with errors a person can act on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from canaryflow.contracts import GatePolicy, ModelManifest, ReleaseSpec, SignedManifest
+from canaryflow.errors import ConfigError, ManifestError, PolicyError, SpecError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def describe(error: ValidationError) -> str:
+    """One line per problem: `field.path: reason (got value)`."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        got = problem.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"  - {where}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def read_document(path: Path) -> Any:
+    """YAML is a superset of JSON, but JSON files get the stricter parser and its error positions."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+
+
+def validate(model: type[M], data: Any, source: str, error: type[ConfigError]) -> M:
+    if not isinstance(data, dict):
+        raise error(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise error(
+            f"{source} is not a valid {model.__name__} ({exc.error_count()} problem(s)):\n"
+            f"{describe(exc)}\nFix the fields above and try again."
+        ) from exc
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    return validate(ModelManifest, read_document(path), str(path), ManifestError)
+
+
+def load_signed_manifest(path: Path) -> SignedManifest:
+    data = read_document(path)
+    if isinstance(data, dict) and "signature" not in data:
+        raise ManifestError(
+            f"{path} has no signature: sign it first with `canaryflow sign {path} --key KEY`"
+        )
+    return validate(SignedManifest, data, str(path), ManifestError)
+
+
+def load_policy(path: Path) -> GatePolicy:
+    return validate(GatePolicy, read_document(path), str(path), PolicyError)
+
+
+def load_spec(path: Path, policies_dir: Path | None = None) -> ReleaseSpec:
+    """A spec may name its candidate and policy by file: paths are relative to the spec."""
+    data = read_document(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    if isinstance(data.get("candidate"), str):
+        data["candidate"] = load_signed_manifest(path.parent / data["candidate"]).model_dump()
+    if isinstance(data.get("policy"), str):
+        policy_path = _find_policy(data["policy"], path.parent, policies_dir)
+        data["policy"] = load_policy(policy_path).model_dump()
+    return validate(ReleaseSpec, data, str(path), SpecError)
+
+
+def _find_policy(name: str, spec_dir: Path, policies_dir: Path | None) -> Path:
+    candidates = [spec_dir / name]
+    if policies_dir is not None:
+        candidates += [policies_dir / name, policies_dir / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise PolicyError(f"policy {name!r} not found (looked at {tried})")
