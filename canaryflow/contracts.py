@@ -334,7 +334,7 @@ class GateResult(Frozen):
 
 
 def combine(results: list[GateResult] | tuple[GateResult, ...]) -> Decision:
-    """Hard or observability failure -> FAIL; soft failure -> REVIEW; missing data -> INCONCLUSIVE."""
+    """Hard/observability failure -> FAIL; soft failure -> REVIEW; no data -> INCONCLUSIVE."""
     bad = {Label.FAIL, Label.ERROR}
     if any(r.label in bad and r.severity is not Severity.SOFT for r in results):
         return Decision.FAIL

@@ -27,7 +27,7 @@ def describe(error: ValidationError) -> str:
 
 
 def read_document(path: Path) -> Any:
-    """YAML is a superset of JSON, but JSON files get the stricter parser and its error positions."""
+    """JSON files get the stricter JSON parser (and its error positions); the rest YAML."""
     if not path.exists():
         raise ConfigError(f"{path}: no such file")
     text = path.read_text()

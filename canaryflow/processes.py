@@ -71,7 +71,9 @@ class ManagedProcess:
                 return self
             time.sleep(0.1)
         self.stop()
-        raise StackError(f"{self.name} did not answer within {timeout_s:.0f} s; see {self.log_path}")
+        raise StackError(
+            f"{self.name} did not answer within {timeout_s:.0f} s; see {self.log_path}"
+        )
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -81,10 +83,8 @@ class ManagedProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
         # Workers forked by the server may outlive its parent: the group goes down with SIGKILL.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Where canaryflow finds its parts. One settings object, passed in; nothing reads os.environ deeper."""
+"""Where canaryflow finds its parts: one settings object, passed in, never read deep inside."""
 
 from __future__ import annotations
 
