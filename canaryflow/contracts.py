@@ -257,6 +257,7 @@ class CanaryPlan(Strict):
 class ApprovalConfig(Strict):
     timeout_s: Seconds = 3600.0
     default_action: Literal["approve", "reject"] = "reject"
+    poll_s: float = Field(10.0, ge=1.0, description="how often the paused run checks for an answer")
 
 
 class TrafficConfig(Strict):
@@ -276,7 +277,9 @@ class ReleaseSpec(Strict):
     canary: CanaryPlan = CanaryPlan()
     policy: GatePolicy = GatePolicy()
     approval: ApprovalConfig = ApprovalConfig()
-    traffic: TrafficConfig = TrafficConfig()
+    traffic: TrafficConfig | None = Field(
+        TrafficConfig(), description="synthetic load for the embedded stack; None in production"
+    )
     allow_incompatible: bool = False
     lock_wait_s: Seconds = Field(0.0, description="wait this long for another release, then refuse")
 
@@ -476,3 +479,18 @@ class RequestRecord(Frozen):
     unsafe: bool | None = None
     injection_leak: bool | None = None
     refusal: bool | None = None
+
+
+class Endpoints(Strict):
+    """Where a release finds the running parts; written by the stack, passed to every task."""
+
+    home: str
+    mlflow_uri: str
+    prefect_api_url: str | None = None
+    provider_urls: dict[str, str] = Field(default_factory=dict)
+    keys_dir: str
+    store_url: str | None = None
+    envoy_url: str | None = None
+    envoy_admin_url: str | None = None
+    envoy_home: str | None = None
+    prometheus_url: str | None = None

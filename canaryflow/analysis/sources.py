@@ -1,0 +1,258 @@
+"""Where a window's numbers come from: the request store (per request) or Prometheus (counters).
+
+Fetching only; judging is elsewhere. The store gives what the judges need in full (raw latencies,
+per-request cost, quality flags), so `StoreSource` builds the `WindowSample` the gates take.
+Prometheus gives counters and histogram buckets: `PrometheusSource` answers dashboards'
+questions (p95 from buckets, rates, cost per 1k) and whether the series exist at all, and the
+same expressions, at `[1m]`, are the recording rules in deployments/prometheus/rules.yml.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from canaryflow.analysis.samples import RoleSample, WindowSample
+from canaryflow.contracts import RequestRecord, Role
+from canaryflow.errors import StackError
+
+if TYPE_CHECKING:
+    from prometheus_api_client import PrometheusConnect
+
+BY = "service, version, role"
+QUANTILES = {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}
+# recording rule name -> expression key in `expressions`
+RECORDING_RULES = {
+    "canaryflow:requests:rate1m": "requests",
+    "canaryflow:error_ratio:rate1m": "error_ratio",
+    "canaryflow:request_duration_seconds:p50_1m": "p50_ms",
+    "canaryflow:request_duration_seconds:p95_1m": "p95_ms",
+    "canaryflow:request_duration_seconds:p99_1m": "p99_ms",
+    "canaryflow:tokens_per_request:rate1m": "tokens_per_request",
+    "canaryflow:cost_per_1k_requests:rate1m": "cost_per_1k",
+    "canaryflow:quality_flag_ratio:rate1m": "flag_ratio",
+}
+
+
+class RecordStore(Protocol):
+    def records(
+        self,
+        service: str,
+        since: datetime,
+        until: datetime,
+        *,
+        role: Role | None = None,
+        version: str | None = None,
+    ) -> list[RequestRecord]: ...
+
+
+class StoreSource:
+    """Windows from the paired request store (`canaryflow.dataplane.store.Store`)."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self.store = store
+
+    def window(
+        self,
+        service: str,
+        baseline_version: str,
+        candidate_version: str,
+        start: datetime,
+        end: datetime,
+        *,
+        candidate_role: Role | str = Role.CANARY,
+    ) -> WindowSample:
+        """Stable baseline vs the candidate's canary (or shadow) requests in [start, end)."""
+        role = Role(candidate_role)
+        if role is Role.STABLE:
+            raise ValueError("the candidate is judged as canary or shadow, not stable")
+        baseline = self.store.records(
+            service, start, end, role=Role.STABLE, version=baseline_version
+        )
+        candidate = self.store.records(service, start, end, role=role, version=candidate_version)
+        return WindowSample(
+            baseline=RoleSample.from_records(baseline),
+            candidate=RoleSample.from_records(candidate),
+            start=start,
+            end=end,
+        )
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def _matchers(*parts: str) -> str:
+    given = [p for p in parts if p]
+    return "{" + ",".join(given) + "}" if given else ""
+
+
+def expressions(selector: str = "", window: str = "1m", fn: str = "increase") -> dict[str, str]:
+    """PromQL by name; `selector` is a label matcher list without braces, e.g. service="x".
+
+    With fn="increase" the counts are per window (what the source reads); with fn="rate" and
+    window "1m" they are the recording rules.
+    """
+
+    def total(metric: str, *extra: str, by: str = BY) -> str:
+        return f"sum by ({by}) ({fn}({metric}{_matchers(selector, *extra)}[{window}]))"
+
+    requests = total("canaryflow_requests_total")
+    errors = total("canaryflow_requests_total", 'status=~"5.."')
+    tokens = total("canaryflow_tokens_total", by=f"{BY}, direction")
+    cost = total("canaryflow_cost_usd_total")
+    checked = total("canaryflow_quality_checked_total")
+    flags = total("canaryflow_quality_flags_total", by=f"{BY}, flag")
+    buckets = total("canaryflow_request_duration_seconds_bucket", by=f"{BY}, le")
+    found = {
+        "requests": requests,
+        "errors": errors,
+        "error_ratio": f"{errors} / {requests}",
+        "tokens": tokens,
+        "tokens_per_request": f"{tokens} / ignoring (direction) group_left {requests}",
+        "cost": cost,
+        "cost_per_1k": f"1000 * {cost} / {requests}",
+        "checked": checked,
+        "flags": flags,
+        "flag_ratio": f"{flags} / ignoring (flag) group_left {checked}",
+    }
+    for name, q in QUANTILES.items():
+        found[name] = f"histogram_quantile({q}, {buckets})"
+    return found
+
+
+@dataclass(frozen=True)
+class PromSummary:
+    """One version and role over a window, as Prometheus saw it.
+
+    Counts come from `increase()`, which extrapolates to the window's edges: they are estimates
+    (not integers), while ratios and quantiles are exact up to histogram bucket resolution.
+    """
+
+    version: str
+    role: str
+    requests: float = 0.0
+    errors: float = 0.0
+    p50_ms: float = math.nan
+    p95_ms: float = math.nan
+    p99_ms: float = math.nan
+    tokens_in: float = 0.0
+    tokens_out: float = 0.0
+    cost_usd: float = 0.0
+    checked: float = 0.0
+    flags: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else math.nan
+
+    @property
+    def tokens_per_request(self) -> float:
+        return (self.tokens_in + self.tokens_out) / self.requests if self.requests else math.nan
+
+    @property
+    def cost_per_1k(self) -> float:
+        return 1000.0 * self.cost_usd / self.requests if self.requests else math.nan
+
+    def flag_rate(self, flag: str) -> float:
+        return self.flags.get(flag, 0.0) / self.checked if self.checked else math.nan
+
+    def role_sample(self) -> RoleSample:
+        """Counts rounded for the rate and cost judges; no latencies (those need the store)."""
+        checked = round(self.checked)
+
+        def flag(name: str) -> int:
+            return min(checked, round(self.flags.get(name, 0.0)))
+
+        n = round(self.requests)
+        hallucinations = flag("hallucination")
+        return RoleSample(
+            n=n,
+            errors=min(n, round(self.errors)),
+            tokens_in=round(self.tokens_in),
+            tokens_out=round(self.tokens_out),
+            cost_usd=self.cost_usd,
+            checked=min(n, checked),
+            hallucinations=hallucinations,
+            unsafe=flag("unsafe"),
+            injection_leaks=flag("injection_leak"),
+            refusals=flag("refusal"),
+        )
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class PrometheusSource:
+    """PromQL over the model services' series (prometheus-api-client)."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client: PrometheusConnect = PrometheusConnect(url=url, disable_ssl=True)
+
+    def query(self, promql: str, at: datetime | None = None) -> list[dict[str, Any]]:
+        params = {"time": str(at.timestamp())} if at is not None else None
+        try:
+            result = self._client.custom_query(promql, params=params, timeout=self.timeout_s)
+        except Exception as exc:  # the client raises requests' and its own errors
+            raise StackError(f"Prometheus at {self.url} did not answer {promql!r}: {exc}") from exc
+        return list(result)
+
+    def series_present(self, service: str) -> bool:
+        """Does any model service of `service` export request counts? (observability gate)"""
+        promql = f'count(canaryflow_requests_total{{service="{_escape(service)}"}})'
+        return bool(self.query(promql))
+
+    def summaries(
+        self, service: str, start: datetime, end: datetime
+    ) -> dict[tuple[str, str], PromSummary]:
+        """Every (version, role) of `service` that served requests in [start, end]."""
+        seconds = max(1, round((end - start).total_seconds()))
+        exprs = expressions(f'service="{_escape(service)}"', f"{seconds}s")
+        values: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def collect(
+            name: str, split: str | None = None, into: str | None = None, scale: float = 1.0
+        ) -> None:
+            for row in self.query(exprs[name], at=end):
+                labels = row["metric"]
+                key = (labels.get("version", ""), labels.get("role", ""))
+                value = scale * float(row["value"][1])
+                if math.isnan(value):
+                    continue
+                entry = values.setdefault(key, {"flags": {}})
+                if split is None:
+                    entry[into or name] = value
+                elif split == "direction":
+                    entry[f"tokens_{labels.get('direction', '')}"] = value
+                else:
+                    entry["flags"][labels.get("flag", "")] = value
+
+        for name in ("requests", "errors", "checked"):
+            collect(name)
+        for name in QUANTILES:
+            collect(name, scale=1000.0)  # histogram buckets are in seconds
+        collect("cost", into="cost_usd")
+        collect("tokens", split="direction")
+        collect("flags", split="flag")
+        return {
+            (version, role): PromSummary(
+                version=version,
+                role=role,
+                **{k: v for k, v in entry.items() if k in PromSummary.__dataclass_fields__},
+            )
+            for (version, role), entry in values.items()
+            if entry.get("requests", 0.0) > 0.0
+        }
+
+    def summary(
+        self, service: str, version: str, role: Role | str, start: datetime, end: datetime
+    ) -> PromSummary:
+        """One version and role; all zeros (and NaN quantiles) when it served nothing."""
+        found = self.summaries(service, start, end)
+        return found.get((version, str(role)), PromSummary(version=version, role=str(role)))

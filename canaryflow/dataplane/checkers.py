@@ -1,0 +1,249 @@
+"""Quality checkers, and the background worker that samples them and records each request.
+
+Each checker answers one question about one (prompt, output) pair: True (flag raised), False
+(checked, fine) or None (the question does not apply, e.g. no known fact was asked). They share
+the knowledge helpers with the sandbox and the offline scorers, so live and offline judge alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from canaryflow import knowledge
+from canaryflow.contracts import RequestRecord, Role
+from canaryflow.dataplane.metrics import ServiceMetrics
+from canaryflow.dataplane.pii import mask_pii
+
+log = logging.getLogger("canaryflow.serve")
+
+# Injection probes plant a secret in the prompt ("The internal API token is SECRET-...").
+_SECRET = re.compile(r"\b(SECRET-[A-Za-z0-9][A-Za-z0-9_-]*)")
+
+
+class Checker(Protocol):
+    flag: str
+
+    def check(self, prompt: str, output: str) -> bool | None: ...
+
+
+class FactChecker:
+    """Hallucination: the prompt asks a known fact; the output states it wrongly or not at all."""
+
+    flag = "hallucination"
+
+    def __init__(self, kb: knowledge.KnowledgeBase | None = None) -> None:
+        self._kb = kb or knowledge.KnowledgeBase.load()
+
+    def check(self, prompt: str, output: str) -> bool | None:
+        result = self._kb.check(prompt, output)
+        return None if result.fact is None else bool(result.hallucinated)
+
+
+class UnsafeOutputChecker:
+    flag = "unsafe"
+
+    def check(self, prompt: str, output: str) -> bool | None:
+        return knowledge.is_unsafe_output(output)
+
+
+class InjectionLeakChecker:
+    """Only prompts that carry a planted secret can leak one; the rest are not applicable."""
+
+    flag = "injection_leak"
+
+    def check(self, prompt: str, output: str) -> bool | None:
+        secrets = _SECRET.findall(prompt)
+        if not secrets:
+            return None
+        return any(knowledge.leaks_secret(output, secret) for secret in secrets)
+
+
+class RefusalChecker:
+    flag = "refusal"
+
+    def check(self, prompt: str, output: str) -> bool | None:
+        return knowledge.is_refusal(output)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityFlags:
+    hallucination: bool | None = None
+    unsafe: bool | None = None
+    injection_leak: bool | None = None
+    refusal: bool | None = None
+
+    def raised(self) -> list[str]:
+        return [name for name in self.__slots__ if getattr(self, name) is True]
+
+
+class QualityChecks:
+    """All checkers over one response; a checker that raises leaves its flag unset (None)."""
+
+    def __init__(self, checkers: Sequence[Checker] | None = None) -> None:
+        self.checkers: Sequence[Checker] = (
+            checkers
+            if checkers is not None
+            else (FactChecker(), UnsafeOutputChecker(), InjectionLeakChecker(), RefusalChecker())
+        )
+
+    def run(self, prompt: str, output: str) -> QualityFlags:
+        found: dict[str, bool | None] = {}
+        for checker in self.checkers:
+            try:
+                found[checker.flag] = checker.check(prompt, output)
+            except Exception:
+                found[checker.flag] = None
+        return QualityFlags(**found)
+
+
+# --------------------------------------------------------------------------- background worker
+
+
+_SLICE = 16
+
+
+class StoreLike(Protocol):
+    def write(self, records: Sequence[RequestRecord]) -> None: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the request path hands over: raw text, not yet masked, checked or validated."""
+
+    request_id: str
+    at: float
+    user: str | None = None
+    version: str = "unknown"
+    role: Role = Role.STABLE
+    status: int = 500
+    latency_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    prompt: str = ""
+    response: str = ""
+
+
+class RecordWorker:
+    """Turns pending requests into stored `RequestRecord`s, off the request path.
+
+    `submit` never waits: a full queue drops the record and counts it. The worker takes batches,
+    runs the sampled quality checks, masks PII, updates the quality metrics, and writes the batch
+    to the store in a thread (SQLite I/O must not block the event loop).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        metrics: ServiceMetrics,
+        store: StoreLike | None,
+        check_sample: float,
+        queue_size: int = 10_000,
+        flush_every_s: float = 0.2,
+        batch_size: int = 500,
+        checks: QualityChecks | None = None,
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.store = store
+        self.check_sample = check_sample
+        self.flush_every_s = flush_every_s
+        self.batch_size = batch_size
+        self._checks = checks
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
+        self._random = random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    def submit(self, pending: Pending) -> bool:
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            self.metrics.record_dropped()
+            return False
+        return True
+
+    def start(self) -> None:
+        if self._checks is None and self.check_sample > 0:
+            self._checks = QualityChecks()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            if self._queue.qsize() < self.batch_size:
+                await asyncio.sleep(self.flush_every_s)  # let a batch gather
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[Pending]) -> None:
+        # Checks and masking run on the loop in slices of ~0.1-0.5 ms. In a thread they would
+        # hold the GIL for up to its 5 ms switch interval and show up in the users' p99.
+        records = []
+        for i, pending in enumerate(batch, 1):
+            records.append(self._record(pending))
+            if i % _SLICE == 0:
+                await asyncio.sleep(0)
+        if self.store is not None:
+            await asyncio.to_thread(self._write, records)
+
+    def _write(self, records: list[RequestRecord]) -> None:
+        assert self.store is not None
+        try:
+            self.store.write(records)
+            self.written += len(records)
+        except Exception:
+            log.exception("writing %d request records failed; they are dropped", len(records))
+            for _ in records:
+                self.metrics.record_dropped()
+
+    def _record(self, p: Pending) -> RequestRecord:
+        flags = QualityFlags()
+        checked = p.status == 200 and self._random.random() < self.check_sample
+        if checked:
+            if self._checks is None:
+                self._checks = QualityChecks()
+            flags = self._checks.run(p.prompt, p.response)
+            self.metrics.observe_check(p.version, p.role.value, flags.raised())
+        return RequestRecord(
+            request_id=p.request_id,
+            at=datetime.fromtimestamp(p.at, UTC),
+            service=self.service,
+            version=p.version,
+            role=p.role,
+            user=p.user,
+            status=p.status,
+            latency_ms=p.latency_ms,
+            tokens_in=p.tokens_in,
+            tokens_out=p.tokens_out,
+            cost_usd=p.cost_usd,
+            prompt=mask_pii(p.prompt),
+            response=mask_pii(p.response),
+            checked=checked,
+            hallucination=flags.hallucination,
+            unsafe=flags.unsafe,
+            injection_leak=flags.injection_leak,
+            refusal=flags.refusal,
+        )
+
+    async def aclose(self) -> None:
+        """Stop the worker, then write what is still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        rest: list[Pending] = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        if rest:
+            await self._process(rest)

@@ -1,0 +1,402 @@
+"""The model service (`canaryflow serve`): OpenAI-compatible, version and role aware.
+
+Envoy tells each request which version and role it serves (`x-canaryflow-role`,
+`x-canaryflow-version`; a mirrored copy has `-shadow` appended to its Host and takes its version
+from `x-canaryflow-shadow-version`). The service applies that version's template and decoding
+parameters, calls the provider, and answers. Everything else (PII masking, quality checks,
+storing the record) happens in a background worker, so the user only ever waits for the provider.
+Shadow requests are dry runs: they never execute a tool, and they use their own connection pool
+and a tight timeout so they cannot slow the user's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from canaryflow.contracts import Role
+from canaryflow.dataplane.checkers import Pending, RecordWorker, StoreLike
+from canaryflow.dataplane.forwarder import (
+    Forwarder,
+    ForwarderKind,
+    Plan,
+    ServiceError,
+    make_forwarder,
+    parse_body,
+    plan_for,
+    provider_error,
+    provider_payload,
+)
+from canaryflow.dataplane.metrics import CONTENT_TYPE, ServiceMetrics
+from canaryflow.dataplane.resolver import (
+    CachedResolver,
+    load_manifest_file,
+    local_fetch,
+    mlflow_fetchers,
+)
+from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
+
+log = logging.getLogger("canaryflow.serve")
+CHAMPION = "champion"
+_ROLES = {r.value: r for r in Role}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What one model-service process serves and where it sends things."""
+
+    service: str
+    provider_urls: Mapping[str, str]
+    registry_uri: str | None = None
+    store: str | None = None
+    default_version: str | None = None
+    check_sample: float = 0.25
+    tool_urls: Mapping[str, str] = field(default_factory=dict)
+    forwarder: ForwarderKind = "aiohttp"
+    timeout_s: float = 30.0
+    shadow_timeout_s: float = 5.0
+    tool_timeout_s: float = 5.0
+    registry_ttl_s: float = 30.0
+    queue_size: int = 10_000
+    flush_every_s: float = 0.2
+    manifests: Mapping[str, Path] = field(default_factory=dict)
+    """version -> manifest file served without a registry (local runs, benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.check_sample <= 1.0:
+            raise ConfigError(f"check_sample must be in [0, 1], got {self.check_sample}")
+
+
+class ModelService:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        resolver: CachedResolver,
+        metrics: ServiceMetrics,
+        worker: RecordWorker,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.metrics = metrics
+        self.worker = worker
+        self.forwarder: Forwarder = make_forwarder(config.forwarder)
+        self.shadow_forwarder: Forwarder = make_forwarder(config.forwarder)
+        self.ready = False
+        self._plans: dict[str, Plan] = {}
+
+    # ------------------------------------------------------------------ routing
+
+    async def route(self, headers: Headers) -> tuple[Role, str]:
+        """Role and version of a request, from Envoy's headers (see the module docstring)."""
+        if headers.get("host", "").endswith("-shadow"):
+            version = headers.get("x-canaryflow-shadow-version")
+            if not version:
+                raise ServiceError(
+                    400, "mirrored request without x-canaryflow-shadow-version", "invalid_request"
+                )
+            return Role.SHADOW, version
+        role_name = headers.get("x-canaryflow-role")
+        role = Role.STABLE
+        if role_name is not None:
+            found = _ROLES.get(role_name)
+            if found is None:
+                raise ServiceError(
+                    400,
+                    f"x-canaryflow-role must be one of {sorted(_ROLES)}, got {role_name!r}",
+                    "invalid_request",
+                )
+            role = found
+        version = headers.get("x-canaryflow-version") or await self.default_version()
+        return role, version
+
+    async def default_version(self) -> str:
+        if self.config.default_version:
+            return self.config.default_version
+        try:
+            return await self.resolver.version_of(self.config.service, CHAMPION)
+        except RegistryError as exc:
+            raise ServiceError(503, str(exc), "version_unavailable") from exc
+
+    async def plan(self, version: str) -> Plan:
+        try:
+            manifest = await self.resolver.manifest(self.config.service, version)
+        except RegistryError as exc:
+            raise ServiceError(503, str(exc), "version_unavailable") from exc
+        plan = self._plans.get(version)
+        if plan is None or plan.manifest is not manifest:
+            plan = self._plans[version] = plan_for(manifest, self.config.provider_urls)
+        return plan
+
+    # ------------------------------------------------------------------ the request
+
+    async def chat(self, request: Request) -> Response:
+        started = time.perf_counter()
+        headers = request.headers
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        out = {"x-request-id": request_id}
+        pending = Pending(
+            request_id=request_id, at=time.time(), user=headers.get("x-canaryflow-user")
+        )
+        try:
+            role, version = await self.route(headers)
+            pending.role, pending.version = role, version
+            out["x-canaryflow-role"], out["x-canaryflow-version"] = role.value, version
+            body = parse_body(await request.body())
+            pending.prompt = body["messages"][-1]["content"] if body["messages"] else ""
+            plan = await self.plan(version)
+            payload, pending.prompt = provider_payload(plan, body)
+            response = await self._call(plan, role, payload, pending, out)
+        except ServiceError as exc:
+            pending.status = exc.status
+            response = exc.response(out)
+        latency = time.perf_counter() - started
+        pending.latency_ms = latency * 1000
+        self.metrics.observe_request(
+            pending.version,
+            pending.role.value,
+            pending.status,
+            latency,
+            pending.tokens_in,
+            pending.tokens_out,
+            pending.cost_usd,
+        )
+        self.worker.submit(pending)
+        return response
+
+    async def _call(
+        self, plan: Plan, role: Role, payload: bytes, pending: Pending, out: dict[str, str]
+    ) -> Response:
+        shadow = role is Role.SHADOW
+        forwarder = self.shadow_forwarder if shadow else self.forwarder
+        timeout = self.config.shadow_timeout_s if shadow else self.config.timeout_s
+        try:
+            reply = await forwarder.post(plan.url, payload, timeout)
+        except TransientProviderError as exc:
+            raise ServiceError(502, str(exc), "provider_unavailable") from exc
+        if reply.status != 200:
+            raise provider_error(reply.status, reply.body, reply.retry_after)
+        try:
+            answer = json.loads(reply.body)
+            message = answer["choices"][0]["message"]
+        except (ValueError, LookupError, TypeError) as exc:
+            raise ServiceError(
+                502, f"provider answered 200 with no usable completion: {exc}", "provider_error"
+            ) from exc
+        usage = answer.get("usage") or {}
+        pending.tokens_in = int(usage.get("prompt_tokens") or 0)
+        pending.tokens_out = int(usage.get("completion_tokens") or 0)
+        pending.cost_usd = plan.manifest.price.cost(pending.tokens_in, pending.tokens_out)
+        pending.status = 200
+        tool_calls = message.get("tool_calls")
+        pending.response = message.get("content") or (json.dumps(tool_calls) if tool_calls else "")
+        if tool_calls:
+            out["x-canaryflow-tool-calls"] = await self._tools(tool_calls, pending)
+        return Response(reply.body, media_type="application/json", headers=out)
+
+    async def _tools(self, calls: list[dict[str, Any]], pending: Pending) -> str:
+        """Execute side-effecting tools for stable/canary; a shadow only counts what it skipped."""
+        done = []
+        for call in calls:
+            function = call.get("function") or {}
+            name = str(function.get("name", ""))
+            url = self.config.tool_urls.get(name)
+            if url is None:
+                action = "unconfigured"
+            elif pending.role is Role.SHADOW:
+                action = "skipped"
+            else:
+                arguments = function.get("arguments") or "{}"
+                if not isinstance(arguments, str):
+                    arguments = json.dumps(arguments)
+                try:
+                    result = await self.forwarder.post(
+                        url, arguments.encode(), self.config.tool_timeout_s
+                    )
+                    action = "executed" if result.status < 300 else "failed"
+                except TransientProviderError:
+                    action = "failed"
+            self.metrics.observe_tool_call(pending.version, pending.role.value, name, action)
+            done.append(f"{name}:{action}")
+        return ",".join(done)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.forwarder.start()
+        await self.shadow_forwarder.start()
+        self.worker.start()
+        with contextlib.suppress(ServiceError, TimeoutError):
+            # Warm the cache so the first user does not pay for the registry; not fatal.
+            await asyncio.wait_for(self.plan(await self.default_version()), timeout=10.0)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.worker.aclose()
+        await self.resolver.aclose()
+        await self.forwarder.aclose()
+        await self.shadow_forwarder.aclose()
+
+
+def build_app(
+    config: ServiceConfig,
+    *,
+    resolver: CachedResolver | None = None,
+    store: StoreLike | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """The ASGI app. Pass `resolver` (with your own `fetch`) and `store` to run without MLflow."""
+    metrics = ServiceMetrics(config.service, registry)
+    if resolver is None:
+        resolver = _default_resolver(config)
+    resolver.on_error = lambda exc: metrics.registry_error()
+    owned_store = None
+    if store is None and config.store is not None:
+        from canaryflow.dataplane.store import Store
+
+        store = owned_store = Store(config.store)
+    worker = RecordWorker(
+        config.service, metrics, store, config.check_sample, config.queue_size, config.flush_every_s
+    )
+    service = ModelService(config, resolver, metrics, worker)
+
+    async def health(request: Request) -> Response:
+        status = 200 if service.ready else 503
+        return JSONResponse({"ready": service.ready, "service": config.service}, status_code=status)
+
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def models(request: Request) -> Response:
+        versions = resolver.cached_versions(config.service)
+        data = [
+            {"id": f"{config.service}@{v}", "object": "model", "owned_by": "canaryflow"}
+            for v in versions
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            if owned_store is not None:
+                owned_store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", service.chat, methods=["POST"]),
+            Route("/metrics", metrics_text),
+            Route("/health", health),
+            Route("/v1/models", models),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app
+
+
+def _default_resolver(config: ServiceConfig) -> CachedResolver:
+    if config.registry_uri is None and not config.manifests:
+        raise ConfigError("the service needs --registry-uri or --manifest VERSION=PATH")
+    fetch, alias_fetch = (None, None)
+    if config.registry_uri is not None:
+        fetch, alias_fetch = mlflow_fetchers(config.registry_uri)
+    if config.manifests:
+        local = {v: load_manifest_file(p) for v, p in config.manifests.items()}
+        fetch = local_fetch(local, fallback=fetch)
+    assert fetch is not None
+    return CachedResolver(fetch, config.registry_ttl_s, alias_fetch=alias_fetch)
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    found = {}
+    for value in values:
+        key, sep, url = value.partition("=")
+        if not sep or not key or not url:
+            raise ConfigError(f"{flag} expects NAME=VALUE, got {value!r}")
+        found[key] = url
+    return found
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, int]:
+    p = argparse.ArgumentParser(prog="canaryflow serve", description=__doc__.splitlines()[0])
+    p.add_argument("--service", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--registry-uri", help="MLflow tracking URI of the model registry")
+    p.add_argument(
+        "--manifest",
+        action="append",
+        default=[],
+        metavar="VERSION=PATH",
+        help="serve VERSION from a manifest file (before asking the registry)",
+    )
+    p.add_argument("--provider-url", action="append", default=[], metavar="NAME=URL")
+    p.add_argument("--store", help="SQLite path or database URL for request records")
+    p.add_argument("--default-version", help="version for requests without role headers")
+    p.add_argument("--check-sample", type=float, default=0.25)
+    p.add_argument("--tool-url", action="append", default=[], metavar="TOOL=URL")
+    p.add_argument("--forwarder", choices=["aiohttp", "httpx"], default="aiohttp")
+    p.add_argument("--timeout", type=float, default=30.0, help="provider timeout, seconds")
+    p.add_argument("--shadow-timeout", type=float, default=5.0)
+    a = p.parse_args(argv)
+    config = ServiceConfig(
+        service=a.service,
+        provider_urls=_pairs(a.provider_url, "--provider-url"),
+        registry_uri=a.registry_uri,
+        store=a.store,
+        default_version=a.default_version,
+        check_sample=a.check_sample,
+        tool_urls=_pairs(a.tool_url, "--tool-url"),
+        forwarder=a.forwarder,
+        timeout_s=a.timeout,
+        shadow_timeout_s=a.shadow_timeout,
+        manifests={v: Path(p) for v, p in _pairs(a.manifest, "--manifest").items()},
+    )
+    return config, a.host, a.port
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import importlib.util
+
+    import uvicorn
+
+    config, host, port = parse_args(argv)
+    # The resolver caches and retries on its own; MLflow's client would retry for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    fast = importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools")
+    uvicorn.run(
+        build_app(config),
+        host=host,
+        port=port,
+        loop="uvloop" if fast else "asyncio",
+        http="httptools" if fast else "h11",
+        access_log=False,
+        log_level="warning",
+        workers=1,
+    )
+
+
+if __name__ == "__main__":
+    main()

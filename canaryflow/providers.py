@@ -1,0 +1,313 @@
+"""Async client for OpenAI-compatible chat providers: bounded concurrency, retries, budget, cache.
+
+Control-plane traffic only (offline evaluation, judges): httpx is fine here, not on the model
+service's hot path (see FACTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from canaryflow.contracts import ModelManifest
+from canaryflow.errors import (
+    BudgetExceeded,
+    ConfigError,
+    ProviderResponseError,
+    TransientProviderError,
+)
+
+if TYPE_CHECKING:
+    from canaryflow.cache import ResponseCache
+
+RETRY_AFTER_CAP_S = 60.0
+SNIPPET_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One answer. On a cache hit `cached` is True, `latency_ms` is the lookup time and
+    `cost_usd` is 0 (nothing was spent); the token counts still describe the answer."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    latency_ms: float
+    status: int
+    cached: bool = False
+
+    def replayed(self, lookup_ms: float) -> Completion:
+        return replace(self, cached=True, latency_ms=lookup_ms, cost_usd=0.0)
+
+
+class Budget:
+    """Token and cost ceilings for one run, shared by every concurrent request.
+
+    Before a request is sent its worst case (estimated prompt tokens + max_tokens) is reserved, so
+    many requests in flight cannot overshoot together; after it returns the reservation is
+    replaced by what the provider reported.
+    """
+
+    def __init__(self, max_tokens: int | None = None, max_cost_usd: float | None = None) -> None:
+        self.max_tokens = max_tokens
+        self.max_cost_usd = max_cost_usd
+        self.spent_tokens = 0
+        self.spent_cost_usd = 0.0
+        self._reserved_tokens = 0
+        self._reserved_cost = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, tokens: int, cost_usd: float) -> None:
+        with self._lock:
+            self._refuse_if_over(
+                self.spent_tokens + self._reserved_tokens + tokens,
+                self.spent_cost_usd + self._reserved_cost + cost_usd,
+                f"the next request may need up to {tokens:,} tokens / ${cost_usd:.4f} "
+                f"(prompt estimate + max_tokens; {self._reserved_tokens:,} tokens reserved by "
+                "requests in flight)",
+            )
+            self._reserved_tokens += tokens
+            self._reserved_cost += cost_usd
+
+    def release(self, tokens: int, cost_usd: float) -> None:
+        with self._lock:
+            self._reserved_tokens = max(0, self._reserved_tokens - tokens)
+            self._reserved_cost = max(0.0, self._reserved_cost - cost_usd)
+
+    def charge(self, tokens: int, cost_usd: float) -> None:
+        """Record what was actually spent; raises once the total is over a ceiling."""
+        with self._lock:
+            self.spent_tokens += tokens
+            self.spent_cost_usd += cost_usd
+            self._refuse_if_over(self.spent_tokens, self.spent_cost_usd, "after the last answer")
+
+    def _refuse_if_over(self, tokens: int, cost: float, context: str) -> None:
+        advice = "Raise the budget or sample fewer items (sample_per_suite)."
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            raise BudgetExceeded(
+                f"token budget of {self.max_tokens:,} exhausted: {self.spent_tokens:,} tokens "
+                f"spent so far; {context}. {advice}"
+            )
+        if self.max_cost_usd is not None and cost > self.max_cost_usd:
+            raise BudgetExceeded(
+                f"cost budget of ${self.max_cost_usd:.4f} exhausted: ${self.spent_cost_usd:.4f} "
+                f"spent so far; {context}. {advice}"
+            )
+
+
+def provider_url(settings_provider_urls: dict[str, str], provider: str) -> str:
+    try:
+        return settings_provider_urls[provider]
+    except KeyError:
+        known = ", ".join(sorted(settings_provider_urls)) or "none"
+        raise ConfigError(
+            f"no URL configured for provider {provider!r} (configured: {known}). Set it, e.g. "
+            f'CANARYFLOW_PROVIDER_URLS=\'{{"{provider}": "http://127.0.0.1:8000"}}\''
+        ) from None
+
+
+def request_parameters(manifest: ModelManifest) -> dict[str, Any]:
+    """The manifest's decoding parameters as OpenAI request fields (unset ones left out)."""
+    p = manifest.parameters
+    params: dict[str, Any] = {
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens,
+    }
+    if p.seed is not None:
+        params["seed"] = p.seed
+    if p.stop:
+        params["stop"] = list(p.stop)
+    return params
+
+
+class ProviderClient:
+    """`async with ProviderClient(url) as client: await client.complete(manifest, text)`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        concurrency: int = 16,
+        timeout_s: float = 30.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.1,
+        budget: Budget | None = None,
+        cache: ResponseCache | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.budget = budget
+        self.cache = cache
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._digests: dict[int, tuple[ModelManifest, str]] = {}
+
+    async def __aenter__(self) -> ProviderClient:
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=limits,
+            transport=self._transport,
+        )
+        self._semaphore = asyncio.Semaphore(self.concurrency)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._http = None
+
+    async def complete(self, manifest: ModelManifest, user_input: str) -> Completion:
+        messages = [{"role": "user", "content": manifest.render(user_input)}]
+        params = request_parameters(manifest)
+        key = None
+        if self.cache is not None:
+            started = time.perf_counter()
+            key = self.cache.key(self._digest(manifest), messages, params)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit.replayed((time.perf_counter() - started) * 1000)
+        payload = {"model": manifest.origin.model, "messages": messages, **params}
+        reserved_tokens = math.ceil(len(messages[0]["content"]) / 4) + params["max_tokens"]
+        reserved_cost = manifest.price.cost(
+            reserved_tokens - params["max_tokens"], params["max_tokens"]
+        )
+        if self.budget is not None:
+            self.budget.reserve(reserved_tokens, reserved_cost)
+        try:
+            status, body, latency_ms = await self._post_with_retries(payload)
+        finally:
+            if self.budget is not None:
+                self.budget.release(reserved_tokens, reserved_cost)
+        text, tokens_in, tokens_out = _parse(status, body)
+        completion = Completion(
+            text=text,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=manifest.price.cost(tokens_in, tokens_out),
+            latency_ms=latency_ms,
+            status=status,
+        )
+        if self.cache is not None and key is not None:
+            self.cache.put(key, completion)
+        if self.budget is not None:
+            self.budget.charge(tokens_in + tokens_out, completion.cost_usd)
+        return completion
+
+    def _digest(self, manifest: ModelManifest) -> str:
+        # The digest serialises the whole manifest; replay is dominated by it unless remembered.
+        # The manifest is kept in the entry so its id() cannot be reused by another object.
+        entry = self._digests.get(id(manifest))
+        if entry is None or entry[0] is not manifest:
+            entry = (manifest, manifest.digest())
+            self._digests[id(manifest)] = entry
+        return entry[1]
+
+    async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[int, bytes, float]:
+        if self._http is None or self._semaphore is None:
+            raise RuntimeError("use ProviderClient inside `async with` before calling complete()")
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after: float | None = None
+            async with self._semaphore:
+                started = time.perf_counter()
+                try:
+                    response = await self._http.post("/v1/chat/completions", json=payload)
+                except httpx.TimeoutException as exc:
+                    last = f"timed out after {self.timeout_s} s ({type(exc).__name__})"
+                except httpx.TransportError as exc:
+                    last = f"connection failed ({type(exc).__name__}: {exc})"
+                else:
+                    latency_ms = (time.perf_counter() - started) * 1000
+                    status = response.status_code
+                    if status == 429 or status >= 500:
+                        last = f"HTTP {status}: {_snippet(response.content)}"
+                        retry_after = _retry_after(response.headers.get("retry-after"))
+                    elif status >= 400:
+                        raise ProviderResponseError(
+                            f"{self.base_url} refused the request with HTTP {status}: "
+                            f"{_snippet(response.content)} (a retry will not help: check the "
+                            "model name and parameters in the manifest)"
+                        )
+                    else:
+                        return status, response.content, latency_ms
+            if attempt < self.max_retries:
+                await asyncio.sleep(self._delay(attempt, retry_after))
+        raise TransientProviderError(
+            f"{self.base_url} still failing after {self.max_retries + 1} attempts; last: {last}. "
+            "Check the provider's health, or raise max_retries / timeout_s."
+        )
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        # Jitter keeps a crowd of clients that failed together from retrying together.
+        return float(self.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header; HTTP dates are rare from LLM APIs and fall back."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, RETRY_AFTER_CAP_S)
+
+
+def _snippet(body: bytes) -> str:
+    text = body[:SNIPPET_CHARS].decode("utf-8", errors="replace")
+    return repr(text + ("..." if len(body) > SNIPPET_CHARS else ""))
+
+
+def _parse(status: int, body: bytes) -> tuple[str, int, int]:
+    def refuse(why: str) -> ProviderResponseError:
+        return ProviderResponseError(
+            f"provider answered HTTP {status} but {why}: {_snippet(body)} "
+            "(is the URL an OpenAI-compatible /v1 endpoint?)"
+        )
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise refuse("the body is not JSON") from None
+    try:
+        content = data["choices"][0]["message"]["content"]
+        usage = data["usage"]
+        tokens_in, tokens_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise refuse("the body has no choices[0].message.content or usage token counts") from None
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise refuse("choices[0].message.content is not text")
+    return content, tokens_in, tokens_out

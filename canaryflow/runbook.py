@@ -1,0 +1,194 @@
+"""The steps of a release, free of Prefect: what `tasks/` wrap and `flows/` compose.
+
+Each function does one step of DESIGN.md's runbook against the real systems named in
+`Endpoints` and returns plain data (contracts), so the same steps run from a Prefect flow, from
+the CLI, or from a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from canaryflow import connections
+from canaryflow.contracts import (
+    Decision,
+    Endpoints,
+    EvalReport,
+    GatePolicy,
+    ModelManifest,
+    OfflineGate,
+    ReleaseSpec,
+    Role,
+    Routes,
+    WindowResult,
+)
+from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError
+from canaryflow.registry import CompatibilityReport, PublishedVersion
+from canaryflow.signing import load_trusted_keys, verify
+
+# Records reach the store in batches; wait this long after a window closes before reading it.
+STORE_FLUSH_S = 0.6
+
+
+@dataclass(frozen=True)
+class Preflight:
+    baseline: PublishedVersion
+    compatibility: CompatibilityReport
+    key_id: str
+
+
+def preflight(spec: ReleaseSpec, endpoints: Endpoints) -> Preflight:
+    """Signature first (refuse before touching anything), then baseline and compatibility."""
+    trusted = load_trusted_keys(Path(endpoints.keys_dir))
+    verify(spec.candidate, trusted)
+    registry = connections.registry(endpoints.mlflow_uri)
+    try:
+        baseline = registry.resolve(spec.service, spec.baseline_alias)
+    except AliasNotFound as exc:
+        raise ConfigError(
+            f"{spec.service} has no {spec.baseline_alias!r} version to compare against: publish "
+            f"one first with `canaryflow publish MANIFEST --champion`"
+        ) from exc
+    report = registry.check_compatibility(spec.candidate.manifest, baseline.signed.manifest)
+    if not report.compatible and not spec.allow_incompatible:
+        raise CompatibilityError(
+            f"{spec.candidate.manifest.model_id} is not compatible with {spec.baseline_alias} "
+            f"v{baseline.version}: {'; '.join(report.problems)}. Set allow_incompatible: true in "
+            "the spec if the change is intended (and re-index embeddings first)."
+        )
+    return Preflight(
+        baseline=baseline, compatibility=report, key_id=spec.candidate.signature.key_id
+    )
+
+
+def publish(spec: ReleaseSpec, endpoints: Endpoints) -> PublishedVersion:
+    registry = connections.registry(endpoints.mlflow_uri)
+    published = registry.publish(spec.candidate)
+    registry.start_challenger(spec.service, published.version)
+    return published
+
+
+def evaluate_offline(
+    spec: ReleaseSpec,
+    baseline: PublishedVersion,
+    endpoints: Endpoints,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    return evaluate_manifests(
+        spec.candidate.manifest,
+        baseline.signed.manifest,
+        spec.suites,
+        spec.policy.offline,
+        endpoints,
+        sample_per_suite=spec.sample_per_suite,
+        progress=progress,
+    )
+
+
+def evaluate_manifests(
+    candidate: ModelManifest,
+    baseline: ModelManifest,
+    suite_names: list[str],
+    gate: OfflineGate,
+    endpoints: Endpoints,
+    *,
+    sample_per_suite: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    """Both models answer the same items; answers are cached by (digest, messages, parameters)."""
+    from canaryflow.cache import ResponseCache
+    from canaryflow.evaluation.harness import evaluate
+    from canaryflow.evaluation.suites import load_suite
+    from canaryflow.providers import ProviderClient, provider_url
+
+    if candidate.origin.provider != baseline.origin.provider:
+        raise ConfigError("candidate and baseline must use the same provider for a paired eval")
+    url = provider_url(endpoints.provider_urls, candidate.origin.provider)
+    suites = [load_suite(name) for name in suite_names]
+    cache = ResponseCache(Path(endpoints.home) / "eval-cache.db")
+
+    async def run() -> EvalReport:
+        async with ProviderClient(url, concurrency=32, cache=cache) as client:
+            return await evaluate(
+                candidate,
+                baseline,
+                suites,
+                client,
+                gate,
+                sample_per_suite=sample_per_suite,
+                progress=progress,
+            )
+
+    try:
+        return asyncio.run(run())
+    finally:
+        cache.close()
+
+
+def set_routes(endpoints: Endpoints, routes: Routes) -> Routes:
+    return connections.traffic_controller(endpoints, routes.service).set_routes(routes)
+
+
+def rollback_traffic(endpoints: Endpoints, service: str) -> tuple[Routes | None, Routes, float]:
+    """Traffic first: one call to the controller. Returns (before, after, milliseconds)."""
+    controller = connections.traffic_controller(endpoints, service)
+    before = controller.current()
+    started = time.perf_counter()
+    after = controller.rollback()
+    return before, after, (time.perf_counter() - started) * 1000
+
+
+def observe_window(
+    endpoints: Endpoints,
+    policy: GatePolicy,
+    *,
+    stage: str,
+    routes: Routes,
+    step: int,
+    window: int,
+    window_s: float,
+    state: dict[str, object] | None,
+) -> tuple[WindowResult, dict[str, object]]:
+    """Let one window of live traffic pass, then judge candidate against stable in it."""
+    from canaryflow.analysis.gates import judge_window
+    from canaryflow.analysis.sources import StoreSource
+
+    if endpoints.store_url is None:
+        raise ConfigError("no request store configured: endpoints.store_url is empty")
+    started = datetime.now(UTC)
+    time.sleep(window_s)
+    ended = datetime.now(UTC)
+    time.sleep(STORE_FLUSH_S)
+    role = Role.SHADOW if stage == "shadow" else Role.CANARY
+    candidate_version = routes.shadow if role is Role.SHADOW else routes.canary
+    if candidate_version is None:
+        raise ConfigError(f"{stage} window without a {role.value} version in the routes")
+    sample = StoreSource(connections.store(endpoints.store_url)).window(
+        routes.service, routes.stable, candidate_version, started, ended, candidate_role=role
+    )
+    gates, decision, new_state = judge_window(policy, sample, state)
+    result = WindowResult(
+        stage="shadow" if role is Role.SHADOW else "canary",
+        step=step,
+        weight=routes.mirror_percent if role is Role.SHADOW else routes.weight,
+        window=window,
+        started_at=started,
+        ended_at=ended,
+        gates=gates,
+        decision=decision,
+        requests={"stable": sample.baseline.n, role.value: sample.candidate.n},
+    )
+    return result, new_state
+
+
+def window_deadline(result: WindowResult) -> datetime:
+    return result.ended_at + timedelta(seconds=STORE_FLUSH_S)
+
+
+def is_breach(decision: Decision) -> bool:
+    return decision is Decision.FAIL

@@ -1,0 +1,3 @@
+from canaryflow.sandbox.server import main
+
+main()

@@ -1,0 +1,286 @@
+"""The sandbox's HTTP face: request parsing, transport faults, OpenAI-shaped replies, ASGI, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from canaryflow.errors import ConfigError
+from canaryflow.knowledge import KnowledgeBase
+from canaryflow.sandbox.answers import Answerer
+from canaryflow.sandbox.profiles import PROFILES, Profile, resolve_profile
+
+TOKENS_PER_WORD = 1.3
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    delay_s: float = 0.0
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class BadRequest(ConfigError):
+    """A request the sandbox refuses to answer; carries its OpenAI-style error fields."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+def error_reply(status: int, message: str, kind: str, code: str, param: str | None = None) -> Reply:
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return Reply(status=status, body={"error": error})
+
+
+class Sandbox:
+    """Turns a chat-completions request body into a Reply; no I/O, so usable in-process."""
+
+    def __init__(self, knowledge: KnowledgeBase | None = None) -> None:
+        self.knowledge = knowledge or KnowledgeBase.load()
+        self._profiles: dict[str, Profile | None] = {}
+        self._fresh = random.Random()
+
+    def profile(self, model: str) -> Profile | None:
+        if model not in self._profiles:
+            if len(self._profiles) > 1024:
+                self._profiles.clear()
+            self._profiles[model] = resolve_profile(model)
+        return self._profiles[model]
+
+    def reply(self, raw: bytes) -> Reply:
+        try:
+            request = _parse(raw)
+            model = request["model"]
+            profile = self.profile(model)
+        except BadRequest as exc:
+            return error_reply(exc.status, str(exc), "invalid_request_error", exc.code, exc.param)
+        except ConfigError as exc:
+            return error_reply(400, str(exc), "invalid_request_error", "invalid_override", "model")
+        if profile is None:
+            known = ", ".join(PROFILES)
+            message = f"The model `{model}` does not exist. Sandbox profiles: {known}."
+            return error_reply(404, message, "invalid_request_error", "model_not_found", "model")
+        return self._transport(profile) or self._complete(profile, request)
+
+    def _transport(self, profile: Profile) -> Reply | None:
+        draw = self._fresh.random()
+        if draw < profile.rate_429:
+            message = f"Rate limit reached (sandbox); retry after {profile.retry_after:g} s."
+            reply = error_reply(429, message, "rate_limit_error", "rate_limit_exceeded")
+            return replace(reply, headers=((b"retry-after", f"{profile.retry_after:g}".encode()),))
+        if draw < profile.rate_429 + profile.error_rate:
+            message = "The sandbox failed this request on purpose (error_rate); retry it."
+            reply = error_reply(500, message, "server_error", "sandbox_injected_error")
+            return replace(reply, delay_s=self._latency(profile))
+        return None
+
+    def _latency(self, profile: Profile) -> float:
+        if profile.latency_ms <= 0:
+            return 0.0
+        return profile.latency_ms / 1000 * math.exp(profile.sigma * self._fresh.gauss(0.0, 1.0))
+
+    def _complete(self, profile: Profile, request: dict[str, Any]) -> Reply:
+        messages: list[tuple[str, str]] = request["messages"]
+        prompt = "\n".join(f"{role}: {text}" for role, text in messages)
+        user = next((text for role, text in reversed(messages) if role == "user"), messages[-1][1])
+        seed = request.get("seed")
+        if seed is None:
+            rng = random.Random(self._fresh.getrandbits(64))
+        else:
+            digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
+            rng = random.Random(int.from_bytes(digest[:8], "big"))
+        content, tool_calls = Answerer(self.knowledge, profile, rng).answer(
+            user, prompt, request.get("tools") or ()
+        )
+        finish = "tool_calls" if tool_calls else "stop"
+        produced = json.dumps(tool_calls) if tool_calls else content or ""
+        completion_tokens = estimate_tokens(produced)
+        limit = request.get("max_tokens")
+        if content is not None and limit is not None and completion_tokens > limit:
+            content = " ".join(content.split()[: max(1, int(limit / TOKENS_PER_WORD))])
+            completion_tokens, finish = estimate_tokens(content), "length"
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        prompt_tokens = estimate_tokens(" ".join(text for _, text in messages))
+        body = {
+            "id": f"chatcmpl-{self._fresh.getrandbits(96):024x}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return Reply(status=200, body=body, delay_s=self._latency(profile))
+
+
+def estimate_tokens(text: str) -> int:
+    """Words x 1.3, rounded up: deterministic and close enough for cost comparisons."""
+    return math.ceil(len(text.split()) * TOKENS_PER_WORD)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"The body is not valid JSON ({exc}).", "invalid_json") from None
+    if not isinstance(request, dict):
+        raise BadRequest(400, "The body must be a JSON object.", "invalid_json")
+    if not isinstance(request.get("model"), str) or not request["model"]:
+        raise BadRequest(400, "Missing `model`: name a sandbox profile.", "missing_model", "model")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(
+            400, "`messages` must be a non-empty list.", "invalid_messages", "messages"
+        )
+    request["messages"] = [_message(item, i) for i, item in enumerate(messages)]
+    for key in ("seed", "max_tokens", "max_completion_tokens"):
+        value = request.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise BadRequest(400, f"`{key}` must be an integer.", "invalid_value", key)
+    request["max_tokens"] = request.get("max_tokens") or request.get("max_completion_tokens")
+    if request["max_tokens"] is not None and request["max_tokens"] < 1:
+        raise BadRequest(400, "`max_tokens` must be at least 1.", "invalid_value", "max_tokens")
+    if request.get("stream"):
+        raise BadRequest(400, "The sandbox does not stream; send stream=false.", "unsupported")
+    if request.get("n", 1) != 1:
+        raise BadRequest(400, "The sandbox answers n=1 only.", "unsupported", "n")
+    if not isinstance(request.get("tools") or [], list):
+        raise BadRequest(400, "`tools` must be a list.", "invalid_value", "tools")
+    return request
+
+
+def _message(item: Any, index: int) -> tuple[str, str]:
+    if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+        raise BadRequest(400, f"messages[{index}] needs a `role`.", "invalid_messages", "messages")
+    content = item.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        content = "\n".join(part for part in parts if isinstance(part, str))
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        message = f"messages[{index}].content must be a string or a list of text parts."
+        raise BadRequest(400, message, "invalid_messages", "messages")
+    return item["role"], content
+
+
+class SandboxApp:
+    """A bare ASGI app: no framework on the hot path, no per-request logging."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        models = [
+            {"id": n, "object": "model", "created": 0, "owned_by": "sandbox"} for n in PROFILES
+        ]
+        self._models = Reply(200, {"object": "list", "data": models})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            if method != "POST":
+                reply = error_reply(405, "Use POST.", "invalid_request_error", "method_not_allowed")
+            else:
+                raw = await _read_body(receive)
+                reply = (
+                    self.sandbox.reply(raw)
+                    if raw is not None
+                    else error_reply(413, "Body too large.", "invalid_request_error", "too_large")
+                )
+                if reply.delay_s > 0:
+                    await asyncio.sleep(reply.delay_s)
+        elif path in ("/v1/models", "/models") and method == "GET":
+            reply = self._models
+        elif path == "/health" and method == "GET":
+            reply = Reply(200, {"status": "ok"})
+        else:
+            reply = error_reply(404, f"No route {method} {path}.", "invalid_request_error", "404")
+        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *reply.headers,
+        ]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def build_app(knowledge: KnowledgeBase | None = None) -> SandboxApp:
+    return SandboxApp(Sandbox(knowledge))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m canaryflow.sandbox", description="Serve the sandbox LLM provider."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8400)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    def installed(name: str) -> bool:
+        return importlib.util.find_spec(name) is not None
+
+    uvicorn.run(
+        build_app(),
+        host=args.host,
+        port=args.port,
+        http="httptools" if installed("httptools") else "h11",
+        loop="uvloop" if installed("uvloop") else "asyncio",
+        access_log=False,
+        log_level=args.log_level,
+        server_header=False,
+        date_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

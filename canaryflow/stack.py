@@ -1,0 +1,230 @@
+"""The embedded local stack: Prefect server, MLflow, the sandbox provider, and the data plane.
+
+Everything listens on 127.0.0.1 on ports the OS chose, keeps its state under one home folder
+(`.canaryflow/` by default), and is stopped by `EmbeddedStack.stop()` in reverse start order.
+The control plane starts first (parallel, since Prefect and MLflow each take seconds); the data
+plane starts once a service has a champion to route to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from canaryflow.contracts import Endpoints
+from canaryflow.errors import StackError
+from canaryflow.processes import ManagedProcess, free_port, http_ok
+
+PYTHON = sys.executable
+Progress = Callable[[str], None]
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def prefect_server(home: Path, ui: bool = True) -> ManagedProcess:
+    port = free_port()
+    prefect_home = home / "prefect"
+    env = {
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    command = [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    return ManagedProcess(
+        name="prefect",
+        command=[*command, "--port", str(port), "--analytics-off"],
+        log_path=home / "logs" / "prefect.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/api/health"),
+        env=env,
+    )
+
+
+def mlflow_server(home: Path) -> ManagedProcess:
+    port = free_port()
+    store = home / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    command = [
+        PYTHON, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination", (store / "artifacts").resolve().as_uri(),
+        "--serve-artifacts",
+        "--workers", "1",
+    ]  # fmt: skip
+    return ManagedProcess(
+        name="mlflow",
+        command=command,
+        log_path=home / "logs" / "mlflow.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+        env={"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"},
+    )
+
+
+def sandbox_server(home: Path) -> ManagedProcess:
+    port = free_port()
+    return ManagedProcess(
+        name="sandbox",
+        command=[PYTHON, "-m", "canaryflow.sandbox", "--host", "127.0.0.1", "--port", str(port)],
+        log_path=home / "logs" / "sandbox.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+    )
+
+
+def model_service(home: Path, name: str, service: str, endpoints: Endpoints) -> ManagedProcess:
+    """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one."""
+    port = free_port()
+    providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
+    command = [
+        PYTHON, "-m", "canaryflow.dataplane.service",
+        "--service", service,
+        "--port", str(port),
+        "--registry-uri", endpoints.mlflow_uri,
+        "--store", str(endpoints.store_url),
+        "--check-sample", "1.0",
+        *providers,
+    ]  # fmt: skip
+    return ManagedProcess(
+        name=f"model-service-{name}",
+        command=command,
+        log_path=home / "logs" / f"service-{name}.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+    )
+
+
+def url_of(process: ManagedProcess) -> str:
+    """The http URL a server was told to listen on (its `--port` argument)."""
+    command = list(process.command)
+    return f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+
+
+class EmbeddedStack:
+    """Start what a release needs on this machine; stop all of it, whatever happened."""
+
+    def __init__(self, home: Path, *, ui: bool = True, progress: Progress = _quiet) -> None:
+        self.home = home.resolve()
+        self.ui = ui
+        self.progress = progress
+        self.processes: list[ManagedProcess | Stoppable] = []
+        self.endpoints: Endpoints | None = None
+
+    def start(self, timeout_s: float = 120.0) -> Endpoints:
+        self.home.mkdir(parents=True, exist_ok=True)
+        parts = [
+            prefect_server(self.home, ui=self.ui),
+            mlflow_server(self.home),
+            sandbox_server(self.home),
+        ]
+        self.processes.extend(parts)
+        try:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                for started in pool.map(lambda p: p.start(timeout_s), parts):
+                    self.progress(f"{started.name} ready at {url_of(started)}")
+        except BaseException:
+            self.stop()
+            raise
+        prefect, mlflow, sandbox = parts
+        keys_dir = self.home / "keys"
+        keys_dir.mkdir(exist_ok=True)
+        self.endpoints = Endpoints(
+            home=str(self.home),
+            mlflow_uri=url_of(mlflow),
+            prefect_api_url=f"{url_of(prefect)}/api",
+            provider_urls={"sandbox": url_of(sandbox)},
+            keys_dir=str(keys_dir),
+            store_url=f"sqlite:///{self.home / 'store.db'}",
+        )
+        self.save()
+        return self.endpoints
+
+    def start_dataplane(
+        self, service: str, stable_version: str, timeout_s: float = 60.0
+    ) -> Endpoints:
+        """Model services, Envoy in front of them, Prometheus scraping both: live traffic."""
+        from canaryflow.dataplane.envoy import EnvoyProxy
+        from canaryflow.dataplane.prometheus import PrometheusServer
+
+        if self.endpoints is None:
+            raise StackError("start the control plane first (EmbeddedStack.start)")
+        services = [
+            model_service(self.home, "primary", service, self.endpoints),
+            model_service(self.home, "shadow", service, self.endpoints),
+        ]
+        self.processes.extend(services)
+        with ThreadPoolExecutor(len(services)) as pool:
+            list(pool.map(lambda p: p.start(timeout_s), services))
+        primary, shadow = (("127.0.0.1", int(url_of(p).rsplit(":", 1)[1])) for p in services)
+        envoy = EnvoyProxy(
+            self.home / "envoy",
+            service=service,
+            listen_port=free_port(),
+            admin_port=free_port(),
+            upstreams={"stable": primary, "canary": primary, "shadow": shadow},
+            initial_stable=stable_version,
+        )
+        self.processes.append(envoy)
+        envoy.start(timeout_s)
+        self.progress(f"envoy ready at {envoy.url} (admin {envoy.admin_url})")
+        prometheus = PrometheusServer(
+            self.home / "prometheus",
+            targets={"model-service": [f"{h}:{p}" for h, p in (primary, shadow)]},
+        )
+        self.processes.append(prometheus)
+        prometheus.start(timeout_s)
+        self.progress(f"prometheus ready at {prometheus.url}")
+        self.endpoints = self.endpoints.model_copy(
+            update={
+                "envoy_url": envoy.url,
+                "envoy_admin_url": envoy.admin_url,
+                "envoy_home": str(envoy.home),
+                "prometheus_url": prometheus.url,
+            }
+        )
+        self.save()
+        return self.endpoints
+
+    def save(self) -> None:
+        if self.endpoints is not None:
+            path = self.home / "stack.json"
+            path.write_text(json.dumps(self.endpoints.model_dump(), indent=2))
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        (self.home / "stack.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def load_endpoints(home: Path) -> Endpoints:
+    """Endpoints of a stack started by `canaryflow up` in another process."""
+    path = home / "stack.json"
+    if not path.exists():
+        raise StackError(f"no running stack under {home}: start one with `canaryflow up`")
+    return Endpoints.model_validate_json(path.read_text())

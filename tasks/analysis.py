@@ -1,0 +1,45 @@
+"""Window analysis: let a window of live traffic pass, judge it, publish the evidence."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from canaryflow import reports, runbook
+from canaryflow.contracts import Endpoints, GatePolicy, Routes, WindowResult
+from tasks.common import artifact_key
+
+
+@task(task_run_name="judge-{stage}-step{step}-window{window}")
+def judge_window(
+    endpoints: Endpoints,
+    policy: GatePolicy,
+    stage: str,
+    routes: Routes,
+    step: int,
+    window: int,
+    window_s: float,
+    state: dict[str, object] | None,
+) -> tuple[WindowResult, dict[str, object]]:
+    result, new_state = runbook.observe_window(
+        endpoints,
+        policy,
+        stage=stage,
+        routes=routes,
+        step=step,
+        window=window,
+        window_s=window_s,
+        state=state,
+    )
+    key = artifact_key(stage, routes.service, "gates")
+    create_table_artifact(
+        key=key,
+        table=reports.gate_rows(result.gates),
+        description=f"{stage} step {step + 1} window {window + 1}: {result.decision.value}",
+    )
+    create_markdown_artifact(
+        key=artifact_key(stage, routes.service, "window"),
+        markdown=reports.window_markdown(result),
+        description=f"{stage} window evidence",
+    )
+    return result, new_state

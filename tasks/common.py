@@ -1,0 +1,44 @@
+"""What every task shares: retry only what can succeed on a retry, and say what happened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task
+from prefect.client.schemas.objects import TaskRun
+from prefect.events import emit_event
+from prefect.states import State
+
+from canaryflow.errors import RetryableError
+
+RETRY_DELAYS = [1, 3, 9]
+
+
+def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Provider 429/5xx and registry outages are retried; bad input and failed gates are not."""
+    try:
+        state.result()
+    except RetryableError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def emit(stage: str, outcome: str, release_id: str, service: str, **payload: Any) -> None:
+    """`canaryflow.<stage>.<outcome>`, the event automations and dashboards key on."""
+    emit_event(
+        event=f"canaryflow.{stage}.{outcome}",
+        resource={
+            "prefect.resource.id": f"canaryflow.release.{release_id}",
+            "prefect.resource.name": release_id,
+            "canaryflow.service": service,
+        },
+        payload=payload,
+    )
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    raw = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in raw).strip("-")

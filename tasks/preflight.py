@@ -1,0 +1,30 @@
+"""Preflight: refuse a bad candidate before anything else happens."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from canaryflow import runbook
+from canaryflow.contracts import Endpoints, ReleaseSpec
+from tasks.common import RETRY_DELAYS, artifact_key, retry_if_transient
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def verify_candidate(spec: ReleaseSpec, endpoints: Endpoints) -> runbook.Preflight:
+    """Signature, baseline, compatibility (tokenizer, embeddings, license, residency)."""
+    result = runbook.preflight(spec, endpoints)
+    manifest = spec.candidate.manifest
+    problems = "\n".join(f"- {p}" for p in result.compatibility.problems) or "- none"
+    create_markdown_artifact(
+        key=artifact_key("preflight", spec.service),
+        markdown=(
+            f"# Preflight: {manifest.model_id}\n\n"
+            f"- digest `{manifest.digest()[:16]}…`, signed by key `{result.key_id}`: verified\n"
+            f"- baseline `{spec.baseline_alias}` = v{result.baseline.version} "
+            f"({result.baseline.signed.manifest.model_id})\n"
+            f"- compatibility problems:\n{problems}\n"
+        ),
+        description="signature and compatibility checks",
+    )
+    return result

@@ -1,0 +1,32 @@
+"""Registry steps: publish the candidate, then promote it or mark it rolled back."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from canaryflow import connections, runbook
+from canaryflow.contracts import Endpoints, ReleaseSpec
+from canaryflow.registry import PublishedVersion
+from tasks.common import RETRY_DELAYS, retry_if_transient
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def publish_candidate(spec: ReleaseSpec, endpoints: Endpoints) -> PublishedVersion:
+    """Idempotent on the manifest digest; the version becomes the `challenger`."""
+    return runbook.publish(spec, endpoints)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def promote_candidate(service: str, version: str, endpoints: Endpoints) -> str | None:
+    """`champion` moves to the candidate; the old champion stays as `last-stable`."""
+    return connections.registry(endpoints.mlflow_uri).promote(service, version)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def mark_rolled_back(service: str, version: str, reason: str, endpoints: Endpoints) -> None:
+    connections.registry(endpoints.mlflow_uri).rollback(service, version, reason)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def set_status(service: str, version: str, status: str, endpoints: Endpoints) -> None:
+    connections.registry(endpoints.mlflow_uri).set_status(service, version, status)  # type: ignore[arg-type]

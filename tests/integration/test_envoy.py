@@ -1,0 +1,378 @@
+"""Real Envoy in front of real HTTP upstreams: split, headers, mirror, verification, rollback.
+
+The upstreams are this file run as a script: a tiny aiohttp app that echoes the headers it got
+and keeps an arrival log (monotonic time + headers) that the tests read back directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from scipy.stats import binomtest
+
+from canaryflow.contracts import Routes
+from canaryflow.dataplane.envoy import (
+    EnvoyProxy,
+    EnvoyTrafficController,
+    read_route_file,
+)
+from canaryflow.dataplane.traffic import TrafficController
+from canaryflow.errors import ConfigError, StackError
+from canaryflow.processes import ManagedProcess, free_port, http_ok
+
+SERVICE = "chat"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Upstream:
+    """Handle on an echo upstream process: its URL and its arrival log."""
+
+    def __init__(self, process: ManagedProcess, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def records(self, clear: bool = True) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/_records", params={"clear": "1" if clear else ""})
+        return list(response.json())
+
+
+def start_upstream(home: Path, name: str, delay_s: float = 0.0) -> Upstream:
+    port = free_port()
+    process = ManagedProcess(
+        name=f"echo upstream {name}",
+        command=[sys.executable, str(Path(__file__).resolve()), str(port), str(delay_s)],
+        log_path=home / f"{name}.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/_health"),
+        env={"PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    process.start(timeout_s=30)
+    return Upstream(process, port)
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Upstream]]:
+    home = tmp_path_factory.mktemp("upstreams")
+    delays = {"primary": 0.0, "shadow": 0.5}
+    with ThreadPoolExecutor(len(delays)) as pool:  # each start pays a Python import
+        futures = {name: pool.submit(start_upstream, home, name, d) for name, d in delays.items()}
+    started = {name: f.result() for name, f in futures.items() if f.exception() is None}
+    try:
+        for future in futures.values():
+            future.result()  # re-raises a failed start, after the others are kept for cleanup
+        yield started
+    finally:
+        for upstream in started.values():
+            upstream.process.stop()
+
+
+def make_proxy(home: Path, upstreams: dict[str, Upstream], initial: str | None) -> EnvoyProxy:
+    primary = ("127.0.0.1", upstreams["primary"].port)
+    return EnvoyProxy(
+        home,
+        service=SERVICE,
+        listen_port=free_port(),
+        admin_port=free_port(),
+        upstreams={
+            "stable": primary,
+            "canary": primary,
+            "shadow": ("127.0.0.1", upstreams["shadow"].port),
+        },
+        initial_stable=initial,
+    )
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, upstreams: dict[str, Upstream]
+) -> Iterator[EnvoyProxy]:
+    envoy = make_proxy(tmp_path_factory.mktemp("envoy"), upstreams, initial="1")
+    envoy.start()
+    try:
+        yield envoy
+    finally:
+        envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def controller(proxy: EnvoyProxy) -> EnvoyTrafficController:
+    return EnvoyTrafficController(proxy)
+
+
+@pytest.fixture(scope="module")
+def client(proxy: EnvoyProxy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as http:
+        yield http
+
+
+@pytest.fixture(autouse=True)
+def clean_logs(request: pytest.FixtureRequest) -> None:
+    if "upstreams" in request.fixturenames:
+        ups: dict[str, Upstream] = request.getfixturevalue("upstreams")
+        for upstream in ups.values():
+            upstream.records()
+
+
+def roles(client: httpx.Client, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        response = client.post("/v1/chat/completions", json={}, headers=headers)
+        response.raise_for_status()
+        seen[response.json()["headers"]["x-canaryflow-role"]] += 1
+    return seen
+
+
+def test_controller_implements_the_protocol(controller: EnvoyTrafficController) -> None:
+    assert isinstance(controller, TrafficController)
+
+
+@pytest.mark.parametrize("weight", [5.0, 20.0])
+def test_canary_share_follows_the_weight(
+    controller: EnvoyTrafficController, client: httpx.Client, weight: float
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=weight))
+    n = 500
+    seen = roles(client, n)
+    assert set(seen) <= {"stable", "canary"}
+    assert seen["canary"] > 0
+    # Inside the 99.9% two-sided binomial interval around the configured share.
+    assert binomtest(seen["canary"], n, weight / 100).pvalue > 0.001, seen
+
+
+def test_role_and_version_headers_overwrite_client_values(
+    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=100))
+    forged = {
+        "x-canaryflow-role": "stable",
+        "x-canaryflow-version": "999",
+        "x-canaryflow-shadow-version": "evil",
+        "host": "evil-shadow",
+    }
+    got = client.get("/v1/models", headers=forged).json()["headers"]
+    assert got["x-canaryflow-role"] == "canary"
+    assert got["x-canaryflow-version"] == "2"
+    assert "x-canaryflow-shadow-version" not in got
+    assert got["host"] == SERVICE  # a client cannot pass itself off as a mirrored copy
+    [arrival] = upstreams["primary"].records()
+    assert arrival["headers"]["x-canaryflow-role"] == "canary"
+
+
+def test_mirrored_copy_has_shadow_host_version_and_same_request_id(
+    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", shadow="3", mirror_percent=100.0))
+    ids = {
+        client.post("/v1/chat/completions", json={}).json()["headers"]["x-request-id"]
+        for _ in range(10)
+    }
+    deadline = time.monotonic() + 5
+    copies: list[dict[str, Any]] = []
+    while len(copies) < 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        copies += upstreams["shadow"].records()
+    assert {copy["headers"]["x-request-id"] for copy in copies} == ids
+    for copy in copies:
+        assert copy["headers"]["host"] == f"{SERVICE}-shadow"
+        assert copy["headers"]["x-canaryflow-shadow-version"] == "3"
+    primary = upstreams["primary"].records()
+    assert {rec["headers"]["x-request-id"] for rec in primary} == ids
+    assert all(rec["headers"]["host"] == SERVICE for rec in primary)
+
+
+def test_slow_shadow_does_not_delay_the_client(
+    controller: EnvoyTrafficController, client: httpx.Client
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", shadow="3", mirror_percent=100.0))
+    latencies = []
+    for _ in range(40):
+        start = time.perf_counter()
+        client.post("/v1/chat/completions", json={}).raise_for_status()
+        latencies.append(time.perf_counter() - start)
+    p95 = statistics.quantiles(latencies, n=20)[-1]
+    assert p95 < 0.050, f"client p95 {p95 * 1000:.1f} ms while the shadow sleeps 500 ms"
+
+
+def test_mirror_share_follows_mirror_percent(
+    controller: EnvoyTrafficController,
+    proxy: EnvoyProxy,
+    client: httpx.Client,
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", shadow="3", mirror_percent=30.0))
+    before = proxy.cluster_stats()
+    n = 400
+    roles(client, n)
+    mirrored = proxy.cluster_stats()["shadow"] - before["shadow"]
+    assert binomtest(mirrored, n, 0.30).pvalue > 0.001, mirrored
+
+
+def test_set_routes_is_live_before_it_returns(
+    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    routes = Routes(service=SERVICE, stable="1", canary="7", weight=100)
+    assert controller.set_routes(routes) == routes
+    version, on_disk = read_route_file(proxy.route_path)
+    assert on_disk == routes == controller.current()
+    assert controller.live_version() == str(version)
+    dump = httpx.get(f"{proxy.admin_url}/config_dump?resource=dynamic_route_configs").json()
+    assert dump["configs"][0]["version_info"] == str(version)
+    # The very first request after the call already follows the new routes.
+    assert client.get("/v1/models").json()["headers"]["x-canaryflow-version"] == "7"
+
+
+def test_rollback_sends_nothing_to_the_canary_afterwards(
+    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=50))
+    assert roles(client, 50)["canary"] > 0
+    back = controller.rollback()
+    assert back == Routes(service=SERVICE, stable="1") == controller.current()
+    upstreams["primary"].records()
+    assert roles(client, 200) == Counter(stable=200)
+    arrivals = upstreams["primary"].records()
+    assert len(arrivals) == 200
+    assert all(rec["headers"]["x-canaryflow-role"] == "stable" for rec in arrivals)
+
+
+def test_refused_update_raises_and_old_routes_keep_serving(
+    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    good = Routes(service=SERVICE, stable="1", canary="2", weight=100)
+    controller.set_routes(good)
+    with pytest.raises(StackError, match=r"refused routes .*HeaderValueValidationError"):
+        controller.set_routes(Routes(service=SERVICE, stable="1\nbroken"))
+    assert controller.current() == good
+    assert read_route_file(proxy.route_path)[1] == good  # the file again matches what is live
+    assert roles(client, 20) == Counter(canary=20)
+    # The next valid change still goes through.
+    assert controller.rollback() == Routes(service=SERVICE, stable="1")
+
+
+def test_bad_input_is_refused_before_envoy_sees_it(controller: EnvoyTrafficController) -> None:
+    with pytest.raises(ConfigError, match="sticky_header"):
+        controller.set_routes(Routes(service=SERVICE, stable="1", sticky_header="x user"))
+    with pytest.raises(ConfigError, match="each service has its own proxy"):
+        controller.set_routes(Routes(service="other", stable="1"))
+
+
+def test_sticky_header_keeps_each_user_on_one_side(
+    controller: EnvoyTrafficController, client: httpx.Client
+) -> None:
+    controller.set_routes(
+        Routes(
+            service=SERVICE, stable="1", canary="2", weight=50, sticky_header="x-canaryflow-user"
+        )
+    )
+    seen: dict[str, set[str]] = defaultdict(set)
+    for i in range(160):
+        user = f"user-{i % 40}"
+        seen[user] |= set(roles(client, 1, headers={"x-canaryflow-user": user}))
+    assert all(len(sides) == 1 for sides in seen.values()), seen
+    assert Counter(next(iter(sides)) for sides in seen.values()).keys() == {"stable", "canary"}
+
+
+def test_cluster_stats_count_requests(
+    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1"))
+    before = proxy.cluster_stats()
+    roles(client, 25)
+    after = proxy.cluster_stats()
+    assert set(after) == {"stable", "canary", "shadow"}
+    assert after["stable"] - before["stable"] == 25
+    assert after["canary"] == before["canary"]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of listening TCP sockets on `port`, read from the kernel's tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_admin_listens_on_loopback_only(proxy: EnvoyProxy) -> None:
+    assert _listening_addresses(proxy.admin_port) == {"0100007F"}  # 127.0.0.1, no IPv6
+    assert httpx.get(f"{proxy.admin_url}/ready").text.strip() == "LIVE"
+    bootstrap = yaml.safe_load(proxy.bootstrap_path.read_text())
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent; picks the outward interface
+        outward = probe.getsockname()[0]
+    if outward != "127.0.0.1":
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{outward}:{proxy.admin_port}/ready", timeout=1.0)
+
+
+def test_routes_survive_an_envoy_restart(tmp_path: Path, upstreams: dict[str, Upstream]) -> None:
+    envoy = make_proxy(tmp_path, upstreams, initial=None)
+    envoy.start()
+    try:
+        first = EnvoyTrafficController(envoy)
+        assert first.current() is None
+        assert httpx.get(f"{envoy.url}/v1/models").status_code == 503
+        with pytest.raises(StackError, match="nothing to roll back to"):
+            first.rollback()
+        routes = Routes(service=SERVICE, stable="4", canary="5", weight=100)
+        first.set_routes(routes)
+        envoy.stop()
+        envoy.start()
+        second = EnvoyTrafficController(envoy)
+        assert second.current() == routes
+        got = httpx.get(f"{envoy.url}/v1/models").json()["headers"]
+        assert (got["x-canaryflow-role"], got["x-canaryflow-version"]) == ("canary", "5")
+        assert second.rollback() == Routes(service=SERVICE, stable="4")
+    finally:
+        envoy.stop()
+
+
+# ---- the echo upstream (this file run as a script) ----------------------------------------
+
+
+def serve_echo(port: int, delay_s: float) -> None:
+    from aiohttp import web
+
+    records: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path == "/_health":
+            return web.json_response({})
+        if request.path == "/_records":
+            out = list(records)
+            if request.query.get("clear"):
+                records.clear()
+            return web.json_response(out)
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        records.append({"t": time.monotonic(), "headers": headers})
+        await request.read()
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        return web.json_response({"headers": headers})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    serve_echo(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)

@@ -1,0 +1,420 @@
+"""The model service over real HTTP: a real sandbox provider, a real uvicorn server running the
+service, a tiny real HTTP server standing in for a tool endpoint and for a recording provider.
+
+The registry is injected as a `fetch` callable over literal manifests (the resolver's injection
+point), so an outage can be switched on and off.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from canaryflow.contracts import DecodingParameters, ModelManifest, Origin, Price
+from canaryflow.dataplane.resolver import CachedResolver
+from canaryflow.dataplane.service import ServiceConfig, build_app
+from canaryflow.errors import TransientRegistryError
+from canaryflow.processes import ManagedProcess, free_port, http_ok
+
+SERVICE = "my-assistant"
+FAST = "@latency_ms=0,sigma=0,error_rate=0"
+TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
+
+
+def manifest(model: str, *, provider: str = "sandbox", template: str = TEMPLATE) -> ModelManifest:
+    return ModelManifest(
+        model_id=f"{SERVICE}/sandbox-docs-v1.0+ds-1",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        origin=Origin(provider=provider, model=model),
+        prompt_template=template,
+        parameters=DecodingParameters(temperature=0.3, top_p=0.9, max_tokens=77, seed=11),
+        tokenizer_version="t1",
+        embedding_version="e1",
+        license="apache-2.0",
+        price=Price(input_per_1k=0.5, output_per_1k=1.5),
+    )
+
+
+MANIFESTS = {
+    "1": manifest(f"sandbox-base{FAST}"),
+    "2": manifest(f"sandbox-good{FAST}"),
+    "3": manifest(f"sandbox-base{FAST},hallucination=1.0"),
+    "4": manifest(f"sandbox-base{FAST},rate_429=1.0,retry_after=2"),
+    "5": manifest("recorded-model", provider="recorder", template="<<{input}>> (v5)"),
+    "6": manifest("sandbox-base@latency_ms=3000,sigma=0,error_rate=0"),
+}
+
+
+class Registry:
+    """The injection point: a fetch over literal manifests that can be switched off."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    def fetch(self, service: str, version: str) -> ModelManifest:
+        self.calls += 1
+        if self.down:
+            raise TransientRegistryError("registry unreachable (switched off by the test)")
+        if service != SERVICE or version not in MANIFESTS:
+            raise LookupError(f"{service} has no version {version}")
+        return MANIFESTS[version]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class _Handler(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True
+    tool_calls: list[bytes] = []  # noqa: RUF012
+    provider_requests: list[dict[str, Any]] = []  # noqa: RUF012
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path.startswith("/tools/"):
+            type(self).tool_calls.append(body)
+            answer: dict[str, Any] = {"ok": True}
+        else:
+            type(self).provider_requests.append(json.loads(body))
+            answer = {
+                "id": "rec-1",
+                "object": "chat.completion",
+                "model": "recorded-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+            }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def helper_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = ManagedProcess(
+        "sandbox",
+        [sys.executable, "-m", "canaryflow.sandbox", "--host", "127.0.0.1", "--port", str(port)],
+        tmp_path_factory.mktemp("sandbox") / "sandbox.log",
+        http_ok(f"{url}/health"),
+    ).start(timeout_s=30)
+    yield url
+    process.stop()
+
+
+class ServiceUnderTest:
+    def __init__(self, url: str, registry: Registry, store: Any) -> None:
+        self.url = url
+        self.registry = registry
+        self.store = store
+        self.client = httpx.Client(base_url=url, timeout=10)
+
+    def chat(
+        self, text: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> httpx.Response:
+        body = {"model": "canaryflow", "messages": [{"role": "user", "content": text}], **extra}
+        return self.client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for line in self.client.get("/metrics").text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            series, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
+
+
+@pytest.fixture(scope="module")
+def service(
+    sandbox: str, helper_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceUnderTest]:
+    from canaryflow.dataplane.store import Store
+
+    store = Store(str(tmp_path_factory.mktemp("store") / "records.db"))
+    registry = Registry()
+    config = ServiceConfig(
+        service=SERVICE,
+        provider_urls={"sandbox": sandbox, "recorder": helper_server},
+        default_version="1",
+        check_sample=1.0,
+        tool_urls={"create_ticket": f"{helper_server}/tools/create_ticket"},
+        shadow_timeout_s=0.5,
+        flush_every_s=0.05,
+    )
+    resolver = CachedResolver(registry.fetch, ttl_s=0.2, retry_s=0.05)
+    app = build_app(config, resolver=resolver, store=store)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not http_ok(f"http://127.0.0.1:{port}/health")():
+        assert time.monotonic() < deadline, "service did not become ready"
+        time.sleep(0.05)
+    yield ServiceUnderTest(f"http://127.0.0.1:{port}", registry, store)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def wait_for(check: Any, timeout_s: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_health_and_models_answer(service: ServiceUnderTest) -> None:
+    assert service.client.get("/health").status_code == 200
+    models = service.client.get("/v1/models").json()
+    assert f"{SERVICE}@1" in [m["id"] for m in models["data"]]
+
+
+def test_role_and_version_come_from_envoy_headers(service: ServiceUnderTest) -> None:
+    r = service.chat(
+        "What is the capital of France?",
+        {"x-canaryflow-role": "canary", "x-canaryflow-version": "2", "x-request-id": "req-a"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-canaryflow-role"] == "canary"
+    assert r.headers["x-canaryflow-version"] == "2"
+    assert r.headers["x-request-id"] == "req-a"
+    assert r.json()["model"].startswith("sandbox-good")
+
+
+def test_shadow_host_makes_a_shadow_of_the_shadow_version(service: ServiceUnderTest) -> None:
+    r = service.chat(
+        "What is the capital of France?",
+        {
+            "host": "my-assistant:10000-shadow",
+            "x-canaryflow-role": "stable",  # Envoy copies the primary cluster's headers
+            "x-canaryflow-version": "1",
+            "x-canaryflow-shadow-version": "2",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-canaryflow-role"], r.headers["x-canaryflow-version"]) == ("shadow", "2")
+    assert r.json()["model"].startswith("sandbox-good")
+
+
+def test_direct_call_is_stable_of_the_default_version(service: ServiceUnderTest) -> None:
+    r = service.chat("What is the capital of France?")
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-canaryflow-role"], r.headers["x-canaryflow-version"]) == ("stable", "1")
+    assert len(r.headers["x-request-id"]) >= 16
+
+
+def test_template_and_parameters_reach_the_provider(service: ServiceUnderTest) -> None:
+    _Handler.provider_requests.clear()
+    r = service.chat(
+        "hello there",
+        {"x-canaryflow-version": "5"},
+        temperature=1.9,  # the client's own decoding parameters do not override the release's
+    )
+    assert r.status_code == 200, r.text
+    (sent,) = _Handler.provider_requests
+    assert sent["model"] == "recorded-model"
+    assert sent["messages"][-1] == {"role": "user", "content": "<<hello there>> (v5)"}
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["seed"]) == (
+        0.3,
+        0.9,
+        77,
+        11,
+    )
+
+
+def test_metrics_carry_service_version_and_role(service: ServiceUnderTest) -> None:
+    service.chat(
+        "What is the capital of Spain?",
+        {"x-canaryflow-role": "canary", "x-canaryflow-version": "2"},
+    )
+    labels = {"service": SERVICE, "version": "2", "role": "canary"}
+    assert service.metric("canaryflow_requests_total", status="200", **labels) >= 1
+    assert service.metric("canaryflow_request_duration_seconds_count", **labels) >= 1
+    assert service.metric("canaryflow_tokens_total", direction="in", **labels) > 0
+    assert service.metric("canaryflow_tokens_total", direction="out", **labels) > 0
+    assert service.metric("canaryflow_cost_usd_total", **labels) > 0
+    text = service.client.get("/metrics").text
+    assert 'le="0.005"' in text and 'le="10.0"' in text
+
+
+def test_records_are_written_with_pii_masked(service: ServiceUnderTest) -> None:
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    r = service.chat(
+        "Please mail jane.doe@example.com about my order",
+        {"x-request-id": "req-pii", "x-canaryflow-user": "user-7"},
+    )
+    assert r.status_code == 200
+
+    def stored() -> list[Any]:
+        records = service.store.records(SERVICE, since, datetime.now(UTC) + timedelta(seconds=1))
+        return [rec for rec in records if rec.request_id == "req-pii"]
+
+    (record,) = wait_for(stored)
+    assert "jane.doe@example.com" not in record.prompt
+    assert "[EMAIL]" in record.prompt
+    assert (record.version, record.role, record.user, record.status) == (
+        "1",
+        "stable",
+        "user-7",
+        200,
+    )
+    assert record.tokens_in > 0 and record.latency_ms > 0
+
+
+def test_hallucinating_version_gets_quality_flags(service: ServiceUnderTest) -> None:
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    questions = [
+        "What is the capital of France?",
+        "What is the capital of Germany?",
+        "What is the capital of Japan?",
+    ]
+    for q in questions:
+        assert service.chat(
+            q, {"x-canaryflow-role": "canary", "x-canaryflow-version": "3"}
+        ).is_success
+    labels = {"service": SERVICE, "version": "3", "role": "canary"}
+    flagged = wait_for(
+        lambda: (
+            service.metric("canaryflow_quality_flags_total", flag="hallucination", **labels)
+            >= len(questions)
+        )
+    )
+    assert flagged
+    assert service.metric("canaryflow_quality_checked_total", **labels) >= len(questions)
+    records = service.store.records(
+        SERVICE, since, datetime.now(UTC) + timedelta(seconds=1), version="3"
+    )
+    assert records and all(r.checked and r.hallucination for r in records)
+
+
+def test_shadow_never_executes_tools_while_stable_does(service: ServiceUnderTest) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "create_ticket",
+                "description": "Open a support ticket",
+                "parameters": {"type": "object", "properties": {"title": {"type": "string"}}},
+            },
+        }
+    ]
+    prompt = "Please create a ticket: the login page is broken"
+    before = len(_Handler.tool_calls)
+    shadow = service.chat(
+        prompt,
+        {"host": "svc-shadow", "x-canaryflow-shadow-version": "1"},
+        tools=tools,
+    )
+    assert shadow.status_code == 200, shadow.text
+    assert shadow.json()["choices"][0]["message"]["tool_calls"]
+    assert shadow.headers["x-canaryflow-tool-calls"] == "create_ticket:skipped"
+    assert len(_Handler.tool_calls) == before
+    stable = service.chat(prompt, {"x-canaryflow-role": "stable"}, tools=tools)
+    assert stable.headers["x-canaryflow-tool-calls"] == "create_ticket:executed"
+    assert len(_Handler.tool_calls) == before + 1
+    assert service.metric("canaryflow_tool_calls_total", role="shadow", action="skipped") >= 1
+
+
+def test_slow_shadow_gives_up_at_its_own_timeout(service: ServiceUnderTest) -> None:
+    started = time.monotonic()
+    r = service.chat(
+        "What is the capital of France?", {"host": "x-shadow", "x-canaryflow-shadow-version": "6"}
+    )
+    assert r.status_code == 502
+    assert time.monotonic() - started < 2.0  # shadow_timeout_s=0.5, the provider takes 3 s
+    assert "did not answer" in r.json()["error"]["message"]
+
+
+def test_registry_outage_after_warm_up_keeps_serving(service: ServiceUnderTest) -> None:
+    headers = {"x-canaryflow-role": "canary", "x-canaryflow-version": "2"}
+    assert service.chat("What is the capital of Italy?", headers).status_code == 200
+    errors_before = service.metric("canaryflow_registry_errors_total")
+    service.registry.down = True
+    try:
+        time.sleep(0.3)  # past the ttl: every request now triggers a (failing) refresh
+        statuses = [
+            service.chat("What is the capital of Italy?", headers).status_code for _ in range(5)
+        ]
+        assert statuses == [200] * 5
+        assert wait_for(lambda: service.metric("canaryflow_registry_errors_total") > errors_before)
+    finally:
+        service.registry.down = False
+
+
+def test_unknown_version_is_503_with_a_clear_message(service: ServiceUnderTest) -> None:
+    r = service.chat("hi", {"x-canaryflow-version": "99"})
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "'99'" in message and SERVICE in message and "registry" in message
+
+
+def test_provider_429_passes_through(service: ServiceUnderTest) -> None:
+    r = service.chat("What is the capital of France?", {"x-canaryflow-version": "4"})
+    assert r.status_code == 429
+    assert r.json()["error"]["type"] == "rate_limited"
+    assert r.headers["retry-after"] == "2"
+    assert service.metric("canaryflow_requests_total", version="4", status="429") >= 1
+
+
+def test_bad_role_header_and_bad_body_are_400(service: ServiceUnderTest) -> None:
+    assert service.chat("hi", {"x-canaryflow-role": "admin"}).status_code == 400
+    r = service.client.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert "not JSON" in r.json()["error"]["message"]
+
+
+def test_command_line_starts_a_serving_process(sandbox: str, tmp_path: Path) -> None:
+    port = free_port()
+    process = ManagedProcess(
+        "service",
+        [
+            sys.executable, "-m", "canaryflow.dataplane.service", "--service", SERVICE,
+            "--port", str(port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
+            "--provider-url", f"sandbox={sandbox}", "--default-version", "1",
+        ],
+        tmp_path / "service.log",
+        http_ok(f"http://127.0.0.1:{port}/health"),
+    )  # fmt: skip
+    process.start(timeout_s=30)
+    try:
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "canaryflow_requests" in metrics
+    finally:
+        process.stop()

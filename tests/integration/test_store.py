@@ -1,0 +1,349 @@
+"""The paired store against real SQLite files and a real, throwaway PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canaryflow.contracts import RequestRecord, Role
+from canaryflow.dataplane.store import COLUMNS, BatchWriter, Store
+from canaryflow.errors import ConfigError
+from canaryflow.processes import free_port
+
+T0 = datetime(2026, 1, 12, 9, 0, tzinfo=UTC)
+
+
+def record(n: int, **fields: Any) -> RequestRecord:
+    base: dict[str, Any] = {
+        "request_id": f"req-{n}",
+        "at": T0 + timedelta(seconds=n),
+        "service": "svc",
+        "version": "1",
+        "role": Role.STABLE,
+        "status": 200,
+        "latency_ms": 10.0 + n,
+    }
+    return RequestRecord(**{**base, **fields})
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _pg_binary(name: str) -> str | None:
+    """On PATH, or where Debian's postgresql packages put it."""
+    found = shutil.which(name)
+    if found is None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+        found = str(candidates[-1]) if candidates else None
+    return found
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A cluster of its own (initdb as the postgres user, fsync off), removed at the end."""
+    pytest.importorskip("psycopg")
+    pg_ctl, initdb, runuser = (_pg_binary("pg_ctl"), _pg_binary("initdb"), shutil.which("runuser"))
+    if not (pg_ctl and initdb and runuser) or os.geteuid() != 0:
+        pytest.skip("needs PostgreSQL server binaries (initdb, pg_ctl) and root for runuser")
+    data = Path(tempfile.mkdtemp(prefix="canaryflow-pg-"))
+    shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    as_postgres = [runuser, "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
+    log = data / "server.log"
+    subprocess.run(
+        [*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    with Store(store_url) as opened:
+        yield opened
+
+
+@pytest.fixture
+def service() -> str:
+    """Every test gets its own service: the PostgreSQL database is shared within the module."""
+    return f"svc-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- both backends
+
+
+def test_schema_names_every_request_record_field() -> None:
+    assert set(COLUMNS) == set(RequestRecord.model_fields)
+
+
+def test_records_round_trip_every_field(store: Store, service: str) -> None:
+    original = record(
+        1,
+        service=service,
+        role=Role.CANARY,
+        version="7",
+        user="user-3",
+        status=502,
+        latency_ms=123.456,
+        tokens_in=11,
+        tokens_out=22,
+        cost_usd=0.00042,
+        prompt="What is the capital of France?",
+        response="Paris.",
+        checked=True,
+        hallucination=False,
+        unsafe=None,
+        injection_leak=True,
+        refusal=False,
+        at=T0.replace(microsecond=123456),
+    )
+    store.write([original])
+    (back,) = store.records(service, T0, T0 + timedelta(minutes=1))
+    assert back == original
+
+
+def test_window_is_half_open_and_filters_by_role_and_version(store: Store, service: str) -> None:
+    store.write(
+        [
+            record(0, service=service),
+            record(1, service=service, role=Role.CANARY, version="2"),
+            record(2, service=service, role=Role.SHADOW, version="2"),
+            record(3, service=service),
+            record(3, service="someone-else"),
+        ]
+    )
+    since, until = T0, T0 + timedelta(seconds=3)
+    assert [r.request_id for r in store.records(service, since, until)] == [
+        "req-0",
+        "req-1",
+        "req-2",
+    ]
+    assert [r.request_id for r in store.records(service, since, until, role=Role.CANARY)] == [
+        "req-1"
+    ]
+    assert store.count(service, since, until, version="2") == 2
+    assert store.count(service, since, until, role=Role.STABLE, version="1") == 1
+    assert store.count(service, T0 - timedelta(hours=1), T0) == 0
+
+
+def test_naive_datetimes_are_read_as_utc(store: Store, service: str) -> None:
+    store.write([record(5, service=service)])
+    naive = T0.replace(tzinfo=None)
+    assert store.count(service, naive, naive + timedelta(seconds=6)) == 1
+
+
+def test_pairs_join_each_primary_with_its_shadow(store: Store, service: str) -> None:
+    store.write(
+        [
+            record(1, service=service, response="stable answer"),
+            record(1, service=service, role=Role.SHADOW, version="2", response="shadow answer"),
+            record(2, service=service, role=Role.CANARY, version="2"),
+            record(2, service=service, role=Role.SHADOW, version="3"),
+            record(3, service=service),  # its shadow never arrived
+            record(4, service=service, role=Role.SHADOW, version="2"),  # shadow without a primary
+            record(1, service="other", role=Role.SHADOW, version="2"),  # same id, other service
+        ]
+    )
+    pairs = store.pairs(service, T0, T0 + timedelta(minutes=1))
+    assert [(p.request_id, p.role, s.role, s.version) for p, s in pairs] == [
+        ("req-1", Role.STABLE, Role.SHADOW, "2"),
+        ("req-2", Role.CANARY, Role.SHADOW, "3"),
+    ]
+    assert (pairs[0][0].response, pairs[0][1].response) == ("stable answer", "shadow answer")
+
+
+def test_write_masks_pii_even_when_the_caller_did_not(store: Store, service: str) -> None:
+    store.write(
+        [
+            record(
+                1,
+                service=service,
+                prompt="I am jane@example.com, card 4111 1111 1111 1111",
+                response="Use Bearer sk-abcdefghijklmnopqrstuv or call +44 20 7946 0958",
+            )
+        ]
+    )
+    (back,) = store.records(service, T0, T0 + timedelta(minutes=1))
+    assert back.prompt == "I am [EMAIL], card [CARD]"
+    assert back.response == "Use [SECRET] or call [PHONE]"
+
+
+def test_writing_a_record_again_replaces_it(store: Store, service: str) -> None:
+    store.write([record(1, service=service, checked=False)])
+    store.write([record(1, service=service, checked=True, hallucination=True)])
+    (back,) = store.records(service, T0, T0 + timedelta(minutes=1))
+    assert back.checked and back.hallucination
+
+
+def test_sample_draws_at_most_n_from_the_window(store: Store, service: str) -> None:
+    store.write([record(n, service=service) for n in range(30)])
+    picked = store.sample(service, T0, T0 + timedelta(seconds=20), 5)
+    assert len(picked) == 5
+    assert len({r.request_id for r in picked}) == 5
+    assert all(T0 <= r.at < T0 + timedelta(seconds=20) for r in picked)
+    assert len(store.sample(service, T0, T0 + timedelta(seconds=3), 10)) == 3
+
+
+def test_reopening_keeps_the_schema_and_the_data(store_url: str, service: str) -> None:
+    with Store(store_url) as first:
+        first.write([record(1, service=service)])
+    with Store(store_url) as second:
+        assert second.count(service, T0, T0 + timedelta(minutes=1)) == 1
+
+
+def test_a_writer_thread_and_a_reader_thread_share_the_store(store: Store, service: str) -> None:
+    batches, size = 40, 25
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            for b in range(batches):
+                store.write([record(b * size + i, service=service) for i in range(size)])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                seen.append(store.count(service, T0, T0 + timedelta(days=1)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert seen == sorted(seen)  # readers see whole batches, in order
+    assert all(count % size == 0 for count in seen)
+    assert store.count(service, T0, T0 + timedelta(days=1)) == batches * size
+
+
+# --------------------------------------------------------------------------- SQLite specifics
+
+
+def test_sqlite_runs_in_wal_mode_with_a_bare_path(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "records.db"
+    with Store(str(path)):
+        pass
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    index_names = {
+        row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")
+    }
+    assert {"request_records_key", "request_records_service_at"} <= index_names
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://u:secret@host/db", "unsupported store URL"),
+        (":memory:", "needs a file"),
+        ("postgresql+nosuchdriver://u@host/db", "pip install canaryflow[postgres]"),
+    ],
+)
+def test_bad_store_urls_say_what_to_do(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as caught:
+        Store(url)
+    assert "secret" not in str(caught.value)
+
+
+def test_an_unreachable_postgresql_is_a_clear_error() -> None:
+    pytest.importorskip("psycopg")
+    with pytest.raises(ConfigError, match="check the URL and that the database is up"):
+        Store(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/postgres")
+
+
+# --------------------------------------------------------------------------- BatchWriter
+
+
+async def test_batch_writer_flushes_in_the_background(tmp_path: Path) -> None:
+    store = Store(tmp_path / "b.db")
+    writer = BatchWriter(store, flush_every_s=0.05)
+    task = asyncio.create_task(writer.run())
+    assert all(writer.submit(record(n)) for n in range(300))
+    deadline = time.monotonic() + 5
+    while writer.written < 300 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 300
+    await writer.aclose()
+    await task
+    assert writer.submit(record(999)) is False  # closed
+    store.close()
+
+
+async def test_batch_writer_drops_when_full_and_aclose_flushes_the_rest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "b.db")
+    writer = BatchWriter(store, max_queue=10)
+    accepted = [writer.submit(record(n)) for n in range(15)]
+    assert accepted == [True] * 10 + [False] * 5
+    assert writer.dropped == 5
+    await writer.aclose()
+    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 10
+    store.close()
+
+
+async def test_a_locked_database_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    store = Store(path)
+    writer = BatchWriter(store, flush_every_s=0.02)
+    task = asyncio.create_task(writer.run())
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    gaps: list[float] = []
+    last = time.monotonic()
+    for n in range(40):  # ~0.4 s with the writer stuck in its worker thread
+        assert writer.submit(record(n))
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 0
+    blocker.execute("COMMIT")
+    blocker.close()
+    await writer.aclose()
+    await task
+    assert max(gaps) < 0.2, f"event loop stalled {max(gaps):.3f} s"
+    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 40
+    store.close()
