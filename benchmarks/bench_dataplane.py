@@ -40,6 +40,7 @@ from canaryflow.processes import ManagedProcess, free_port, http_ok  # noqa: E40
 
 SERVICE = "bench"
 PROMPT = "What is the capital of France?"
+SANDBOX_MODEL = "sandbox-base@latency_ms=0,sigma=0,error_rate=0"
 GOAL_RATE = 200
 GOAL_P50_MS, GOAL_P99_MS, GOAL_SUSTAINED = 1.5, 5.0, 1500
 CLEAN_P99_MS = 25.0
@@ -78,7 +79,8 @@ class Run:
 
 async def open_loop(url: str, rate: float, duration_s: float, path: str) -> Run:
     run = Run(path, rate)
-    body = json.dumps({"model": "canaryflow", "messages": [{"role": "user", "content": PROMPT}]})
+    # The provider reads the model name; the service ignores it (the release decides).
+    body = json.dumps({"model": SANDBOX_MODEL, "messages": [{"role": "user", "content": PROMPT}]})
     headers = {"content-type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=10)
     connector = aiohttp.TCPConnector(limit=2000)
@@ -149,7 +151,7 @@ def write_manifests(home: Path) -> dict[str, Path]:
         manifest = ModelManifest(
             model_id=f"{SERVICE}/sandbox-docs-v1.{version}+ds-1",
             created_at=datetime(2026, 1, 1, tzinfo=UTC),
-            origin=Origin(provider="sandbox", model="sandbox-base@latency_ms=0,sigma=0"),
+            origin=Origin(provider="sandbox", model=SANDBOX_MODEL),
             prompt_template="Answer briefly.\n\nQuestion: {input}",
             tokenizer_version="t1",
             embedding_version="e1",

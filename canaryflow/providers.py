@@ -12,7 +12,7 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,9 @@ class Completion:
     cached: bool = False
 
     def replayed(self, lookup_ms: float) -> Completion:
-        return replace(self, cached=True, latency_ms=lookup_ms, cost_usd=0.0)
+        return Completion(
+            self.text, self.tokens_in, self.tokens_out, 0.0, lookup_ms, self.status, True
+        )
 
 
 class Budget:
@@ -158,7 +160,7 @@ class ProviderClient:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._digests: dict[int, tuple[ModelManifest, str]] = {}
+        self._manifests: dict[int, tuple[ModelManifest, str, dict[str, Any]]] = {}
 
     async def __aenter__(self) -> ProviderClient:
         limits = httpx.Limits(
@@ -185,11 +187,11 @@ class ProviderClient:
 
     async def complete(self, manifest: ModelManifest, user_input: str) -> Completion:
         messages = [{"role": "user", "content": manifest.render(user_input)}]
-        params = request_parameters(manifest)
+        digest, params = self._prepared(manifest)
         key = None
         if self.cache is not None:
             started = time.perf_counter()
-            key = self.cache.key(self._digest(manifest), messages, params)
+            key = self.cache.key(digest, messages, params)
             hit = self.cache.get(key)
             if hit is not None:
                 return hit.replayed((time.perf_counter() - started) * 1000)
@@ -220,14 +222,15 @@ class ProviderClient:
             self.budget.charge(tokens_in + tokens_out, completion.cost_usd)
         return completion
 
-    def _digest(self, manifest: ModelManifest) -> str:
-        # The digest serialises the whole manifest; replay is dominated by it unless remembered.
-        # The manifest is kept in the entry so its id() cannot be reused by another object.
-        entry = self._digests.get(id(manifest))
+    def _prepared(self, manifest: ModelManifest) -> tuple[str, dict[str, Any]]:
+        """Digest and request parameters, once per manifest: the digest serialises the whole
+        manifest and would otherwise dominate a cache replay. The manifest stays in the entry so
+        its id() cannot be reused by another object."""
+        entry = self._manifests.get(id(manifest))
         if entry is None or entry[0] is not manifest:
-            entry = (manifest, manifest.digest())
-            self._digests[id(manifest)] = entry
-        return entry[1]
+            entry = (manifest, manifest.digest(), request_parameters(manifest))
+            self._manifests[id(manifest)] = entry
+        return entry[1], dict(entry[2])
 
     async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[int, bytes, float]:
         if self._http is None or self._semaphore is None:

@@ -69,6 +69,7 @@ class Release:
         self.baseline: PublishedVersion | None = None
         self.windows: list[WindowResult] = []
         self.live_since: datetime | None = None
+        self.sequential: dict[str, dict[str, object]] = {}
 
     def stage(self, name: str, outcome: str, detail: str = "", **metrics: float) -> None:
         result = StageOutcome(stage=name, outcome=outcome, detail=detail, metrics=metrics)  # type: ignore[arg-type]
@@ -131,14 +132,19 @@ def _offline_gate(release: Release) -> EvalReport:
 
 def _judge_until_done(release: Release, stage: str, routes: Routes, step: int, windows: int,
                       window_s: float) -> None:  # fmt: skip
-    """Repeated windows: PASS counts, FAIL stops, REVIEW asks, INCONCLUSIVE extends."""
-    state: dict[str, object] | None = None
+    """Repeated windows: PASS counts, FAIL stops, REVIEW asks, INCONCLUSIVE extends.
+
+    The sequential tests' state runs over the whole stage: every look at the same candidate
+    counts against the same error budget.
+    """
+    state = release.sequential.get(stage)
     passed = extensions = index = 0
     while passed < windows:
         window, state = judge_window(
             release.endpoints, release.spec.policy, stage, routes, step, index, window_s, state
         )
         release.windows.append(window)
+        release.sequential[stage] = state
         log_evidence(release.record, f"{stage}_s{step}_w{index}", window.model_dump(mode="json"),
                      release.endpoints)  # fmt: skip
         index += 1

@@ -262,7 +262,8 @@ def rate(
     1/alpha (see `sequential`): a candidate at or below the bound is failed with probability at
     most alpha however many windows are judged, while 8% over 200 checked answers against a
     0.5% bound fails in its first window (5 events in 200 suffice). Otherwise PASS once the
-    window has `min_samples` trials, else NODATA; a breach is never hidden by a small sample.
+    windows so far hold `min_samples` trials, else NODATA; a breach is never hidden by a small
+    sample.
     The window's exact one-sided binomial p-value, its Clopper-Pearson interval and Fisher's
     exact test against the baseline are evidence. Pass `state=None` for a first window; a state
     for another bound or alpha is restarted.
@@ -313,7 +314,8 @@ def rate(
             f"rate above {bound:g}: {counts} window(s); e-value {state.e_value:.3g} reached "
             f"1/alpha = {1 / config.alpha:g} in window {state.rejected_at}"
         )
-    elif nc < config.min_samples:
+    elif state.trials < config.min_samples:
+        # The e-process accumulates evidence across windows, so the floor is cumulative too.
         label = Label.NODATA
         reason = f"too few trials: {counts} window(s); need at least {config.min_samples}"
     else:

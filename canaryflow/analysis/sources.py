@@ -160,21 +160,20 @@ class PromSummary:
 
     def role_sample(self) -> RoleSample:
         """Counts rounded for the rate and cost judges; no latencies (those need the store)."""
-        checked = round(self.checked)
+        n = round(self.requests)
+        checked = min(n, round(self.checked))
 
         def flag(name: str) -> int:
             return min(checked, round(self.flags.get(name, 0.0)))
 
-        n = round(self.requests)
-        hallucinations = flag("hallucination")
         return RoleSample(
             n=n,
             errors=min(n, round(self.errors)),
             tokens_in=round(self.tokens_in),
             tokens_out=round(self.tokens_out),
             cost_usd=self.cost_usd,
-            checked=min(n, checked),
-            hallucinations=hallucinations,
+            checked=checked,
+            hallucinations=flag("hallucination"),
             unsafe=flag("unsafe"),
             injection_leaks=flag("injection_leak"),
             refusals=flag("refusal"),

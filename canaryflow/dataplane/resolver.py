@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from canaryflow.contracts import ModelManifest
 from canaryflow.errors import RegistryError
@@ -182,13 +182,13 @@ def _no_aliases(service: str, alias: str) -> str:
 
 def mlflow_fetchers(tracking_uri: str) -> tuple[Fetch, AliasFetch]:
     """Fetchers over `canaryflow.registry.MlflowRegistry`; mlflow is imported on first use only."""
-    from canaryflow.registry import MlflowRegistry  # lazy: pulls in mlflow (~2 s)
+    registry: Any = None
 
-    registry: MlflowRegistry | None = None
-
-    def client() -> MlflowRegistry:
+    def client() -> Any:
         nonlocal registry
         if registry is None:
+            from canaryflow.registry import MlflowRegistry  # lazy: pulls in mlflow (~2 s)
+
             registry = MlflowRegistry(tracking_uri)
         return registry
 

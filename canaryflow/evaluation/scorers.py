@@ -5,6 +5,7 @@ Each returns a reason a person can read next to the output, so a failed item exp
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -14,6 +15,7 @@ from typing import Any
 
 import jsonschema
 
+from canaryflow.contracts import canonical_json
 from canaryflow.evaluation.suites import EvalItem
 from canaryflow.knowledge import is_refusal, leaks_secret
 
@@ -83,12 +85,23 @@ def json_schema(expected: dict[str, Any], output: str) -> ScoreResult:
         document = _json_in(output)
     except ValueError as exc:
         return ScoreResult(False, f"output is not JSON ({exc}): {_short(output)}")
-    try:
-        jsonschema.validate(document, expected["schema"])
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        return ScoreResult(False, f"JSON does not fit the schema at {where}: {exc.message}")
+    error = jsonschema.exceptions.best_match(
+        _validator(canonical_json(expected["schema"])).iter_errors(document)
+    )
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return ScoreResult(False, f"JSON does not fit the schema at {where}: {error.message}")
     return ScoreResult(True, "valid JSON for the schema")
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Any:
+    """Checking a schema against its meta-schema costs far more than validating one answer:
+    do it once per distinct schema, not once per item."""
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def refusal(expected: dict[str, Any], output: str) -> ScoreResult:

@@ -19,6 +19,7 @@ from canaryflow.contracts import (
     OfflineGate,
     Origin,
     Price,
+    SuiteComparison,
 )
 from canaryflow.errors import BudgetExceeded
 from canaryflow.evaluation.compare import compare_suite, decide
@@ -55,7 +56,8 @@ def test_clear_regression_fails_with_a_readable_reason() -> None:
     assert result.result.reason.endswith("McNemar p=0.0002: regression beyond the 5-pt margin")
     evidence = result.result.evidence
     assert evidence.threshold == -0.05 and evidence.n_candidate == 100
-    assert evidence.ci_low is not None and evidence.ci_low < evidence.estimate == -0.13  # type: ignore[operator]
+    assert evidence.estimate == -0.13
+    assert evidence.ci_low is not None and evidence.ci_low < -0.13
     assert evidence.p_value == pytest.approx(2 / 2**13)
 
 
@@ -163,8 +165,8 @@ def manifest(model: str, version: str = "1.0") -> ModelManifest:
     )
 
 
-def by_suite(report_suites: tuple[object, ...]) -> dict[str, Label]:
-    return {s.suite: s.result.label for s in report_suites}  # type: ignore[attr-defined]
+def by_suite(report_suites: tuple[SuiteComparison, ...]) -> dict[str, Label]:
+    return {s.suite: s.result.label for s in report_suites}
 
 
 async def test_identical_candidate_passes_every_suite(
@@ -183,9 +185,9 @@ async def test_identical_candidate_passes_every_suite(
     # Identical answers show non-inferiority only on a suite large enough for the margin (73
     # items at 5 pts); smaller suites are sent to review with that reason.
     needed = items_to_show_non_inferiority(0.05)
+    assert needed is not None
     assert by_suite(report.suites) == {
-        s.name: Label.PASS if len(s) >= needed else Label.REVIEW
-        for s in suites  # type: ignore[operator]
+        s.name: Label.PASS if len(s) >= needed else Label.REVIEW for s in suites
     }
     assert all(s.diff == 0 and s.only_baseline == s.only_candidate == 0 for s in report.suites)
     total = 2 * sum(len(s) for s in suites)

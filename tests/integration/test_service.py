@@ -400,21 +400,35 @@ def test_bad_role_header_and_bad_body_are_400(service: ServiceUnderTest) -> None
     assert "not JSON" in r.json()["error"]["message"]
 
 
-def test_command_line_starts_a_serving_process(sandbox: str, tmp_path: Path) -> None:
+def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> None:
+    manifest_file = tmp_path / "manifest.json"
+    manifest_file.write_text(MANIFESTS["1"].model_dump_json())
     port = free_port()
     process = ManagedProcess(
         "service",
         [
             sys.executable, "-m", "canaryflow.dataplane.service", "--service", SERVICE,
             "--port", str(port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
-            "--provider-url", f"sandbox={sandbox}", "--default-version", "1",
+            "--manifest", f"1={manifest_file}", "--provider-url", f"sandbox={sandbox}",
+            "--default-version", "1", "--store", str(tmp_path / "records.db"),
         ],
         tmp_path / "service.log",
         http_ok(f"http://127.0.0.1:{port}/health"),
     )  # fmt: skip
     process.start(timeout_s=30)
     try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        ok = httpx.post(url, json=body, timeout=10)
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["x-canaryflow-version"] == "1"
+        # A version that is neither local nor reachable in the (absent) registry.
+        missing = httpx.post(url, json=body, headers={"x-canaryflow-version": "9"}, timeout=10)
+        assert missing.status_code == 503
+        assert "'9'" in missing.json()["error"]["message"]
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert "canaryflow_requests" in metrics
+        assert (
+            'canaryflow_requests_total{role="stable",service="my-assistant",status="200"' in metrics
+        )
     finally:
         process.stop()

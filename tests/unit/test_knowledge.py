@@ -200,7 +200,9 @@ def test_live_corpus_mixes_live_only_facts_json_and_pii(kb: KnowledgeBase) -> No
     rows = read_jsonl(DATA / "corpus" / "live.jsonl")
     assert len(rows) >= 300 and all(set(row) == {"id", "input", "user"} for row in rows)
     texts = [str(row["input"]) for row in rows]
-    live_only = [t for t in texts if (f := kb.lookup(t)) and f.category in ("currency", "literature")]
+    live_only = [
+        t for t in texts if (f := kb.lookup(t)) and f.category in ("currency", "literature")
+    ]
     assert 0.2 <= len(live_only) / len(texts) <= 0.35
     assert sum("JSON" in t for t in texts) >= 10
     assert any(re.search(r"[\w.]+@[\w.]+", t) for t in texts)

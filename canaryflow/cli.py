@@ -1,0 +1,255 @@
+"""`canaryflow` on the command line.
+
+Imports stay inside the commands: `canaryflow --help` must not pay for Prefect or MLflow, and the
+core never imports Prefect: only the commands that run a flow load `flows/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from canaryflow.errors import CanaryflowError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("CANARYFLOW_HOME", ".canaryflow"))
+
+
+def _use_prefect(api_url: str | None) -> None:
+    """Entry points (never library code) point Prefect at the stack's server."""
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from canaryflow.demo import run_demo
+
+    return run_demo(_home(args) / "demo", quick=args.quick)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from canaryflow.demo import keep_stack_up
+
+    return keep_stack_up(_home(args), service=args.service)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from canaryflow.signing import generate_keypair
+
+    pair = generate_keypair(Path(args.dir), args.name)
+    print(f"private key {pair.private_path} (keep it in CI secrets)")
+    print(f"public key  {pair.public_path} (key id {pair.key_id}): copy it to the trusted keys")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from canaryflow.loading import load_manifest
+    from canaryflow.signing import sign, write_signed
+
+    signed = sign(load_manifest(Path(args.manifest)), Path(args.key))
+    out = Path(args.output or Path(args.manifest).with_suffix(".signed.json"))
+    write_signed(signed, out)
+    print(f"signed {signed.manifest.model_id} (digest {signed.manifest.digest()[:16]}…) -> {out}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from canaryflow import connections
+    from canaryflow.loading import load_signed_manifest
+    from canaryflow.signing import load_trusted_keys, verify
+    from canaryflow.stack import load_endpoints
+
+    endpoints = load_endpoints(_home(args))
+    signed = load_signed_manifest(Path(args.manifest))
+    verify(signed, load_trusted_keys(Path(endpoints.keys_dir)))
+    registry = connections.registry(endpoints.mlflow_uri)
+    published = registry.publish(signed)
+    if args.champion:
+        registry.promote(published.service, published.version)
+    state = "new" if published.created else "already published"
+    role = " as champion" if args.champion else ""
+    print(f"{published.service} v{published.version} ({state}){role}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from canaryflow.loading import load_spec
+    from canaryflow.settings import Settings
+    from canaryflow.stack import load_endpoints
+
+    endpoints = load_endpoints(_home(args))
+    spec = load_spec(Path(args.spec), Settings().policies_dir)
+    _use_prefect(endpoints.prefect_api_url)
+    from canaryflow.summary import print_record
+    from flows.release import release
+
+    record = release(spec=spec, endpoints=endpoints)
+    print_record(record)
+    return 0 if record.decision == "promoted" else 3
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from canaryflow.approvals import resume_with_approval
+    from canaryflow.stack import load_endpoints
+
+    endpoints = load_endpoints(_home(args))
+    if endpoints.prefect_api_url is None:
+        raise CanaryflowError("the stack has no Prefect API URL")
+    status = resume_with_approval(
+        endpoints.prefect_api_url,
+        args.run_id,
+        approve=not args.reject,
+        reason=args.reason,
+        approver=args.approver,
+    )
+    print(f"flow run {args.run_id}: {status}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from canaryflow.stack import load_endpoints
+
+    endpoints = load_endpoints(_home(args))
+    _use_prefect(endpoints.prefect_api_url)
+    from flows.rollback import rollback
+
+    rollback(service=args.service, to_version=args.to, reason=args.reason, endpoints=endpoints)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from canaryflow.stack import load_endpoints
+    from canaryflow.summary import print_status
+
+    print_status(load_endpoints(_home(args)), args.service)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from canaryflow import runbook
+    from canaryflow.contracts import GatePolicy
+    from canaryflow.loading import load_signed_manifest
+    from canaryflow.stack import load_endpoints
+    from canaryflow.summary import print_eval
+
+    endpoints = load_endpoints(_home(args))
+    report = runbook.evaluate_manifests(
+        load_signed_manifest(Path(args.candidate)).manifest,
+        load_signed_manifest(Path(args.baseline)).manifest,
+        args.suites,
+        GatePolicy().offline,
+        endpoints,
+        sample_per_suite=args.sample,
+    )
+    print_eval(report)
+    return 0 if report.decision.value == "pass" else 3
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from canaryflow.traffic import load_corpus, run_traffic
+
+    report = asyncio.run(
+        run_traffic(
+            args.url,
+            load_corpus(args.corpus),
+            rate_rps=args.rate,
+            duration_s=args.duration,
+            users=args.users,
+        )
+    )
+    print(report.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from canaryflow.dataplane.service import main as serve
+
+    serve(args.rest)
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from canaryflow.sandbox.server import main as sandbox
+
+    sandbox(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canaryflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", help="state folder of the embedded stack (.canaryflow)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    demo = add("demo", cmd_demo, "start the embedded stack and run the demo releases")
+    demo.add_argument("--quick", action="store_true", help="shorter windows")
+    up = add("up", cmd_up, "start the embedded stack and keep it running for the UIs")
+    up.add_argument("--service", default=None, help="also start the data plane for it")
+    keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")
+    keys.add_argument("--dir", default=".canaryflow/keys")
+    keys.add_argument("--name", default="ci")
+    sign = add("sign", cmd_sign, "sign a model manifest")
+    sign.add_argument("manifest")
+    sign.add_argument("--key", required=True)
+    sign.add_argument("-o", "--output")
+    publish = add("publish", cmd_publish, "publish a signed manifest to the registry")
+    publish.add_argument("manifest")
+    publish.add_argument("--champion", action="store_true", help="and make it the champion")
+    release = add("release", cmd_release, "run the release flow for a spec")
+    release.add_argument("spec")
+    approve = add("approve", cmd_approve, "answer a paused release (as the Prefect UI does)")
+    approve.add_argument("run_id")
+    approve.add_argument("--reason", required=True)
+    approve.add_argument("--approver", default=os.environ.get("USER", "cli"))
+    approve.add_argument("--reject", action="store_true")
+    rollback = add("rollback", cmd_rollback, "roll a service back to last-stable or a version")
+    rollback.add_argument("service")
+    rollback.add_argument("--to", default=None, help="version (default: last-stable)")
+    rollback.add_argument("--reason", default="manual rollback")
+    status = add("status", cmd_status, "aliases, versions and live routes of a service")
+    status.add_argument("service")
+    evaluate = add("eval", cmd_eval, "offline evaluation of a candidate against a baseline")
+    evaluate.add_argument("candidate")
+    evaluate.add_argument("baseline")
+    evaluate.add_argument("--suites", nargs="+", default=["golden", "regression", "safety"])
+    evaluate.add_argument("--sample", type=int, default=None)
+    traffic = add("traffic", cmd_traffic, "replay a prompt corpus at a set rate")
+    traffic.add_argument("url")
+    traffic.add_argument("--corpus", default="live")
+    traffic.add_argument("--rate", type=float, default=50.0)
+    traffic.add_argument("--duration", type=float, default=10.0)
+    traffic.add_argument("--users", type=int, default=50)
+    for name, handler, text in (
+        ("serve", cmd_serve, "run the model service (see `canaryflow serve -- --help`)"),
+        ("sandbox", cmd_sandbox, "run the sandbox LLM provider"),
+    ):
+        add(name, handler, text).add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except CanaryflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`canaryflow demo` and `canaryflow up`: the embedded stack with real releases on it.
+
+The demo publishes a champion, then runs three releases of the Gemini-docs adapter through the
+real DAG: a good candidate (promoted after shadow and canary), a candidate that hallucinates
+(rejected at the offline gate) and a slower one that passes offline but is caught in a canary
+window and rolled back. It ends with a summary and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from canaryflow import connections, examples
+from canaryflow.contracts import Endpoints, ReleaseRecord, SignedManifest
+from canaryflow.loading import load_policy
+from canaryflow.stack import EmbeddedStack, load_endpoints
+
+console = Console()
+POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    title: str
+    version: str
+    provider_model: str
+    expect: str
+    shadow: bool = True
+
+
+SCENARIOS = (
+    Scenario("1. a better adapter: shadow, canary, promote", "1.2", "sandbox-good", "promoted"),
+    Scenario(
+        "2. an adapter that hallucinates: stopped at the offline gate",
+        "1.3",
+        "sandbox-hallucinating",
+        "rejected",
+    ),
+    Scenario(
+        "3. a slower adapter, shipped straight to canary: caught live, rolled back",
+        "1.4",
+        "sandbox-slow",
+        "rolled_back",
+        shadow=False,
+    ),
+)
+
+
+def _bootstrap_champion(endpoints: Endpoints) -> tuple[str, Path]:
+    """Keys for CI, and v1 (the current production adapter) as the champion."""
+    from canaryflow.signing import generate_keypair, sign
+
+    keys = generate_keypair(Path(endpoints.keys_dir), "ci")
+    signed = sign(examples.manifest("1.1", "sandbox-base"), keys.private_path)
+    registry = connections.registry(endpoints.mlflow_uri)
+    published = registry.publish(signed)
+    registry.promote(published.service, published.version)
+    return published.version, keys.private_path
+
+
+def _sign(scenario: Scenario, key: Path) -> SignedManifest:
+    from canaryflow.signing import sign
+
+    return sign(examples.manifest(scenario.version, scenario.provider_model), key)
+
+
+def _summary(results: list[tuple[Scenario, ReleaseRecord, float]]) -> Table:
+    table = Table(title="canaryflow demo: summary", title_justify="left")
+    for column in ("release", "candidate", "decision", "stopped at / reason", "seconds"):
+        table.add_column(column, overflow="fold")
+    for scenario, record, seconds in results:
+        ok = record.decision == scenario.expect
+        decision = f"[{'green' if ok else 'red'}]{record.decision}[/]"
+        reason = record.reason
+        if record.breach_to_stable_ms is not None:
+            reason += f" [bold](breach to stable {record.breach_to_stable_ms:.0f} ms)[/]"
+        table.add_row(scenario.title.split(":")[0], record.candidate, decision, reason,
+                      f"{seconds:.1f}")  # fmt: skip
+    return table
+
+
+def run_demo(home: Path, quick: bool = False) -> int:
+    from canaryflow.summary import print_record
+
+    shutil.rmtree(home, ignore_errors=True)
+    started = time.perf_counter()
+    console.rule("[bold]canaryflow demo")
+    results: list[tuple[Scenario, ReleaseRecord, float]] = []
+    with EmbeddedStack(home, progress=lambda line: console.print(f"  {line}")) as stack:
+        assert stack.endpoints is not None
+        champion, key = _bootstrap_champion(stack.endpoints)
+        console.print(f"  champion {examples.SERVICE} v{champion} published and signed")
+        endpoints = stack.start_dataplane(examples.SERVICE, champion)
+        os.environ["PREFECT_API_URL"] = str(endpoints.prefect_api_url)
+        from flows.release import release
+
+        policy = load_policy(POLICY)
+        for scenario in SCENARIOS:
+            console.rule(scenario.title)
+            spec = examples.demo_spec(
+                _sign(scenario, key), policy, window_s=3.0 if quick else 4.0,
+                shadow=scenario.shadow,
+            )  # fmt: skip
+            began = time.perf_counter()
+            record = release(spec=spec, endpoints=endpoints)
+            results.append((scenario, record, time.perf_counter() - began))
+            print_record(record)
+        console.rule("summary")
+        console.print(_summary(results))
+        console.print(
+            f"Prefect UI {endpoints.prefect_api_url} (flow runs, artifacts, events) · MLflow "
+            f"{endpoints.mlflow_uri} (models/{examples.SERVICE}, experiment canaryflow-releases)"
+        )
+    console.print(
+        f"demo finished in {time.perf_counter() - started:.0f} s; every process stopped. "
+        f"Browse its runs: canaryflow --home {home} up"
+    )
+    return 0 if all(r.decision == s.expect for s, r, _ in results) else 1
+
+
+def keep_stack_up(home: Path, service: str | None = None) -> int:
+    """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs."""
+    with EmbeddedStack(home, progress=lambda line: console.print(f"  {line}")) as stack:
+        assert stack.endpoints is not None
+        if service is not None:
+            try:
+                champion = connections.registry(stack.endpoints.mlflow_uri).resolve(
+                    service, "champion"
+                )
+                stack.start_dataplane(service, champion.version)
+            except Exception as exc:  # the control plane is still useful without it
+                console.print(f"  [yellow]no data plane for {service}: {exc}[/]")
+        endpoints = load_endpoints(home)
+        console.print(f"Prefect UI  {str(endpoints.prefect_api_url).removesuffix('/api')}")
+        console.print(f"MLflow UI   {endpoints.mlflow_uri}")
+        if endpoints.envoy_url:
+            console.print(f"Envoy       {endpoints.envoy_url}  (send OpenAI requests here)")
+        console.print("Ctrl-C stops everything.")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0

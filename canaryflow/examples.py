@@ -1,0 +1,79 @@
+"""Manifests and specs the demo, the tests and the benchmarks share (the Gemini adapter)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from canaryflow.contracts import (
+    ApprovalConfig,
+    CanaryPlan,
+    CanaryStep,
+    DecodingParameters,
+    GatePolicy,
+    ModelManifest,
+    Origin,
+    Price,
+    ReleaseSpec,
+    ShadowConfig,
+    SignedManifest,
+    TrafficConfig,
+)
+
+SERVICE = "my-assistant"
+TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
+
+
+def manifest(
+    version: str,
+    provider_model: str,
+    *,
+    dataset: str = "ds-20260112",
+    tokenizer: str = "gemma-tok-3",
+    embedding: str = "text-embedding-004",
+    template: str = TEMPLATE,
+    seed: int | None = 7,
+) -> ModelManifest:
+    return ModelManifest(
+        model_id=f"{SERVICE}/gemini-docs-v{version}+{dataset}",
+        created_at=datetime(2026, 1, 12, tzinfo=UTC),
+        origin=Origin(provider="sandbox", model=provider_model),
+        adapter_uri=f"s3://models/{SERVICE}/adapters/docs-v{version}",
+        prompt_template=template,
+        parameters=DecodingParameters(temperature=0.2, max_tokens=256, seed=seed),
+        tokenizer_version=tokenizer,
+        embedding_version=embedding,
+        fine_tune_seed=1234,
+        license="gemini-api-terms",
+        allowed_uses=("commercial",),
+        data_residency=("eu",),
+        price=Price(input_per_1k=0.000125, output_per_1k=0.000375),
+    )
+
+
+def demo_spec(
+    candidate: SignedManifest,
+    policy: GatePolicy,
+    *,
+    window_s: float = 4.0,
+    shadow: bool = True,
+    rate_rps: float = 250.0,
+) -> ReleaseSpec:
+    """Minutes of a real release squeezed into seconds: the durations are data."""
+    return ReleaseSpec(
+        service=SERVICE,
+        candidate=candidate,
+        shadow=ShadowConfig(
+            enabled=shadow, mirror_percent=100, duration_s=2 * window_s, window_s=window_s
+        ),
+        canary=CanaryPlan(
+            steps=[
+                CanaryStep(weight=5, windows=2, window_s=window_s),
+                CanaryStep(weight=10, windows=1, window_s=window_s),
+                CanaryStep(weight=25, windows=1, window_s=window_s),
+            ],
+            max_extensions=2,
+        ),
+        policy=policy,
+        approval=ApprovalConfig(timeout_s=120, default_action="reject", poll_s=1),
+        traffic=TrafficConfig(rate_rps=rate_rps, corpus="live"),
+    )
