@@ -31,10 +31,17 @@ SECRET_PATTERN = re.compile(r"\bSECRET-[A-Za-z0-9_-]+")
 
 _NON_WORD = re.compile(r"[\W_]+")
 _CLAUSE_ENDS = "?!.;:,"
-_PUNCTUATION = string.punctuation + "\t\r‘’“”«»–—…¿¡"
-_BREAK = "\x00"  # stands for a clause end: no question key contains it, so no window spans it
-_WORDS = str.maketrans({c: " " for c in _PUNCTUATION})
-_CLAUSES = str.maketrans({c: f" {_BREAK} " if c in _CLAUSE_ENDS else " " for c in _PUNCTUATION})
+_BREAK = "\x00"  # what a clause end becomes: no question spans it
+_UNICODE_PUNCTUATION = "‘’“”«»–—…¿¡"
+_ASCII_PUNCTUATION = string.punctuation.encode()
+_WORDS = str.maketrans({c: " " for c in string.punctuation + _UNICODE_PUNCTUATION})
+_CLAUSES = str.maketrans(
+    {c: _BREAK if c in _CLAUSE_ENDS else " " for c in string.punctuation + _UNICODE_PUNCTUATION}
+)
+_WORDS_ASCII = bytes.maketrans(_ASCII_PUNCTUATION, b" " * len(_ASCII_PUNCTUATION))
+_CLAUSES_ASCII = bytes.maketrans(
+    _ASCII_PUNCTUATION, bytes(0 if chr(c) in _CLAUSE_ENDS else 32 for c in _ASCII_PUNCTUATION)
+)
 # Symbols that stripping punctuation would erase ("C++" must not become "C").
 _SPECIAL = (("c++", " cplusplus "), ("c#", " csharp "))
 
@@ -66,6 +73,19 @@ UNSAFE_TOPICS = (
     "stalk someone",
     "hurt someone",
 )
+# Cheap substring tests that rule most text out before the regexes run (hot path).
+_UNSAFE_HINTS = tuple(sorted({topic.split()[-1] for topic in UNSAFE_TOPICS}))
+_INJECTION_HINTS = (
+    "ignore",
+    "disregard",
+    "forget",
+    "override",
+    "token",
+    "secret",
+    "password",
+    "api key",
+    "prompt",
+)
 _UNSAFE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in UNSAFE_TOPICS) + r")\b")
 _REFUSAL = re.compile(
     r"\b(?:i (?:can t|cannot|can not|won t|will not|am unable to|m unable to|am not able to|"
@@ -85,6 +105,13 @@ _PROHIBITION = re.compile(
 _REFUSAL_WINDOW = 24  # words: a refusal comes first, not buried in an answer
 
 
+def _scrub(text: str, clauses: bool = False) -> str:
+    """Punctuation to spaces (clause ends to _BREAK); bytes.translate is 4x faster on ASCII."""
+    if text.isascii():
+        return text.encode().translate(_CLAUSES_ASCII if clauses else _WORDS_ASCII).decode()
+    return text.translate(_CLAUSES if clauses else _WORDS)
+
+
 def normalise(text: str, case_sensitive: bool = False) -> str:
     """Words only, single-spaced: 'What is the capital of France?!' -> 'what is the ... france'."""
     if not case_sensitive:
@@ -92,7 +119,7 @@ def normalise(text: str, case_sensitive: bool = False) -> str:
     if "+" in text or "#" in text:
         for symbol, word in _SPECIAL:
             text = text.replace(symbol, word).replace(symbol.upper(), word)
-    return " ".join(text.translate(_WORDS).split())
+    return " ".join(_scrub(text).split())
 
 
 def mentions(text: str, phrase: str, case_sensitive: bool = False) -> bool:
@@ -195,7 +222,13 @@ class KnowledgeBase:
         if "+" in lowered or "#" in lowered:
             for symbol, word in _SPECIAL:
                 lowered = lowered.replace(symbol, word)
-        words = lowered.translate(_CLAUSES).split()
+        for clause in reversed(_scrub(lowered, clauses=True).split(_BREAK)):
+            fact = self._find_in(clause.split())
+            if fact is not None:
+                return fact
+        return None
+
+    def _find_in(self, words: list[str]) -> Fact | None:
         starts, ends, by_question = self._starts, self._ends, self._by_question
         shortest, longest = self._min_words, self._max_words
         for start in range(len(words) - shortest, -1, -1):
@@ -236,14 +269,23 @@ def _load(path: Path) -> KnowledgeBase:
     return KnowledgeBase.from_json(text, source=str(path))
 
 
-def is_unsafe_request(text: str) -> bool:
-    """Asks for something harmful (weapons, drugs, malware, fraud, violence): see UNSAFE_TOPICS."""
-    return _UNSAFE.search(normalise(text)) is not None
+def is_unsafe_request(text: str, *, normalised: bool = False) -> bool:
+    """Asks for something harmful (weapons, drugs, malware, fraud, violence): see UNSAFE_TOPICS.
+
+    `normalised=True`: `text` is already `normalise()`d (saves the work on a hot path).
+    """
+    words = text if normalised else normalise(text)
+    if not any(hint in words for hint in _UNSAFE_HINTS):
+        return False
+    return _UNSAFE.search(words) is not None
 
 
-def is_injection_attempt(text: str) -> bool:
+def is_injection_attempt(text: str, *, normalised: bool = False) -> bool:
     """Tries to override instructions or extract a token, secret, password or system prompt."""
-    return _INJECTION.search(_PROHIBITION.sub(" ", normalise(text))) is not None
+    words = text if normalised else normalise(text)
+    if not any(hint in words for hint in _INJECTION_HINTS) or _INJECTION.search(words) is None:
+        return False
+    return _INJECTION.search(_PROHIBITION.sub(" ", words)) is not None
 
 
 def is_refusal(text: str) -> bool:

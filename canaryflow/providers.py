@@ -35,7 +35,8 @@ SNIPPET_CHARS = 200
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One answer. On a cache hit `cached` is True, `latency_ms` is the lookup time and
+    """One answer. `latency_ms` is the round trip of the attempt that succeeded (retries and
+    queueing excluded). On a cache hit `cached` is True, `latency_ms` is the lookup time and
     `cost_usd` is 0 (nothing was spent); the token counts still describe the answer."""
 
     text: str
@@ -228,6 +229,8 @@ class ProviderClient:
         its id() cannot be reused by another object."""
         entry = self._manifests.get(id(manifest))
         if entry is None or entry[0] is not manifest:
+            if len(self._manifests) >= 64:  # a caller minting manifests per call must not leak
+                self._manifests.clear()
             entry = (manifest, manifest.digest(), request_parameters(manifest))
             self._manifests[id(manifest)] = entry
         return entry[1], dict(entry[2])

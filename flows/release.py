@@ -70,6 +70,7 @@ class Release:
         self.windows: list[WindowResult] = []
         self.live_since: datetime | None = None
         self.sequential: dict[str, dict[str, object]] = {}
+        self.waived: set[str] = set()  # soft gates a human approved for this release
 
     def stage(self, name: str, outcome: str, detail: str = "", **metrics: float) -> None:
         result = StageOutcome(stage=name, outcome=outcome, detail=detail, metrics=metrics)  # type: ignore[arg-type]
@@ -154,8 +155,11 @@ def _judge_until_done(release: Release, stage: str, routes: Routes, step: int, w
         elif window.decision is Decision.FAIL:
             raise Stop(stage, f"{stage} window {index} failed: {failing}", window.ended_at)
         elif window.decision is Decision.REVIEW:
-            release.ask_human(stage, f"{stage} window {index} needs review: {failing}",
-                              f"{stage}-{step}-{index}")  # fmt: skip
+            reviewing = {g.gate for g in window.gates if g.label.value != "pass"}
+            if not reviewing <= release.waived:  # a human already accepted these gates once
+                release.ask_human(stage, f"{stage} window {index} needs review: {failing}",
+                                  f"{stage}-{step}-{index}")  # fmt: skip
+                release.waived |= reviewing
             passed += 1
         else:
             extensions += 1

@@ -111,7 +111,7 @@ def offline_facts(kb: KnowledgeBase, rng: random.Random) -> list[Fact]:
 
 def golden(kb: KnowledgeBase, rng: random.Random) -> list[dict[str, Any]]:
     facts = offline_facts(kb, rng)
-    items = [fact_item(fact, "reference_fact", {"answer": fact.answer}) for fact in facts[:100]]
+    items = [fact_item(fact, "reference_fact", reference(fact)) for fact in facts[:100]]
     for fact in facts[100:112]:
         if fact.category != "chemistry":
             items.append(fact_item(fact, "contains", {"any": [fact.answer]}))
@@ -133,7 +133,7 @@ def regression(kb: KnowledgeBase, rng: random.Random) -> list[dict[str, Any]]:
             schema["properties"]["category"] = {"type": "string"}
             ask = f"Respond in JSON with keys answer, confidence and category: {fact.question}"
         else:
-            schema, ask = ANSWER_SCHEMA, f"Respond in JSON with keys answer and confidence: "
+            schema, ask = ANSWER_SCHEMA, "Respond in JSON with keys answer and confidence: "
             ask += fact.question
         items.append(_item("json", ask, "json_schema", {"schema": schema}, ["format", "json"]))
     items += echo_items(rng, 8, "Reply with exactly: {text}")
@@ -148,7 +148,7 @@ def regression(kb: KnowledgeBase, rng: random.Random) -> list[dict[str, Any]]:
     for i, fact in enumerate(facts[25:45]):
         ask = noisy[i % len(noisy)](fact.question)
         tags = ["customer-issue", fact.category]
-        items.append(_item("fact", ask, "reference_fact", {"answer": fact.answer}, tags))
+        items.append(_item("fact", ask, "reference_fact", reference(fact), tags))
     return items
 
 
@@ -189,6 +189,15 @@ def live_corpus(kb: KnowledgeBase, rng: random.Random) -> list[dict[str, Any]]:
 def wrap(rng: random.Random, fact: Fact) -> str:
     question = fact.question
     return rng.choice(WRAPPERS).format(q=question, ql=question[0].lower() + question[1:])
+
+
+def reference(fact: Fact) -> dict[str, Any]:
+    """The scorer matches whole words; chemical symbols also by case ('He' is not 'he')."""
+    return (
+        {"answer": fact.answer, "case_sensitive": True}
+        if fact.case_sensitive
+        else {"answer": fact.answer}
+    )
 
 
 def fact_item(fact: Fact, scorer: str, expected: dict[str, Any]) -> dict[str, Any]:

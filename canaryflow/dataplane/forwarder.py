@@ -21,7 +21,7 @@ import httpx
 from starlette.responses import JSONResponse, Response
 
 from canaryflow.contracts import ModelManifest
-from canaryflow.errors import TransientProviderError
+from canaryflow.errors import CanaryflowError, TransientProviderError
 
 ForwarderKind = Literal["aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}
@@ -116,7 +116,7 @@ def make_forwarder(kind: ForwarderKind = "aiohttp") -> Forwarder:
 # --------------------------------------------------------------------------- the call
 
 
-class ServiceError(Exception):
+class ServiceError(CanaryflowError):
     """An answer the service gives instead of the provider's: HTTP status + OpenAI error body."""
 
     def __init__(self, status: int, message: str, kind: str, retry_after: str | None = None):

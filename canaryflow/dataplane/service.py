@@ -17,8 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +149,7 @@ class ModelService:
     async def chat(self, request: Request) -> Response:
         started = time.perf_counter()
         headers = request.headers
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = headers.get("x-request-id") or f"{random.getrandbits(128):032x}"
         out = {"x-request-id": request_id}
         pending = Pending(
             request_id=request_id, at=time.time(), user=headers.get("x-canaryflow-user")
@@ -159,13 +159,16 @@ class ModelService:
             pending.role, pending.version = role, version
             out["x-canaryflow-role"], out["x-canaryflow-version"] = role.value, version
             body = parse_body(await request.body())
-            pending.prompt = body["messages"][-1]["content"] if body["messages"] else ""
             plan = await self.plan(version)
             payload, pending.prompt = provider_payload(plan, body)
             response = await self._call(plan, role, payload, pending, out)
         except ServiceError as exc:
             pending.status = exc.status
             response = exc.response(out)
+        except Exception as exc:  # a bug: still answered, counted and recorded
+            log.exception("request %s failed", request_id)
+            pending.status = 500
+            response = ServiceError(500, f"internal error: {exc!r}", "internal_error").response(out)
         latency = time.perf_counter() - started
         pending.latency_ms = latency * 1000
         self.metrics.observe_request(
@@ -218,7 +221,7 @@ class ModelService:
             name = str(function.get("name", ""))
             url = self.config.tool_urls.get(name)
             if url is None:
-                action = "unconfigured"
+                action, name = "unconfigured", "other"  # bounded label values
             elif pending.role is Role.SHADOW:
                 action = "skipped"
             else:

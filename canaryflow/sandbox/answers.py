@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,24 +61,32 @@ _COMPLY = (
 
 
 class Answerer:
-    """One request's answer, drawn from its own PRNG in a fixed order."""
+    """One request's answer, from a 32-byte digest: the same digest, the same answer."""
 
-    def __init__(self, knowledge: KnowledgeBase, profile: Profile, rng: random.Random) -> None:
-        self.knowledge, self.profile, self.rng = knowledge, profile, rng
-        # Drawn up front, in a fixed order, so every profile sees the same numbers.
-        self.u_hallucinate, self.u_refuse, self.u_inject, self.u_unsafe, self.u_format = (
-            rng.random() for _ in range(5)
-        )
+    def __init__(self, knowledge: KnowledgeBase, profile: Profile, digest: bytes) -> None:
+        self.knowledge, self.profile, self._digest = knowledge, profile, digest
+        self._rng: random.Random | None = None
+        # Read in a fixed order from the digest, so every profile sees the same numbers.
+        draws = [n / 2**32 for n in struct.unpack(">5I", digest[:20])]
+        self.u_hallucinate, self.u_refuse, self.u_inject, self.u_unsafe, self.u_format = draws
+
+    @property
+    def rng(self) -> random.Random:
+        """For word choices; seeded only when an answer needs one (most do not)."""
+        if self._rng is None:
+            self._rng = random.Random(self._digest)
+        return self._rng
 
     def answer(
         self, user: str, prompt: str, tools: Sequence[Any]
     ) -> tuple[str | None, list[dict[str, Any]] | None]:
         p = self.profile
-        if is_injection_attempt(user):
+        words = normalise(user)
+        if is_injection_attempt(words, normalised=True):
             secret = find_secret(prompt)
             leak = secret is not None and self.u_inject < p.injection
             return (_LEAK.format(secret=secret) if leak else _KEEP_SECRET), None
-        if is_unsafe_request(user):
+        if is_unsafe_request(words, normalised=True):
             return (_COMPLY if self.u_unsafe < p.unsafe else REFUSAL_TEXT), None
         question = _question_of(user)
         call = self._tool_call(tools, question) if tools else None
@@ -110,6 +119,8 @@ class Answerer:
             answer = self.rng.choice(fact.wrong_answers) if wrong else fact.answer
             return answer, fact.state(answer)
         topic = " ".join(question.rstrip(" ?!.").split()[:8]) or "this"
+        if topic[1:2].islower():
+            topic = topic[0].lower() + topic[1:]
         opener = self.rng.choice(_OPENERS).format(topic=topic)
         return None, f"{opener} {self.rng.choice(_BODIES)}"
 

@@ -99,11 +99,10 @@ class Sandbox:
         user = next((text for role, text in reversed(messages) if role == "user"), messages[-1][1])
         seed = request.get("seed")
         if seed is None:
-            rng = random.Random(self._fresh.getrandbits(64))
+            digest = self._fresh.getrandbits(256).to_bytes(32, "big")
         else:
             digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
-            rng = random.Random(int.from_bytes(digest[:8], "big"))
-        content, tool_calls = Answerer(self.knowledge, profile, rng).answer(
+        content, tool_calls = Answerer(self.knowledge, profile, digest).answer(
             user, prompt, request.get("tools") or ()
         )
         finish = "tool_calls" if tool_calls else "stop"
@@ -116,7 +115,7 @@ class Sandbox:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        prompt_tokens = estimate_tokens(" ".join(text for _, text in messages))
+        prompt_tokens = math.ceil(sum(len(t.split()) for _, t in messages) * TOKENS_PER_WORD)
         body = {
             "id": f"chatcmpl-{self._fresh.getrandbits(96):024x}",
             "object": "chat.completion",

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -172,20 +173,29 @@ def service(
         flush_every_s=0.05,
     )
     resolver = CachedResolver(registry.fetch, ttl_s=0.2, retry_s=0.05)
-    app = build_app(config, resolver=resolver, store=store)
+    with running(build_app(config, resolver=resolver, store=store)) as url:
+        yield ServiceUnderTest(url, registry, store)
+    store.close()
+
+
+@contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free port in a thread of this process."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
-    while not http_ok(f"http://127.0.0.1:{port}/health")():
-        assert time.monotonic() < deadline, "service did not become ready"
-        time.sleep(0.05)
-    yield ServiceUnderTest(f"http://127.0.0.1:{port}", registry, store)
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        deadline = time.monotonic() + 15
+        while not http_ok(f"http://127.0.0.1:{port}/health")():
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def wait_for(check: Any, timeout_s: float = 5.0) -> Any:
@@ -398,6 +408,22 @@ def test_bad_role_header_and_bad_body_are_400(service: ServiceUnderTest) -> None
     r = service.client.post("/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400
     assert "not JSON" in r.json()["error"]["message"]
+
+
+def test_full_record_queue_drops_and_counts_instead_of_waiting(sandbox: str) -> None:
+    config = ServiceConfig(
+        service=SERVICE,
+        provider_urls={"sandbox": sandbox},
+        default_version="1",
+        check_sample=0.0,
+        queue_size=1,
+        flush_every_s=5.0,  # the worker sleeps on its first record: the queue stays full
+    )
+    with running(build_app(config, resolver=CachedResolver(Registry().fetch))) as url:
+        client = ServiceUnderTest(url, Registry(), None)
+        statuses = [client.chat("What is the capital of France?").status_code for _ in range(4)]
+        assert statuses == [200] * 4
+        assert client.metric("canaryflow_records_dropped_total") >= 2
 
 
 def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> None:

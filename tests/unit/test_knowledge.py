@@ -31,7 +31,7 @@ SCORERS = {
     "json_schema": {"schema"},
     "refusal": set(),
     "injection_leak": {"secret"},
-    "reference_fact": {"answer"},
+    "reference_fact": {"answer", "case_sensitive"},
 }
 
 

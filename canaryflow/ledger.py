@@ -1,0 +1,179 @@
+"""The release ledger: one MLflow run per release, in experiment `canaryflow-releases`.
+
+The decision (promoted, rolled back, rejected) is written here by the release itself, so it
+never has to be inferred from how the orchestrator's run ended. Every call is an HTTP round
+trip (50-300 ms), so tags, params and metrics go out together through `log_batch`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from canaryflow.contracts import ReleaseRecord, StageOutcome
+from canaryflow.errors import RegistryError
+from canaryflow.registry import MlflowConnection, mlflow_errors
+
+EXPERIMENT = "canaryflow-releases"
+RECORD_FILE = "record.json"
+SPEC_FILE = "spec.json"
+STAGES_DIR = "stages"
+
+TAG_RELEASE_ID = "canaryflow.release_id"
+TAG_SERVICE = "canaryflow.service"
+TAG_DECISION = "canaryflow.decision"
+TAG_REASON = "canaryflow.reason"
+TAG_STAGE = "canaryflow.stage."
+
+MAX_TAG = 8000
+MAX_PARAM = 6000
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class ReleaseLedger(MlflowConnection):
+    def start(self, record: ReleaseRecord, spec_json: dict[str, Any]) -> str:
+        """Open the release's run; a retried start finds the run it opened before."""
+        existing = self.find(record.release_id)
+        if existing is not None:
+            return existing
+        experiment_id = self.experiment_id(EXPERIMENT)
+        assert experiment_id is not None
+        with mlflow_errors(f"starting the ledger of release {record.release_id}"):
+            run = self.client.create_run(
+                experiment_id,
+                run_name=record.release_id,
+                tags={
+                    TAG_RELEASE_ID: record.release_id,
+                    TAG_SERVICE: record.service,
+                    TAG_DECISION: "running",
+                },
+            )
+            run_id = run.info.run_id
+            self._batch(run_id, params=_params(record, spec_json))
+            self.client.log_dict(run_id, spec_json, SPEC_FILE)
+            stored = record.model_copy(update={"ledger_run_id": run_id})
+            self.client.log_dict(run_id, stored.model_dump(mode="json"), RECORD_FILE)
+        return str(run_id)
+
+    def log_stage(self, run_id: str, outcome: StageOutcome) -> None:
+        stage = _key(outcome.stage)
+        metrics = {f"{stage}.{_key(name)}": value for name, value in outcome.metrics.items()}
+        with mlflow_errors(f"recording stage {outcome.stage} in run {run_id}"):
+            self._batch(run_id, metrics=metrics, tags={f"{TAG_STAGE}{stage}": outcome.outcome})
+            # One file per stage outcome: appending to one file would cost a download too.
+            stamp = outcome.at.strftime("%Y%m%dT%H%M%S%f")
+            self.client.log_dict(
+                run_id, outcome.model_dump(mode="json"), f"{STAGES_DIR}/{stamp}-{stage}.json"
+            )
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        with mlflow_errors(f"logging metrics to run {run_id}"):
+            self._batch(run_id, metrics={_key(k): v for k, v in metrics.items()}, step=step)
+
+    def log_json(self, run_id: str, name: str, obj: Any) -> None:
+        with mlflow_errors(f"logging {name} to run {run_id}"):
+            self.client.log_dict(run_id, obj, name if name.endswith(".json") else f"{name}.json")
+
+    def log_text(self, run_id: str, name: str, text: str) -> None:
+        with mlflow_errors(f"logging {name} to run {run_id}"):
+            self.client.log_text(run_id, text, name)
+
+    def finish(self, run_id: str, record: ReleaseRecord, crashed: bool = False) -> None:
+        """Close the run. FAILED only when the release crashed (or never reached a decision):
+        a rollback is a release that worked."""
+        failed = crashed or record.decision == "running"
+        stored = record.model_copy(update={"ledger_run_id": run_id})
+        tags = {TAG_DECISION: "crashed" if crashed else record.decision, TAG_REASON: record.reason}
+        if record.candidate_version is not None:
+            tags["canaryflow.candidate_version"] = record.candidate_version
+        with mlflow_errors(f"finishing the ledger of release {record.release_id}"):
+            self._batch(run_id, tags=tags)
+            self.client.log_dict(run_id, stored.model_dump(mode="json"), RECORD_FILE)
+            self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    def find(self, release_id: str) -> str | None:
+        experiment_id = self.experiment_id(EXPERIMENT, create=False)
+        if experiment_id is None:
+            return None
+        quoted = release_id.replace("'", "\\'")
+        with mlflow_errors(f"looking for release {release_id}"):
+            runs = self.client.search_runs(
+                [experiment_id], f"tags.`{TAG_RELEASE_ID}` = '{quoted}'", max_results=1
+            )
+        return str(runs[0].info.run_id) if runs else None
+
+    def record(self, run_id: str) -> ReleaseRecord:
+        """The finished record; for a release still running, the start record plus its stages."""
+        with (
+            mlflow_errors(f"reading the record of run {run_id}"),
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            path = self.client.download_artifacts(run_id, RECORD_FILE, tmp)
+            record = _validate_record(Path(path).read_text(), run_id)
+            if record.decision != "running":
+                return record
+            stages_dir = Path(self.client.download_artifacts(run_id, STAGES_DIR, tmp))
+            stages = [
+                StageOutcome.model_validate_json(p.read_text())
+                for p in sorted(stages_dir.glob("*.json"))
+            ]
+        return record.model_copy(update={"stages": stages})
+
+    def _batch(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step or 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, v[:MAX_PARAM]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, v[:MAX_TAG]) for k, v in (tags or {}).items()],
+            synchronous=True,
+        )
+
+
+def _key(name: str) -> str:
+    """MLflow keys allow letters, digits, `_-. /` only."""
+    return _UNSAFE_KEY.sub("_", name)
+
+
+def _params(record: ReleaseRecord, spec: dict[str, Any]) -> dict[str, str]:
+    canary = spec.get("canary") or {}
+    shadow = spec.get("shadow") or {}
+    policy = spec.get("policy") or {}
+    params = {
+        "service": record.service,
+        "candidate": record.candidate,
+        "candidate_version": record.candidate_version or "",
+        "baseline_alias": str(spec.get("baseline_alias", "champion")),
+        "baseline_version": record.baseline_version or "",
+        "canary_weights": json.dumps([s.get("weight") for s in canary.get("steps", [])]),
+        "policy": str(policy.get("name", "")) if isinstance(policy, dict) else str(policy),
+        "shadow_enabled": str(shadow.get("enabled", "")),
+        "shadow_mirror_percent": str(shadow.get("mirror_percent", "")),
+        "suites": json.dumps(spec.get("suites", [])),
+    }
+    return {k: v for k, v in params.items() if v != ""}
+
+
+def _validate_record(text: str, run_id: str) -> ReleaseRecord:
+    try:
+        return ReleaseRecord.model_validate_json(text)
+    except ValidationError as exc:
+        raise RegistryError(
+            f"the record stored in ledger run {run_id} does not validate ({exc.error_count()} "
+            "problem(s)); it was edited by hand or written by another version"
+        ) from exc

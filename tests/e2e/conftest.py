@@ -1,0 +1,49 @@
+"""One embedded stack for the end-to-end tests: Prefect, MLflow, sandbox, Envoy, services."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from canaryflow import connections, examples
+from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
+from canaryflow.signing import generate_keypair, sign
+from canaryflow.stack import EmbeddedStack
+
+
+@dataclass(frozen=True)
+class LiveStack:
+    endpoints: Endpoints
+    key: Path
+    champion: str
+
+    def sign(self, manifest: ModelManifest) -> SignedManifest:
+        return sign(manifest, self.key)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    home = tmp_path_factory.mktemp("stack")
+    stack = EmbeddedStack(home, ui=False)
+    try:
+        endpoints = stack.start()
+        keys = generate_keypair(Path(endpoints.keys_dir), "ci")
+        registry = connections.registry(endpoints.mlflow_uri)
+        champion = registry.publish(
+            sign(examples.manifest("1.1", "sandbox-base"), keys.private_path)
+        )
+        registry.promote(champion.service, champion.version)
+        endpoints = stack.start_dataplane(examples.SERVICE, champion.version)
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = str(endpoints.prefect_api_url)
+        yield LiveStack(endpoints, keys.private_path, champion.version)
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+    finally:
+        stack.stop()

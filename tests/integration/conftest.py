@@ -1,0 +1,40 @@
+"""Servers shared by the integration tests: each starts once per session and is always stopped."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from canaryflow.processes import ManagedProcess, free_port, http_ok
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (SQLite + local artifacts) over HTTP; yields its tracking URI."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = ManagedProcess(
+        "mlflow",
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+            "--serve-artifacts",
+            "--artifacts-destination", str(home / "artifacts"),
+            "--workers", "1",
+        ],  # fmt: skip
+        home / "mlflow.log",
+        http_ok(f"http://127.0.0.1:{port}/health"),
+        env={"MLFLOW_DISABLE_TELEMETRY": "true"},
+        cwd=home,
+    )
+    server.start(timeout_s=120)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
