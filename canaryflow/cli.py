@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow prints a "View run" link to stdout for every run it ends; our summaries say where.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         code: int = args.handler(args)
     except CanaryflowError as exc:

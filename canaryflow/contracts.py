@@ -337,11 +337,16 @@ class GateResult(Frozen):
 
 
 def combine(results: list[GateResult] | tuple[GateResult, ...]) -> Decision:
-    """Hard/observability failure -> FAIL; soft failure -> REVIEW; no data -> INCONCLUSIVE."""
+    """Hard/observability failure -> FAIL; soft failure -> REVIEW; missing data -> INCONCLUSIVE.
+
+    Missing data extends the window only where it could hide a rollback (hard and observability
+    gates); a soft gate without data has nothing for a human to review and stays visible as
+    NODATA in the evidence.
+    """
     bad = {Label.FAIL, Label.ERROR}
     if any(r.label in bad and r.severity is not Severity.SOFT for r in results):
         return Decision.FAIL
-    if any(r.label is Label.NODATA for r in results):
+    if any(r.label is Label.NODATA and r.severity is not Severity.SOFT for r in results):
         return Decision.INCONCLUSIVE
     if any(r.label in bad | {Label.REVIEW} for r in results):
         return Decision.REVIEW
@@ -410,7 +415,10 @@ class ApprovalDecision(Strict):
 
 class StageOutcome(Frozen):
     stage: str
-    outcome: Literal["passed", "failed", "review", "approved", "rejected", "skipped", "done"]
+    outcome: Literal[
+        "passed", "failed", "review", "approved", "rejected", "skipped", "done", "promoted",
+        "rolled_back",
+    ]
     detail: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))

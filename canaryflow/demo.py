@@ -16,15 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from canaryflow import connections, examples
 from canaryflow.contracts import Endpoints, ReleaseRecord, SignedManifest
 from canaryflow.loading import load_policy
 from canaryflow.stack import EmbeddedStack, load_endpoints
+from canaryflow.summary import console, headline, print_record
 
-console = Console()
 POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
 
 
@@ -80,7 +79,7 @@ def _summary(results: list[tuple[Scenario, ReleaseRecord, float]]) -> Table:
     for scenario, record, seconds in results:
         ok = record.decision == scenario.expect
         decision = f"[{'green' if ok else 'red'}]{record.decision}[/]"
-        reason = record.reason
+        reason = headline(record.reason)
         if record.breach_to_stable_ms is not None:
             reason += f" [bold](breach to stable {record.breach_to_stable_ms:.0f} ms)[/]"
         table.add_row(scenario.title.split(":")[0], record.candidate, decision, reason,
@@ -89,8 +88,6 @@ def _summary(results: list[tuple[Scenario, ReleaseRecord, float]]) -> Table:
 
 
 def run_demo(home: Path, quick: bool = False) -> int:
-    from canaryflow.summary import print_record
-
     shutil.rmtree(home, ignore_errors=True)
     started = time.perf_counter()
     console.rule("[bold]canaryflow demo")

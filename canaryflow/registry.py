@@ -42,6 +42,7 @@ STATUSES: tuple[str, ...] = get_args(Status)
 EXPERIMENT = "canaryflow-registry"
 ARTIFACT_DIR = "manifest"
 ARTIFACT_FILE = "signed_manifest.json"
+MANIFEST_PATH = f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
 CHAMPION, CHALLENGER, LAST_STABLE = "champion", "challenger", "last-stable"
 
 TAG_DIGEST = "canaryflow.digest"
@@ -56,6 +57,7 @@ TAG_PROVIDER_MODEL = "canaryflow.provider_model"
 TAG_TEMPLATE_HASH = "canaryflow.template_hash"
 TAG_PREVIOUS_CHAMPION = "canaryflow.previous_champion"
 TAG_RESTORED_FROM = "canaryflow.restored_from"
+TAG_MANIFEST_URI = "canaryflow.manifest_uri"
 
 NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
@@ -151,6 +153,12 @@ class MlflowConnection:
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
+    @cached_property
+    def writer(self) -> Any:
+        """MlflowClient's alias and tag writes first GET the model to refuse prompts (one more
+        round trip each); its registry client writes directly, halving a promote's latency."""
+        return self.client._get_registry_client()  # type: ignore[no-untyped-call]
+
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         if name in self._experiments:
             return self._experiments[name]
@@ -210,15 +218,16 @@ class MlflowRegistry(MlflowConnection):
                 tags={TAG_DIGEST: digest, "canaryflow.service": service},
             )
             run_id = run.info.run_id
-            self.client.log_dict(
-                run_id, signed.model_dump(mode="json"), f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
-            )
+            self.client.log_dict(run_id, signed.model_dump(mode="json"), MANIFEST_PATH)
             self.client.set_terminated(run_id)
             version = self.client.create_model_version(
                 service,
                 source=f"runs:/{run_id}/{ARTIFACT_DIR}",
                 run_id=run_id,
-                tags=_version_tags(signed, digest),
+                tags={
+                    **_version_tags(signed, digest),
+                    TAG_MANIFEST_URI: f"{run.info.artifact_uri}/{MANIFEST_PATH}",
+                },
                 description=manifest.model_id,
                 await_creation_for=0,
             )
@@ -261,14 +270,8 @@ class MlflowRegistry(MlflowConnection):
         where = f"{found.name} version {found.version}"
         if not found.run_id:
             raise RegistryError(f"{where} was not published by canaryflow (it has no run)")
-        with (
-            mlflow_errors(f"downloading the manifest of {where}"),
-            tempfile.TemporaryDirectory() as tmp,
-        ):
-            path = self.client.download_artifacts(
-                found.run_id, f"{ARTIFACT_DIR}/{ARTIFACT_FILE}", tmp
-            )
-            text = Path(path).read_text()
+        with mlflow_errors(f"downloading the manifest of {where}"):
+            text = self._read_manifest(found)
         try:
             signed = SignedManifest.model_validate(json.loads(text))
         except (ValueError, ValidationError) as exc:
@@ -287,6 +290,20 @@ class MlflowRegistry(MlflowConnection):
         if verify_with is not None:
             verify(signed, verify_with)
         return _published(found, signed, created=False)
+
+    def _read_manifest(self, found: ModelVersion) -> str:
+        """Through the URI tag: 3 requests, where `download_artifacts(run_id)` takes 5."""
+        import mlflow.artifacts
+
+        uri = (found.tags or {}).get(TAG_MANIFEST_URI)
+        with tempfile.TemporaryDirectory() as tmp:
+            if uri:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
+                )
+            else:
+                path = self.client.download_artifacts(str(found.run_id), MANIFEST_PATH, tmp)
+            return Path(path).read_text()
 
     def _ensure_model(self, service: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -318,7 +335,7 @@ class MlflowRegistry(MlflowConnection):
 
     def set_alias(self, service: str, alias: str, version: str) -> None:
         with mlflow_errors(f"pointing {service}@{alias} at version {version}"):
-            self.client.set_registered_model_alias(service, alias, version)
+            self.writer.set_registered_model_alias(service, alias, version)
 
     def delete_alias(self, service: str, alias: str) -> None:
         """Idempotent: deleting an alias that is already gone is fine."""
@@ -326,7 +343,7 @@ class MlflowRegistry(MlflowConnection):
 
         with mlflow_errors(f"deleting {service}@{alias}"):
             try:
-                self.client.delete_registered_model_alias(service, alias)
+                self.writer.delete_registered_model_alias(service, alias)
             except MlflowException as exc:
                 if error_code(exc) not in NOT_FOUND:
                     raise
@@ -334,7 +351,7 @@ class MlflowRegistry(MlflowConnection):
     def set_tags(self, service: str, version: str, tags: dict[str, str]) -> None:
         with mlflow_errors(f"tagging {service} version {version}"):
             for key, value in tags.items():
-                self.client.set_model_version_tag(service, version, key, value)
+                self.writer.set_model_version_tag(service, version, key, value)
 
     def set_status(self, service: str, version: str, status: Status, reason: str = "") -> None:
         if status not in STATUSES:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from canaryflow.contracts import Endpoints, EvalReport, ReleaseRecord
 
-console = Console()
+# Logs of CI jobs are not terminals: give them a readable width instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 COLOURS = {
     "passed": "green", "done": "green", "approved": "green", "promoted": "bold green",
     "failed": "red", "rejected": "red", "rolled_back": "bold red",
     "review": "yellow", "skipped": "dim",
 }  # fmt: skip
+
+
+def headline(reason: str, limit: int = 110) -> str:
+    """The first finding of a reason, for one-line summaries (the full text is in the ledger)."""
+    first = reason.split("; ")[0]
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def _paint(text: str) -> str:

@@ -76,6 +76,7 @@ class ServiceConfig:
     registry_ttl_s: float = 30.0
     queue_size: int = 10_000
     flush_every_s: float = 0.2
+    warmup_s: float = 15.0
     manifests: Mapping[str, Path] = field(default_factory=dict)
     """version -> manifest file served without a registry (local runs, benchmarks)."""
 
@@ -245,9 +246,18 @@ class ModelService:
         await self.forwarder.start()
         await self.shadow_forwarder.start()
         self.worker.start()
-        with contextlib.suppress(ServiceError, TimeoutError):
-            # Warm the cache so the first user does not pay for the registry; not fatal.
-            await asyncio.wait_for(self.plan(await self.default_version()), timeout=10.0)
+        # Warm the cache so the first user does not pay for the registry (the first MLflow
+        # call imports mlflow: seconds). Not fatal: after the deadline the service is ready
+        # anyway and answers 503 for what it cannot resolve.
+        deadline = time.monotonic() + self.config.warmup_s
+        while True:
+            try:
+                await self.plan(await self.default_version())
+                break
+            except ServiceError:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.2)
         self.ready = True
 
     async def stop(self) -> None:

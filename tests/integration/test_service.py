@@ -458,3 +458,27 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
         )
     finally:
         process.stop()
+
+
+def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(
+    mlflow_server: str, sandbox: str, tmp_path: Path
+) -> None:
+    from canaryflow.registry import MlflowRegistry
+    from canaryflow.signing import generate_keypair, sign
+
+    key = generate_keypair(tmp_path, "release")
+    registry = MlflowRegistry(mlflow_server)
+    published = registry.publish(sign(MANIFESTS["2"], key.private_path))
+    registry.set_alias(SERVICE, "champion", published.version)
+    config = ServiceConfig(
+        service=SERVICE,
+        provider_urls={"sandbox": sandbox},
+        registry_uri=mlflow_server,
+        check_sample=0.0,
+    )
+    with running(build_app(config)) as url:
+        client = ServiceUnderTest(url, Registry(), None)
+        r = client.chat("What is the capital of France?")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-canaryflow-version"] == published.version
+        assert r.json()["model"].startswith("sandbox-good")
