@@ -118,11 +118,13 @@ class ReleaseLedger(MlflowConnection):
             record = _validate_record(Path(path).read_text(), run_id)
             if record.decision != "running":
                 return record
-            stages_dir = Path(self.client.download_artifacts(run_id, STAGES_DIR, tmp))
-            stages = [
-                StageOutcome.model_validate_json(p.read_text())
-                for p in sorted(stages_dir.glob("*.json"))
-            ]
+            stages = []
+            if self.client.list_artifacts(run_id, STAGES_DIR):  # none logged yet: no folder
+                stages_dir = Path(self.client.download_artifacts(run_id, STAGES_DIR, tmp))
+                stages = [
+                    StageOutcome.model_validate_json(p.read_text())
+                    for p in sorted(stages_dir.glob("*.json"))
+                ]
         return record.model_copy(update={"stages": stages})
 
     def _batch(

@@ -103,12 +103,14 @@ def check_compatibility(candidate: ModelManifest, champion: ModelManifest) -> Co
     return CompatibilityReport(compatible=not problems, problems=tuple(problems))
 
 
-def bound_mlflow_retries() -> None:
-    """MLflow's defaults retry a dead server for ~4 minutes (7 tries, backoff 2).
+def configure_mlflow_client() -> None:
+    """MLflow's defaults retry a dead server for ~4 minutes (7 tries, backoff 2) and print run
+    URLs on stdout (where the CLI writes JSON).
 
     Our callers (Prefect tasks) retry on their own, so fail within seconds instead, unless
     the user chose values through MLflow's own environment variables.
     """
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -148,7 +150,7 @@ class MlflowConnection:
 
     @cached_property
     def client(self) -> MlflowClient:
-        bound_mlflow_retries()
+        configure_mlflow_client()
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
@@ -156,8 +158,10 @@ class MlflowConnection:
     @cached_property
     def writer(self) -> Any:
         """MlflowClient's alias and tag writes first GET the model to refuse prompts (one more
-        round trip each); its registry client writes directly, halving a promote's latency."""
-        return self.client._get_registry_client()  # type: ignore[no-untyped-call]
+        round trip each); its registry client writes directly, halving a promote's latency.
+        Same method names, so a future MLflow without the private accessor falls back."""
+        direct = getattr(self.client, "_get_registry_client", None)
+        return direct() if direct is not None else self.client
 
     def experiment_id(self, name: str, create: bool = True) -> str | None:
         if name in self._experiments:

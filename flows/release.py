@@ -149,7 +149,9 @@ def _judge_until_done(release: Release, stage: str, routes: Routes, step: int, w
         log_evidence(release.record, f"{stage}_s{step}_w{index}", window.model_dump(mode="json"),
                      release.endpoints)  # fmt: skip
         index += 1
-        failing = "; ".join(g.reason for g in window.gates if g.label.value != "pass")
+        failing = "; ".join(
+            f"{g.gate}: {g.reason}" for g in window.gates if g.label.value != "pass"
+        )
         if window.decision is Decision.PASS:
             passed += 1
         elif window.decision is Decision.FAIL:

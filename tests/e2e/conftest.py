@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from canaryflow import connections, examples
 from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
@@ -38,12 +38,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         )
         registry.promote(champion.service, champion.version)
         endpoints = stack.start_dataplane(examples.SERVICE, champion.version)
-        previous = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = str(endpoints.prefect_api_url)
-        yield LiveStack(endpoints, keys.private_path, champion.version)
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        # Prefect reads its settings once at import: point the running context at our server.
+        with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+            yield LiveStack(endpoints, keys.private_path, champion.version)
     finally:
         stack.stop()

@@ -17,17 +17,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     home = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    options = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--backend-store-uri": f"sqlite:///{home}/mlflow.db",
+        "--artifacts-destination": str(home / "artifacts"),
+        "--workers": "1",
+    }
+    command = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts"]
     server = ManagedProcess(
         "mlflow",
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-            "--serve-artifacts",
-            "--artifacts-destination", str(home / "artifacts"),
-            "--workers", "1",
-        ],  # fmt: skip
+        command + [part for pair in options.items() for part in pair],
         home / "mlflow.log",
         http_ok(f"http://127.0.0.1:{port}/health"),
         env={"MLFLOW_DISABLE_TELEMETRY": "true"},

@@ -135,9 +135,7 @@ def test_manifest_tampered_inside_the_registry_is_caught(
         registry.get(service, published.version)
 
 
-def test_alias_moves_through_a_release(
-    registry: MlflowRegistry, service: str, keys: Path
-) -> None:
+def test_alias_moves_through_a_release(registry: MlflowRegistry, service: str, keys: Path) -> None:
     v1 = registry.publish(signed_for(service, keys, "1.0")).version
     v2 = registry.publish(signed_for(service, keys, "1.1")).version
     v3 = registry.publish(signed_for(service, keys, "1.2")).version
@@ -176,9 +174,9 @@ def test_rollback_to_restores_last_stable(
     assert registry.rollback_to(service, reason="pager: error spike") == v1
     assert registry.aliases(service)["champion"] == v1
     old = registry.get(service, v2)
-    assert old.status == "rolled_back" and "pager: error spike" in old.tags[
-        "canaryflow.status_reason"
-    ]
+    assert (
+        old.status == "rolled_back" and "pager: error spike" in old.tags["canaryflow.status_reason"]
+    )
     restored = registry.get(service, v1)
     assert restored.status == "promoted"
     assert restored.tags["canaryflow.restored_from"] == v2

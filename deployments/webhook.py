@@ -1,0 +1,125 @@
+"""CI webhook receiver: a signed delivery becomes one run of the `release` deployment.
+
+Open-source Prefect has no webhooks, so this small app verifies the HMAC, validates the release
+spec (a bad spec is answered 422 with the field and the reason, before anything starts) and calls
+Prefect's REST API `create_flow_run` with the delivery id as idempotency key: a retried delivery
+returns the run it already started.
+
+    python -m deployments.webhook --port 8088 --prefect-api http://127.0.0.1:4200/api
+    (secret from CANARYFLOW_WEBHOOK_SECRET)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from canaryflow.contracts import ReleaseSpec
+from canaryflow.errors import WebhookSignatureError
+from canaryflow.loading import describe
+from canaryflow.webhooks import SeenDeliveries, verify_signature
+
+
+@dataclass
+class WebhookConfig:
+    secret: str
+    prefect_api_url: str
+    deployment: str = "release/release"
+    seen: SeenDeliveries = field(default_factory=SeenDeliveries)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _deployment_id(client: httpx.AsyncClient, config: WebhookConfig) -> str:
+    flow_name, deployment_name = config.deployment.split("/", 1)
+    response = await client.get(f"/deployments/name/{flow_name}/{deployment_name}")
+    if response.status_code == 404:
+        raise LookupError(
+            f"deployment {config.deployment!r} not found: run `prefect deploy --all` first"
+        )
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def build_app(config: WebhookConfig) -> Starlette:
+    async def release(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            verify_signature(
+                config.secret,
+                timestamp=request.headers.get("x-canaryflow-timestamp"),
+                signature=request.headers.get("x-canaryflow-signature"),
+                body=body,
+            )
+        except WebhookSignatureError as exc:
+            return _error(401, str(exc))
+        delivery = request.headers.get("x-canaryflow-delivery")
+        if not delivery:
+            return _error(400, "missing X-Canaryflow-Delivery: give every delivery a unique id")
+        if (known := config.seen.get(delivery)) is not None:
+            return JSONResponse({"flow_run_id": known, "replayed": True}, status_code=200)
+        try:
+            payload = json.loads(body)
+            spec = ReleaseSpec.model_validate(
+                payload.get("spec") if isinstance(payload, dict) else None
+            )
+        except json.JSONDecodeError as exc:
+            return _error(400, f"body is not JSON: {exc}")
+        except ValidationError as exc:
+            return _error(422, f"invalid release spec:\n{describe(exc)}")
+        async with httpx.AsyncClient(base_url=config.prefect_api_url, timeout=10) as client:
+            try:
+                deployment_id = await _deployment_id(client, config)
+            except LookupError as exc:
+                return _error(503, str(exc))
+            response = await client.post(
+                f"/deployments/{deployment_id}/create_flow_run",
+                json={
+                    "parameters": {"spec": spec.model_dump(mode="json")},
+                    "idempotency_key": f"ci-delivery-{delivery}",
+                    "tags": ["canaryflow", f"service:{spec.service}"],
+                },
+            )
+            response.raise_for_status()
+        run_id = str(response.json()["id"])
+        config.seen.remember(delivery, run_id)
+        return JSONResponse({"flow_run_id": run_id, "replayed": False}, status_code=202)
+
+    async def health(_: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[Route("/hooks/release", release, methods=["POST"]), Route("/health", health)]
+    )
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8088)
+    parser.add_argument("--prefect-api", required=True)
+    parser.add_argument("--deployment", default="release/release")
+    args = parser.parse_args()
+    config = WebhookConfig(
+        secret=os.environ.get("CANARYFLOW_WEBHOOK_SECRET", ""),
+        prefect_api_url=args.prefect_api,
+        deployment=args.deployment,
+    )
+    uvicorn.run(build_app(config), host=args.host, port=args.port, access_log=False)
+
+
+if __name__ == "__main__":
+    main()
