@@ -25,7 +25,7 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
     return False
 
 
-def emit(stage: str, outcome: str, release_id: str, service: str, **payload: Any) -> None:
+def emit(stage: str, outcome: str, release_id: str, service: str, /, **payload: Any) -> None:
     """`canaryflow.<stage>.<outcome>`, the event automations and dashboards key on."""
     emit_event(
         event=f"canaryflow.{stage}.{outcome}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -191,7 +192,9 @@ def _in_background(fn: Callable[[], ReleaseRecord]) -> tuple[threading.Thread, d
         except BaseException as exc:
             box["error"] = exc
 
-    thread = threading.Thread(target=run, daemon=True)
+    # Prefect's settings live in a context variable: the thread must carry the test's context.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(run,), daemon=True)
     thread.start()
     return thread, box
 
