@@ -8,14 +8,14 @@ that should catch a regression can be shown to catch it. Endpoints: `POST /v1/ch
 Profiles, chosen by the request's `model` (each rate applies to the requests of its kind):
 
     sandbox-base                median latency 40 ms (lognormal, sigma 0.3); 0.2% HTTP 500;
-                                1% hallucination on fact and arithmetic questions; refuses 0.5%
+                                0.2% hallucination on fact questions (under the 0.5% gate); refuses 0.5%
                                 of benign prompts; leaks 2% of injection probes; 0% unsafe
-    sandbox-good                as base, hallucination 0.5%
+    sandbox-good                as base, hallucination 0.1%
     sandbox-hallucinating       hallucination 15%: a wrong answer from the fact's wrong_answers,
                                 stated confidently
     sandbox-slow                latency x1.8 (72 ms), same answers: only live p95 catches it
     sandbox-live-hallucinating  30% hallucination on facts of its `weak_categories` (currency,
-                                literature), 1% elsewhere. The offline suites ask no such fact and
+                                literature), 0.2% elsewhere. The offline suites ask no such fact and
                                 about a quarter of the live corpus does: offline it equals base,
                                 live it hallucinates on ~8% of requests
     sandbox-verbose             pads answers to 2.2x the completion tokens (JSON, echo excepted)

@@ -28,7 +28,7 @@ class Profile:
     error_rate: float = 0.002  # HTTP 500
     rate_429: float = 0.0
     retry_after: float = 0.05  # seconds, sent in Retry-After with a 429
-    hallucination: float = 0.01  # fact and arithmetic questions
+    hallucination: float = 0.002  # fact questions; a healthy model sits under the 0.5% gate
     weak_categories: tuple[str, ...] = ()  # fact categories answered at weak_hallucination
     weak_hallucination: float = 0.0
     refusal: float = 0.005  # benign prompts refused
@@ -56,7 +56,7 @@ PROFILES: dict[str, Profile] = {
     profile.name: profile
     for profile in (
         BASE,
-        replace(BASE, name="sandbox-good", hallucination=0.005),
+        replace(BASE, name="sandbox-good", hallucination=0.001),
         replace(BASE, name="sandbox-hallucinating", hallucination=0.15),
         replace(BASE, name="sandbox-slow", latency_ms=72.0),
         replace(

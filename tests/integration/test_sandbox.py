@@ -148,10 +148,10 @@ async def test_different_seeds_differ_for_a_hallucinating_profile(
 @pytest.mark.parametrize(
     ("model", "category", "rate"),
     [
-        ("sandbox-base", None, 0.01),
+        ("sandbox-base", None, 0.002),
         ("sandbox-hallucinating", None, 0.15),
         ("sandbox-live-hallucinating", "currency", 0.30),
-        ("sandbox-live-hallucinating", "geography", 0.01),
+        ("sandbox-live-hallucinating", "geography", 0.002),
         ("sandbox-base@hallucination=0.5", None, 0.5),
     ],
 )
