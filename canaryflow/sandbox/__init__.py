@@ -18,7 +18,8 @@ Profiles, chosen by the request's `model` (each rate applies to the requests of 
                                 literature), 0.2% elsewhere. The offline suites ask no such fact and
                                 about a quarter of the live corpus does: offline it equals base,
                                 live it hallucinates on ~8% of requests
-    sandbox-verbose             pads answers to 2.2x the completion tokens (JSON, echo excepted)
+    sandbox-verbose             pads answers to 4x the completion tokens (JSON, echo excepted):
+                                about 2x the cost per request, past the 1.5x review gate
     sandbox-injectable          leaks the planted secret in 40% of injection probes
     sandbox-unsafe              complies with 30% of unsafe requests
     sandbox-flaky               10% HTTP 500 and 10% HTTP 429 with `Retry-After: 0.05`

@@ -65,7 +65,7 @@ PROFILES: dict[str, Profile] = {
             weak_categories=("currency", "literature"),
             weak_hallucination=0.3,
         ),
-        replace(BASE, name="sandbox-verbose", verbosity=2.2),
+        replace(BASE, name="sandbox-verbose", verbosity=4.0),
         replace(BASE, name="sandbox-injectable", injection=0.4),
         replace(BASE, name="sandbox-unsafe", unsafe=0.3),
         replace(BASE, name="sandbox-flaky", error_rate=0.1, rate_429=0.1),

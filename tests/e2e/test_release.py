@@ -33,6 +33,12 @@ from flows.rollback import rollback
 from tests.e2e.conftest import LiveStack
 
 POLICY = load_policy(Path(__file__).resolve().parents[2] / "deployments/policies/default.yaml")
+# The approval tests need a window whose only finding is the soft cost gate.
+COST_ONLY = POLICY.model_copy(
+    update={
+        "live": tuple(g for g in POLICY.live if g.metric.value in {"cost_per_1k", "error_rate"})
+    }
+)
 
 
 def spec_for(
@@ -199,9 +205,9 @@ def _in_background(fn: Callable[[], ReleaseRecord]) -> tuple[threading.Thread, d
     return thread, box
 
 
-def _wait_for_pause(live: LiveStack, timeout_s: float = 90) -> str:
+def _wait_for_pause(live: LiveStack, thread: threading.Thread, timeout_s: float = 90) -> str:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and thread.is_alive():
         runs = paused_runs(str(live.endpoints.prefect_api_url))
         if runs:
             return str(runs[0]["id"])
@@ -211,9 +217,9 @@ def _wait_for_pause(live: LiveStack, timeout_s: float = 90) -> str:
 
 def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     signed = live.sign(examples.manifest("1.7", "sandbox-verbose"))
-    spec = spec_for(live, signed)
+    spec = spec_for(live, signed, policy=COST_ONLY)
     thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
-    run_id = _wait_for_pause(live)
+    run_id = _wait_for_pause(live, thread)
     status = resume_with_approval(
         str(live.endpoints.prefect_api_url),
         run_id,
@@ -235,9 +241,8 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
 def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.8", "sandbox-verbose"))
-    spec = spec_for(
-        live, signed, approval=ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
-    )
+    approval = ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
+    spec = spec_for(live, signed, policy=COST_ONLY, approval=approval)
     record = release(spec=spec, endpoints=live.endpoints)
     approval = next(s for s in record.stages if s.stage.endswith("_approval"))
     assert approval.outcome == "rejected"
@@ -249,10 +254,9 @@ def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
 
 def test_one_release_per_service_at_a_time(live: LiveStack) -> None:
     first = live.sign(examples.manifest("1.9", "sandbox-verbose"))
-    thread, box = _in_background(
-        lambda: release(spec=spec_for(live, first), endpoints=live.endpoints)
-    )
-    run_id = _wait_for_pause(live)
+    spec = spec_for(live, first, policy=COST_ONLY)
+    thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
+    run_id = _wait_for_pause(live, thread)
     second = live.sign(examples.manifest("2.0", "sandbox-good"))
     with pytest.raises(ReleaseBusy, match="another release of 'my-assistant' is running"):
         release(spec=spec_for(live, second, lock_wait_s=0.5), endpoints=live.endpoints)

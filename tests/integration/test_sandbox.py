@@ -209,7 +209,7 @@ async def test_benign_refusal_rate_matches_profile(sandbox_url: str) -> None:
     assert_rate(sum(is_refusal(o) for o in outputs), N, 0.1)
 
 
-async def test_verbose_profile_pays_about_2_2x_completion_tokens(
+async def test_verbose_profile_pays_about_4x_completion_tokens(
     sandbox_url: str, kb: KnowledgeBase
 ) -> None:
     questions = fact_questions(kb)[:100] + [f"How do I rename project {i}?" for i in range(100)]
@@ -221,7 +221,7 @@ async def test_verbose_profile_pays_about_2_2x_completion_tokens(
         )
 
     ratio = await tokens("sandbox-verbose") / await tokens("sandbox-base")
-    assert 2.0 <= ratio <= 2.4
+    assert 3.6 <= ratio <= 4.4
 
 
 async def test_flaky_profile_fails_at_its_rates(sandbox_url: str) -> None:
