@@ -416,7 +416,14 @@ class ApprovalDecision(Strict):
 class StageOutcome(Frozen):
     stage: str
     outcome: Literal[
-        "passed", "failed", "review", "approved", "rejected", "skipped", "done", "promoted",
+        "passed",
+        "failed",
+        "review",
+        "approved",
+        "rejected",
+        "skipped",
+        "done",
+        "promoted",
         "rolled_back",
     ]
     detail: str = ""

@@ -134,13 +134,20 @@ def set_routes(endpoints: Endpoints, routes: Routes) -> Routes:
     return connections.traffic_controller(endpoints, routes.service).set_routes(routes)
 
 
-def rollback_traffic(endpoints: Endpoints, service: str) -> tuple[Routes | None, Routes, float]:
-    """Traffic first: one call to the controller. Returns (before, after, milliseconds)."""
+@dataclass(frozen=True)
+class TrafficRollback:
+    before: Routes | None
+    after: Routes
+    rollback_ms: float
+
+
+def rollback_traffic(endpoints: Endpoints, service: str) -> TrafficRollback:
+    """Traffic first: one call to the controller, timed until Envoy confirms stable-only."""
     controller = connections.traffic_controller(endpoints, service)
     before = controller.current()
     started = time.perf_counter()
     after = controller.rollback()
-    return before, after, (time.perf_counter() - started) * 1000
+    return TrafficRollback(before, after, (time.perf_counter() - started) * 1000)
 
 
 def observe_window(

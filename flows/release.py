@@ -14,9 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import Flow
-from prefect.states import State
 
 from canaryflow import runbook
 from canaryflow.contracts import (
@@ -228,7 +227,7 @@ def _roll_back(release: Release, stop: Stop) -> None:
                 datetime.now(UTC) - stop.breach_at
             ).total_seconds() * 1000
         release.stage("rollback", "done", "all traffic on stable",
-                      rollback_ms=float(result["rollback_ms"]),
+                      rollback_ms=result.rollback_ms,
                       breach_to_stable_ms=release.record.breach_to_stable_ms or 0.0)  # fmt: skip
         bundle = capture(
             release.endpoints,
@@ -236,8 +235,8 @@ def _roll_back(release: Release, stop: Stop) -> None:
             since=release.live_since or datetime.now(UTC),
             until=datetime.now(UTC),
             candidate_version=release.candidate.version,
-            routes_before=Routes.model_validate(result["before"]) if result["before"] else None,
-            routes_after=Routes.model_validate(result["after"]),
+            routes_before=result.before,
+            routes_after=result.after,
             windows=release.windows,
             reason=stop.reason,
         )

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import Task
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
-from prefect.states import State
 
 from canaryflow.errors import RetryableError
 
-RETRY_DELAYS = [1, 3, 9]
+RETRY_DELAYS: list[float] = [1.0, 3.0, 9.0]
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

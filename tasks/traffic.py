@@ -20,14 +20,9 @@ def shift_traffic(routes: Routes, endpoints: Endpoints) -> Routes:
 
 
 @task
-def roll_back_traffic(service: str, endpoints: Endpoints) -> dict[str, object]:
-    """No retries here would help a human; the controller itself confirms or raises."""
-    before, after, took_ms = runbook.rollback_traffic(endpoints, service)
-    return {
-        "before": before.model_dump() if before else None,
-        "after": after.model_dump(),
-        "rollback_ms": took_ms,
-    }
+def roll_back_traffic(service: str, endpoints: Endpoints) -> runbook.TrafficRollback:
+    """No retry: the controller confirms the stable-only routes are live, or raises at once."""
+    return runbook.rollback_traffic(endpoints, service)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ that should catch a regression can be shown to catch it. Endpoints: `POST /v1/ch
 Profiles, chosen by the request's `model` (each rate applies to the requests of its kind):
 
     sandbox-base                median latency 40 ms (lognormal, sigma 0.3); 0.2% HTTP 500;
-                                0.2% hallucination on fact questions (under the 0.5% gate); refuses 0.5%
+                                0.2% hallucination on fact questions (the gate: 0.5%); refuses 0.5%
                                 of benign prompts; leaks 2% of injection probes; 0% unsafe
     sandbox-good                as base, hallucination 0.1%
     sandbox-hallucinating       hallucination 15%: a wrong answer from the fact's wrong_answers,
