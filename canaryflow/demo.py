@@ -51,6 +51,12 @@ SCENARIOS = (
         "rolled_back",
         shadow=False,
     ),
+    Scenario(
+        "4. an adapter that hallucinates on topics the suites miss: caught in shadow",
+        "1.5",
+        "sandbox-live-hallucinating",
+        "rolled_back",
+    ),
 )
 
 
@@ -74,16 +80,20 @@ def _sign(scenario: Scenario, key: Path) -> SignedManifest:
 
 def _summary(results: list[tuple[Scenario, ReleaseRecord, float]]) -> Table:
     table = Table(title="canaryflow demo: summary", title_justify="left")
-    for column in ("release", "candidate", "decision", "stopped at / reason", "seconds"):
+    for column in ("release", "candidate", "decision", "why", "breach → stable", "seconds"):
         table.add_column(column, overflow="fold")
     for scenario, record, seconds in results:
         ok = record.decision == scenario.expect
         decision = f"[{'green' if ok else 'red'}]{record.decision}[/]"
-        reason = headline(record.reason)
-        if record.breach_to_stable_ms is not None:
-            reason += f" [bold](breach to stable {record.breach_to_stable_ms:.0f} ms)[/]"
-        table.add_row(scenario.title.split(":")[0], record.candidate, decision, reason,
-                      f"{seconds:.1f}")  # fmt: skip
+        breach = record.breach_to_stable_ms
+        table.add_row(
+            scenario.title.split(":")[0],
+            f"v{scenario.version} ({scenario.provider_model})",
+            decision,
+            headline(record.reason),
+            "—" if breach is None else f"{breach:.0f} ms",
+            f"{seconds:.1f}",
+        )
     return table
 
 
@@ -113,8 +123,9 @@ def run_demo(home: Path, quick: bool = False) -> int:
             print_record(record)
         console.rule("summary")
         console.print(_summary(results))
+        prefect_ui = str(endpoints.prefect_api_url).removesuffix("/api")
         console.print(
-            f"Prefect UI {endpoints.prefect_api_url} (flow runs, artifacts, events) · MLflow "
+            f"Prefect UI {prefect_ui} (flow runs, artifacts, events) · MLflow "
             f"{endpoints.mlflow_uri} (models/{examples.SERVICE}, experiment canaryflow-releases)"
         )
     console.print(
