@@ -68,19 +68,28 @@ def load_policy(path: Path) -> GatePolicy:
 
 def load_spec(path: Path, policies_dir: Path | None = None) -> ReleaseSpec:
     """A spec may name its candidate and policy by file: paths are relative to the spec."""
-    data = read_document(path)
+    return spec_from_data(read_document(path), str(path), path.parent, policies_dir)
+
+
+def spec_from_data(
+    data: Any, source: str, base_dir: Path | None, policies_dir: Path | None
+) -> ReleaseSpec:
+    """Validate a spec; `candidate: FILE` needs a base_dir, `policy: NAME` a policies folder."""
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+        raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    data = dict(data)
     if isinstance(data.get("candidate"), str):
-        data["candidate"] = load_signed_manifest(path.parent / data["candidate"]).model_dump()
+        if base_dir is None:
+            raise SpecError(f"{source}: give the signed manifest inline, not as a file name")
+        data["candidate"] = load_signed_manifest(base_dir / data["candidate"]).model_dump()
     if isinstance(data.get("policy"), str):
-        policy_path = _find_policy(data["policy"], path.parent, policies_dir)
+        policy_path = _find_policy(data["policy"], base_dir, policies_dir)
         data["policy"] = load_policy(policy_path).model_dump()
-    return validate(ReleaseSpec, data, str(path), SpecError)
+    return validate(ReleaseSpec, data, source, SpecError)
 
 
-def _find_policy(name: str, spec_dir: Path, policies_dir: Path | None) -> Path:
-    candidates = [spec_dir / name]
+def _find_policy(name: str, spec_dir: Path | None, policies_dir: Path | None) -> Path:
+    candidates = [spec_dir / name] if spec_dir is not None else []
     if policies_dir is not None:
         candidates += [policies_dir / name, policies_dir / f"{name}.yaml"]
     for candidate in candidates:

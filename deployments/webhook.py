@@ -15,18 +15,19 @@ import argparse
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from canaryflow.contracts import ReleaseSpec
-from canaryflow.errors import WebhookSignatureError
-from canaryflow.loading import describe
+from canaryflow.errors import ConfigError, WebhookSignatureError
+from canaryflow.loading import spec_from_data
 from canaryflow.webhooks import SeenDeliveries, verify_signature
+
+POLICIES = Path(__file__).resolve().parent / "policies"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class WebhookConfig:
     secret: str
     prefect_api_url: str
     deployment: str = "release/release"
+    policies_dir: Path = POLICIES
     seen: SeenDeliveries = field(default_factory=SeenDeliveries)
 
 
@@ -71,13 +73,12 @@ def build_app(config: WebhookConfig) -> Starlette:
             return JSONResponse({"flow_run_id": known, "replayed": True}, status_code=200)
         try:
             payload = json.loads(body)
-            spec = ReleaseSpec.model_validate(
-                payload.get("spec") if isinstance(payload, dict) else None
-            )
+            raw = payload.get("spec") if isinstance(payload, dict) else None
+            spec = spec_from_data(raw, "the delivery's spec", None, config.policies_dir)
         except json.JSONDecodeError as exc:
             return _error(400, f"body is not JSON: {exc}")
-        except ValidationError as exc:
-            return _error(422, f"invalid release spec:\n{describe(exc)}")
+        except ConfigError as exc:
+            return _error(422, str(exc))
         async with httpx.AsyncClient(base_url=config.prefect_api_url, timeout=10) as client:
             try:
                 deployment_id = await _deployment_id(client, config)
