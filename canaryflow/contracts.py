@@ -508,4 +508,7 @@ class Endpoints(Strict):
     envoy_url: str | None = None
     envoy_admin_url: str | None = None
     envoy_home: str | None = None
+    model_service_urls: list[str] = Field(
+        default_factory=list, description="every model-service instance, for warm-up"
+    )
     prometheus_url: str | None = None

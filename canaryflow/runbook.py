@@ -27,7 +27,7 @@ from canaryflow.contracts import (
     Routes,
     WindowResult,
 )
-from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError
+from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError, StackError
 from canaryflow.registry import CompatibilityReport, PublishedVersion
 from canaryflow.signing import load_trusted_keys, verify
 
@@ -128,6 +128,19 @@ def evaluate_manifests(
         return asyncio.run(run())
     finally:
         cache.close()
+
+
+def warm_up(endpoints: Endpoints, version: str) -> list[str]:
+    """Every model service resolves `version` now, so the first users routed to it do not wait."""
+    import httpx
+
+    answered = []
+    for url in endpoints.model_service_urls:
+        response = httpx.post(f"{url}/admin/warm", json={"version": version}, timeout=30)
+        if response.status_code != 200:
+            raise StackError(f"model service {url} cannot serve version {version}: {response.text}")
+        answered.append(str(response.json()["model_id"]))
+    return answered
 
 
 def set_routes(endpoints: Endpoints, routes: Routes) -> Routes:

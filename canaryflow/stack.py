@@ -193,6 +193,7 @@ class EmbeddedStack:
                 "envoy_admin_url": envoy.admin_url,
                 "envoy_home": str(envoy.home),
                 "prometheus_url": prometheus.url,
+                "model_service_urls": [url_of(p) for p in services],
             }
         )
         self.save()

@@ -40,7 +40,7 @@ from tasks.ledger import close_ledger, log_evidence, open_ledger, record_stage
 from tasks.lock import release_lock
 from tasks.preflight import verify_candidate
 from tasks.registry import mark_rolled_back, promote_candidate, publish_candidate, set_status
-from tasks.traffic import roll_back_traffic, shift_traffic, synthetic_traffic
+from tasks.traffic import roll_back_traffic, shift_traffic, synthetic_traffic, warm_up_candidate
 
 
 class Stop(Exception):
@@ -266,6 +266,8 @@ def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRec
         try:
             _preflight_and_publish(run)
             _offline_gate(run)
+            assert run.candidate is not None
+            warm_up_candidate(run.candidate.version, endpoints)
             with synthetic_traffic(spec, endpoints):
                 run.live_since = datetime.now(UTC)
                 _shadow(run)

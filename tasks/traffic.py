@@ -13,6 +13,12 @@ from canaryflow.traffic import TrafficReport, TrafficRunner, load_corpus
 from tasks.common import retry_if_transient
 
 
+@task(retries=2, retry_delay_seconds=[1.0, 3.0])
+def warm_up_candidate(version: str, endpoints: Endpoints) -> list[str]:
+    """Each model service loads the candidate's manifest before any request is routed to it."""
+    return runbook.warm_up(endpoints, version)
+
+
 @task(retries=2, retry_delay_seconds=[0.5, 1], retry_condition_fn=retry_if_transient)
 def shift_traffic(routes: Routes, endpoints: Endpoints) -> Routes:
     """Returns only once Envoy reports the new routes live."""

@@ -305,6 +305,17 @@ def build_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    async def warm(request: Request) -> Response:
+        """Resolve a version before traffic moves to it: its first users must not pay the fetch."""
+        body = await request.json()
+        try:
+            plan = await service.plan(str(body["version"]))
+        except ServiceError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except (KeyError, TypeError):
+            return JSONResponse({"error": 'body must be {"version": "N"}'}, status_code=400)
+        return JSONResponse({"version": body["version"], "model_id": plan.manifest.model_id})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
@@ -321,6 +332,7 @@ def build_app(
             Route("/metrics", metrics_text),
             Route("/health", health),
             Route("/v1/models", models),
+            Route("/admin/warm", warm, methods=["POST"]),
         ],
         lifespan=lifespan,
     )
