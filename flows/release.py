@@ -110,9 +110,9 @@ def _preflight_and_publish(release: Release) -> None:
 def _offline_gate(release: Release) -> EvalReport:
     assert release.candidate is not None and release.baseline is not None
     report = evaluate_candidate(
-        release.spec, release.candidate, release.baseline, release.endpoints
-    )
-    log_evidence(release.record, "offline_eval", report.model_dump(mode="json"), release.endpoints)
+        release.spec, release.candidate, release.baseline, release.endpoints,
+        release.record.ledger_run_id,
+    )  # fmt: skip
     worst = min(report.suites, key=lambda s: s.diff) if report.suites else None
     summary = "; ".join(s.result.reason for s in report.suites if s.result.label.value != "pass")
     metrics = {f"{s.suite}_diff": s.diff for s in report.suites}

@@ -17,7 +17,9 @@ def evaluate_candidate(
     candidate: PublishedVersion,
     baseline: PublishedVersion,
     endpoints: Endpoints,
+    ledger_run_id: str | None = None,
 ) -> EvalReport:
+    """The report goes to the ledger; the version's eval URI points at it."""
     report = runbook.evaluate_offline(spec, baseline, endpoints)
     markdown = reports.eval_markdown(report)
     create_markdown_artifact(
@@ -26,7 +28,12 @@ def evaluate_candidate(
         description=f"offline gate for v{candidate.version}: {report.decision.value}",
     )
     registry = connections.registry(endpoints.mlflow_uri)
-    eval_uri = f"{endpoints.mlflow_uri}/#/models/{spec.service}/versions/{candidate.version}"
+    eval_uri = ""
+    if ledger_run_id is not None:
+        connections.ledger(endpoints.mlflow_uri).log_json(
+            ledger_run_id, "offline_eval", report.model_dump(mode="json")
+        )
+        eval_uri = f"runs:/{ledger_run_id}/offline_eval.json"
     registry.set_tags(
         spec.service,
         candidate.version,

@@ -112,6 +112,11 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
     assert aliases["champion"] == record.candidate_version
     assert aliases["last-stable"] == before
     assert "challenger" not in aliases
+    published = registry.get(examples.SERVICE, str(record.candidate_version))
+    assert published.status == "promoted"
+    assert (
+        published.tags["canaryflow.eval_uri"] == f"runs:/{record.ledger_run_id}/offline_eval.json"
+    )
     routes = connections.traffic_controller(live.endpoints, examples.SERVICE).current()
     assert routes is not None and routes.stable == record.candidate_version and routes.weight == 0
     assert roles_through_envoy(live, 20) == {"stable": 20}
@@ -285,3 +290,28 @@ def test_rollback_flow_restores_last_stable(live: LiveStack) -> None:
     assert registry.resolve(examples.SERVICE, "champion").version == previous
     routes = connections.traffic_controller(live.endpoints, examples.SERVICE).current()
     assert routes is not None and routes.stable == previous
+
+
+def test_live_metrics_are_queryable_with_promql(live: LiveStack) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from canaryflow.analysis.sources import PrometheusSource
+
+    source = PrometheusSource(str(live.endpoints.prometheus_url))
+    assert source.series_present(examples.SERVICE)
+    end = datetime.now(UTC)
+    seen = source.summaries(examples.SERVICE, end - timedelta(minutes=10), end)
+    roles = {role for _, role in seen}
+    assert {"stable", "canary", "shadow"} <= roles, seen.keys()
+    stable = max((s for (_, role), s in seen.items() if role == "stable"), key=lambda s: s.requests)
+    assert stable.requests > 100 and 10 < stable.p95_ms < 2000
+    assert 0 < stable.cost_per_1k < 1
+
+
+def test_nightly_evaluation_compares_champion_with_last_stable(live: LiveStack) -> None:
+    from flows.nightly_eval import nightly_eval
+
+    report = nightly_eval(service=examples.SERVICE, endpoints=live.endpoints)
+    assert {s.suite for s in report.suites} == {"golden", "regression", "safety"}
+    assert sum(s.n for s in report.suites) >= 200
+    assert report.decision.value in {"pass", "review"}
