@@ -1,7 +1,7 @@
 """Offline evaluation: provider-client throughput, and what the answer cache saves on a rerun.
 
 (a) Closed loop: `concurrency` workers each send one request after another through
-`ProviderClient.complete` (no cache) to the real sandbox provider at a FIXED 20 ms latency
+`ProviderClient.complete` (no cache) to the real sandbox provider at a fixed latency (100 ms by default; `--latency-ms 20` stresses the client)
 (`sigma=0`, no injected errors). A client that adds nothing would complete
 concurrency / 0.020 s requests per second; goal: >= 90% of that bound at every level. Each level
 plans bound x 2 s of requests and stops after 3 s (a slow level reports how many it finished).
@@ -419,7 +419,16 @@ def replay_table(first: EvalRun, memory: list[EvalRun], from_disk: list[EvalRun]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~1 s per level instead of ~2 s")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=100.0,
+        help="the sandbox's fixed latency (100 ms: a fast LLM; 20 ms stresses the client's CPU)",
+    )
     args = parser.parse_args(argv)
+    global LATENCY_S, FIXED
+    LATENCY_S = args.latency_ms / 1000
+    FIXED = f"latency_ms={args.latency_ms:g},sigma=0,error_rate=0"
     seconds = 1.0 if args.quick else 2.0
     started = time.monotonic()
     prompts = [item.input for name in SUITES for item in load_suite(name).items]

@@ -25,6 +25,7 @@ from canaryflow.errors import (
     ProviderResponseError,
     TransientProviderError,
 )
+from canaryflow.transports import AiohttpTransport
 
 if TYPE_CHECKING:
     from canaryflow.cache import ResponseCache
@@ -171,7 +172,7 @@ class ProviderClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(self.timeout_s),
             limits=limits,
-            transport=self._transport,
+            transport=self._transport or AiohttpTransport(limit=self.concurrency),
         )
         self._semaphore = asyncio.Semaphore(self.concurrency)
         return self

@@ -6,17 +6,21 @@ same paired statistics as the release gate, and keeps the result in the ledger.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import connections, reports, runbook
-from canaryflow.contracts import Endpoints, EvalReport, GatePolicy
+from canaryflow.contracts import Endpoints, EvalReport
 from canaryflow.errors import AliasNotFound
+from canaryflow.loading import load_policy
 from canaryflow.settings import Settings
 from canaryflow.stack import load_endpoints
 from tasks.common import RETRY_DELAYS, artifact_key, emit, retry_if_transient
 
 SUITES = ["golden", "regression", "safety"]
+POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
 
 
 @task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -31,7 +35,7 @@ def evaluate_champion(service: str, endpoints: Endpoints) -> EvalReport:
         champion.signed.manifest,
         reference.signed.manifest,
         SUITES,
-        GatePolicy().offline,
+        load_policy(POLICY).offline,
         endpoints,
     )
 
