@@ -1,10 +1,10 @@
 """Offline evaluation: provider-client throughput, and what the answer cache saves on a rerun.
 
 (a) Closed loop: `concurrency` workers each send one request after another through
-`ProviderClient.complete` (no cache) to the real sandbox provider at a fixed latency (100 ms by default; `--latency-ms 20` stresses the client)
-(`sigma=0`, no injected errors). A client that adds nothing would complete
-concurrency / 0.020 s requests per second; goal: >= 90% of that bound at every level. Each level
-plans bound x 2 s of requests and stops after 3 s (a slow level reports how many it finished).
+`ProviderClient.complete` (no cache) to the real sandbox provider at a fixed latency (100 ms by
+default, a fast LLM; `--latency-ms 20` stresses the client's CPU), `sigma=0`, no injected errors.
+A client that adds nothing would complete concurrency / latency requests per second; goal:
+>= 90% of that bound at every level. Each level plans bound x 2 s of requests and stops after 3 s (a slow level reports how many it finished).
 The same requests from a bare aiohttp client, in the same run, are the reference: they show what
 the sandbox and this machine allow. Client and sandbox share this machine's cores, so each level
 also reports the CPU the client process, the sandbox and everything else used, and names what
