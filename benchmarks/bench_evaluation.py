@@ -4,7 +4,8 @@
 `ProviderClient.complete` (no cache) to the real sandbox provider at a fixed latency (100 ms by
 default, a fast LLM; `--latency-ms 20` stresses the client's CPU), `sigma=0`, no injected errors.
 A client that adds nothing would complete concurrency / latency requests per second; goal:
->= 90% of that bound at every level. Each level plans bound x 2 s of requests and stops after 3 s (a slow level reports how many it finished).
+>= 90% of that bound at every level. Each level plans bound x 2 s of requests and stops after
+3 s (a slow level reports how many it finished).
 The same requests from a bare aiohttp client, in the same run, are the reference: they show what
 the sandbox and this machine allow. Client and sandbox share this machine's cores, so each level
 also reports the CPU the client process, the sandbox and everything else used, and names what
