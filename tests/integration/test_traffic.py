@@ -18,7 +18,6 @@ from aiohttp import web
 from canaryflow.errors import ConfigError
 from canaryflow.processes import free_port
 from canaryflow.traffic import (
-    CORPUS_DIR,
     Prompt,
     TrafficRunner,
     TrafficStats,
@@ -264,8 +263,6 @@ def test_load_corpus_reads_jsonl_and_says_which_line_is_bad(tmp_path: Path) -> N
 
 
 def test_the_packaged_live_corpus_loads() -> None:
-    if not (CORPUS_DIR / "live.jsonl").is_file():
-        pytest.skip("the live corpus has not landed yet")
     prompts = load_corpus("live")
     assert len(prompts) >= 300
     assert len({p.id for p in prompts}) == len(prompts)
