@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from canaryflow.contracts import ModelManifest
 from canaryflow.errors import CanaryflowError, TransientProviderError
+from canaryflow.providers import request_parameters
 
 ForwarderKind = Literal["aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}
@@ -150,17 +151,7 @@ def plan_for(manifest: ModelManifest, provider_urls: Mapping[str, str]) -> Plan:
         )
     base = base.rstrip("/")
     url = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
-    p = manifest.parameters
-    fixed: dict[str, Any] = {
-        "model": manifest.origin.model,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "max_tokens": p.max_tokens,
-    }
-    if p.seed is not None:
-        fixed["seed"] = p.seed
-    if p.stop:
-        fixed["stop"] = list(p.stop)
+    fixed: dict[str, Any] = {"model": manifest.origin.model, **request_parameters(manifest)}
     return Plan(manifest, url, fixed)
 
 
