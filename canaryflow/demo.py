@@ -21,7 +21,7 @@ from rich.table import Table
 from canaryflow import connections, examples
 from canaryflow.contracts import Endpoints, ReleaseRecord, SignedManifest
 from canaryflow.loading import load_policy
-from canaryflow.stack import EmbeddedStack, load_endpoints
+from canaryflow.stack import EmbeddedStack
 from canaryflow.summary import console, headline, print_record
 
 POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
@@ -136,23 +136,39 @@ def run_demo(home: Path, quick: bool = False) -> int:
 
 
 def keep_stack_up(home: Path, service: str | None = None) -> int:
-    """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs."""
+    """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs.
+
+    With `--service`, the data plane starts as soon as the service has a champion: at once if it
+    has one, else when `canaryflow publish ... --champion` makes one.
+    """
     with EmbeddedStack(home, progress=lambda line: console.print(f"  {line}")) as stack:
         assert stack.endpoints is not None
-        if service is not None:
-            try:
-                champion = connections.registry(stack.endpoints.mlflow_uri).resolve(
-                    service, "champion"
-                )
-                stack.start_dataplane(service, champion.version)
-            except Exception as exc:  # the control plane is still useful without it
-                console.print(f"  [yellow]no data plane for {service}: {exc}[/]")
-        endpoints = load_endpoints(home)
+        endpoints = stack.endpoints
         console.print(f"Prefect UI  {str(endpoints.prefect_api_url).removesuffix('/api')}")
         console.print(f"MLflow UI   {endpoints.mlflow_uri}")
-        if endpoints.envoy_url:
-            console.print(f"Envoy       {endpoints.envoy_url}  (send OpenAI requests here)")
         console.print("Ctrl-C stops everything.")
+        waiting = service is not None
+        if waiting:
+            console.print(f"  the data plane of {service} starts once it has a champion")
         with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+            while True:
+                if waiting and service is not None:
+                    waiting = not _start_dataplane_if_ready(stack, service)
+                if waiting:
+                    time.sleep(2.0)
+                else:
+                    signal.pause()
     return 0
+
+
+def _start_dataplane_if_ready(stack: EmbeddedStack, service: str) -> bool:
+    from canaryflow.errors import AliasNotFound
+
+    assert stack.endpoints is not None
+    try:
+        champion = connections.registry(stack.endpoints.mlflow_uri).resolve(service, "champion")
+    except AliasNotFound:
+        return False
+    endpoints = stack.start_dataplane(service, champion.version)
+    console.print(f"Envoy       {endpoints.envoy_url}  (OpenAI requests for {service} go here)")
+    return True

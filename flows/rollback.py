@@ -30,7 +30,6 @@ def rollback(
 ) -> dict[str, object]:
     """Roll `service` back to `last-stable` or `to_version`: traffic first, then the registry."""
     endpoints = endpoints or load_endpoints(Settings().home)
-    started = time.perf_counter()
     target = (
         to_version
         or connections.registry(endpoints.mlflow_uri).resolve(service, "last-stable").version
@@ -38,10 +37,11 @@ def rollback(
     has_dataplane = endpoints.envoy_admin_url is not None
     if has_dataplane:
         before = connections.traffic_controller(endpoints, service).current()
+        started = time.perf_counter()
         shift_traffic(Routes(service=service, stable=target), endpoints)  # one verified call
+        traffic_ms = (time.perf_counter() - started) * 1000
     else:
-        before = None
-    traffic_ms = (time.perf_counter() - started) * 1000
+        before, traffic_ms = None, 0.0
     champion = restore_champion(service, target, reason, endpoints)
     summary: dict[str, object] = {
         "service": service,
