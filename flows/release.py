@@ -35,6 +35,7 @@ from canaryflow.settings import Settings
 from canaryflow.stack import load_endpoints
 from tasks.analysis import judge_window
 from tasks.approval import wait_for_approval
+from tasks.common import emit, flush_events
 from tasks.evaluation import evaluate_candidate
 from tasks.ledger import close_ledger, log_evidence, open_ledger, record_stage
 from tasks.lock import release_lock
@@ -145,6 +146,8 @@ def _judge_until_done(release: Release, stage: str, routes: Routes, step: int, w
         )
         release.windows.append(window)
         release.sequential[stage] = state
+        emit("window", window.decision.value, release.record.release_id, release.spec.service,
+             stage=stage, step=step, window=index, weight=window.weight)  # fmt: skip
         log_evidence(release.record, f"{stage}_s{step}_w{index}", window.model_dump(mode="json"),
                      release.endpoints)  # fmt: skip
         index += 1
@@ -283,4 +286,5 @@ def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRec
         run.stage("release", run.record.decision, run.record.reason,
                   seconds=time.perf_counter() - started)  # fmt: skip
         close_ledger(run.record, endpoints)
+    flush_events()
     return run.record

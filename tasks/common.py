@@ -37,6 +37,13 @@ def emit(stage: str, outcome: str, release_id: str, service: str, /, **payload: 
     )
 
 
+def flush_events(timeout_s: float = 5.0) -> None:
+    """Send queued events now: a process that stops right after a release would lose them."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=timeout_s, at_exit=False)
+
+
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     raw = "-".join(parts).lower()

@@ -49,7 +49,7 @@ def spec_for(
     weights: tuple[float, ...] = (25.0,),
     approval: ApprovalConfig | None = None,
     policy: GatePolicy = POLICY,
-    lock_wait_s: float = 0.0,
+    lock_wait_s: float = 15.0,
 ) -> ReleaseSpec:
     return ReleaseSpec(
         service=examples.SERVICE,
@@ -127,6 +127,22 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
         json={"artifacts": {"key": {"like_": "canary-my-assistant"}}},
     ).json()
     assert artifacts, "the canary windows publish their gate evidence as Prefect artifacts"
+    events = httpx.post(
+        f"{live.endpoints.prefect_api_url}/events/filter",
+        json={
+            "filter": {
+                "event": {"prefix": ["canaryflow."]},
+                "resource": {"id": [f"canaryflow.release.{record.release_id}"]},
+            },
+            "limit": 50,
+        },
+    ).json()["events"]
+    names = {e["event"] for e in events}
+    assert {
+        "canaryflow.window.pass",
+        "canaryflow.promote.done",
+        "canaryflow.release.promoted",
+    } <= names
 
 
 def test_hallucinating_candidate_is_rejected_at_the_offline_gate(live: LiveStack) -> None:
