@@ -18,7 +18,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home or os.environ.get("CANARYFLOW_HOME", ".canaryflow"))
+    from canaryflow.settings import Settings
+
+    return Path(args.home) if args.home else Settings().home
 
 
 def _use_prefect(api_url: str | None) -> None:

@@ -11,12 +11,11 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from canaryflow import connections
 from canaryflow.contracts import (
-    Decision,
     Endpoints,
     EvalReport,
     GatePolicy,
@@ -204,11 +203,3 @@ def observe_window(
         requests={"stable": sample.baseline.n, role.value: sample.candidate.n},
     )
     return result, new_state
-
-
-def window_deadline(result: WindowResult) -> datetime:
-    return result.ended_at + timedelta(seconds=STORE_FLUSH_S)
-
-
-def is_breach(decision: Decision) -> bool:
-    return decision is Decision.FAIL

@@ -14,15 +14,4 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CANARYFLOW_", extra="forbid")
 
     home: Path = Field(Path(".canaryflow"), description="state of the embedded stack")
-    mlflow_tracking_uri: str | None = None
-    prefect_api_url: str | None = None
-    provider_urls: dict[str, str] = Field(
-        default_factory=dict, description="provider key -> OpenAI-compatible base URL"
-    )
-    trusted_keys_dir: Path | None = None
-    signing_key: Path | None = None
     policies_dir: Path = Path("deployments/policies")
-
-    @property
-    def keys_dir(self) -> Path:
-        return self.trusted_keys_dir or self.home / "keys"
