@@ -4,9 +4,10 @@
 user's last message in the version's template and applies its decoding parameters;
 `ServiceError` is an answer the service gives instead of the provider's (OpenAI error shape).
 
-aiohttp is the default: on this machine httpx's AsyncClient collapsed above ~250 req/s while an
-aiohttp ClientSession held 1,500+ (FACTS.md, and `benchmarks/bench_dataplane.py`). httpx stays
-selectable (`--forwarder httpx`) so the benchmark can keep measuring both.
+The lean `Http1Client` (`http1.py`) is the default: per call it costs about a third of the CPU of
+aiohttp's ClientSession, and httpx's AsyncClient collapsed above ~250 req/s on this machine
+(FACTS.md). aiohttp and httpx stay selectable (`--forwarder aiohttp|httpx`) so the benchmark keeps
+measuring all three on the same path.
 """
 
 from __future__ import annotations
@@ -21,18 +22,12 @@ import httpx
 from starlette.responses import JSONResponse, Response
 
 from canaryflow.contracts import ModelManifest
+from canaryflow.dataplane.http1 import Http1Client, Reply
 from canaryflow.errors import CanaryflowError, TransientProviderError
 from canaryflow.providers import request_parameters
 
-ForwarderKind = Literal["aiohttp", "httpx"]
+ForwarderKind = Literal["http1", "aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: bytes
-    retry_after: str | None = None
 
 
 class Forwarder(Protocol):
@@ -106,12 +101,14 @@ class HttpxForwarder:
             self._client = None
 
 
-def make_forwarder(kind: ForwarderKind = "aiohttp") -> Forwarder:
+def make_forwarder(kind: ForwarderKind = "http1") -> Forwarder:
+    if kind == "http1":
+        return Http1Client()
     if kind == "aiohttp":
         return AiohttpForwarder()
     if kind == "httpx":
         return HttpxForwarder()
-    raise ValueError(f"unknown forwarder {kind!r}: use 'aiohttp' or 'httpx'")
+    raise ValueError(f"unknown forwarder {kind!r}: use 'http1', 'aiohttp' or 'httpx'")
 
 
 # --------------------------------------------------------------------------- the call

@@ -69,7 +69,7 @@ class ServiceConfig:
     default_version: str | None = None
     check_sample: float = 0.25
     tool_urls: Mapping[str, str] = field(default_factory=dict)
-    forwarder: ForwarderKind = "aiohttp"
+    forwarder: ForwarderKind = "http1"
     timeout_s: float = 30.0
     shadow_timeout_s: float = 5.0
     tool_timeout_s: float = 5.0
@@ -381,7 +381,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, i
     p.add_argument("--default-version", help="version for requests without role headers")
     p.add_argument("--check-sample", type=float, default=0.25)
     p.add_argument("--tool-url", action="append", default=[], metavar="TOOL=URL")
-    p.add_argument("--forwarder", choices=["aiohttp", "httpx"], default="aiohttp")
+    p.add_argument("--forwarder", choices=["http1", "aiohttp", "httpx"], default="http1")
     p.add_argument("--timeout", type=float, default=30.0, help="provider timeout, seconds")
     p.add_argument("--shadow-timeout", type=float, default=5.0)
     a = p.parse_args(argv)
