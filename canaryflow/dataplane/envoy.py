@@ -343,6 +343,12 @@ class EnvoyProxy:
     def running(self) -> bool:
         return self._process is not None and self._process.running()
 
+    @property
+    def pid(self) -> int | None:
+        """Envoy's process id (benchmarks read its CPU time)."""
+        process = self._process.process if self._process is not None else None
+        return process.pid if process is not None else None
+
     def admin(self) -> httpx.Client:
         """One reused client: verification polls the admin port every few milliseconds."""
         if self._admin is None:

@@ -19,7 +19,6 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 import httpx
-from starlette.responses import JSONResponse, Response
 
 from canaryflow.contracts import ModelManifest
 from canaryflow.dataplane.http1 import Http1Client, Reply
@@ -121,11 +120,12 @@ class ServiceError(CanaryflowError):
         super().__init__(message)
         self.status, self.message, self.kind, self.retry_after = status, message, kind, retry_after
 
-    def response(self, headers: dict[str, str]) -> Response:
+    def body(self, headers: dict[str, str]) -> bytes:
+        """The OpenAI-shaped error body; adds `retry-after` to `headers` when there is one."""
         if self.retry_after:
             headers["retry-after"] = self.retry_after
-        body = {"error": {"message": self.message, "type": self.kind, "code": self.status}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        error = {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+        return json.dumps(error).encode()
 
 
 @dataclass(frozen=True, slots=True)
