@@ -97,20 +97,35 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from canaryflow.approvals import resume_with_approval
+    import uuid
+
+    from canaryflow.approvals import paused_runs, resume_with_approval
+    from canaryflow.errors import ConfigError
     from canaryflow.stack import load_endpoints
 
+    try:
+        uuid.UUID(args.run_id)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{args.run_id!r} is not a flow run id: copy the run's UUID from the Prefect UI"
+        ) from exc
     endpoints = load_endpoints(_home(args))
     if endpoints.prefect_api_url is None:
         raise CanaryflowError("the stack has no Prefect API URL")
-    status = resume_with_approval(
-        endpoints.prefect_api_url,
-        args.run_id,
-        approve=not args.reject,
-        reason=args.reason,
-        approver=args.approver,
-    )
-    print(f"flow run {args.run_id}: {status}")
+    try:
+        status = resume_with_approval(
+            endpoints.prefect_api_url,
+            args.run_id,
+            approve=not args.reject,
+            reason=args.reason,
+            approver=args.approver,
+        )
+    except CanaryflowError as exc:
+        waiting = [f"{r['id']} ({r['name']})" for r in paused_runs(endpoints.prefect_api_url)]
+        hint = "releases waiting for approval: " + (", ".join(waiting) or "none")
+        raise CanaryflowError(f"{exc}\n{hint}") from exc
+    verb = "rejected" if args.reject else "approved"
+    print(f"flow run {args.run_id}: {verb} by {args.approver} ({status})")
     return 0
 
 
@@ -126,10 +141,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from canaryflow.stack import load_endpoints
+    from canaryflow.stack import (
+        WEBHOOK_PATH,
+        WEBHOOK_SECRET_ENV,
+        WEBHOOK_SECRET_FILE,
+        load_endpoints,
+    )
     from canaryflow.summary import print_status
 
-    print_status(load_endpoints(_home(args)), args.service)
+    home = _home(args)
+    endpoints = load_endpoints(home)
+    print_status(endpoints, args.service)
+    webhook_url = endpoints.webhook_url
+    if webhook_url is None:
+        print("CI webhook receiver: not running")
+    else:
+        secret = (
+            WEBHOOK_SECRET_ENV if os.environ.get(WEBHOOK_SECRET_ENV) else home / WEBHOOK_SECRET_FILE
+        )
+        print(f"CI webhook receiver: {webhook_url} (POST {WEBHOOK_PATH}, HMAC secret: {secret})")
     return 0
 
 

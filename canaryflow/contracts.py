@@ -512,3 +512,6 @@ class Endpoints(Strict):
         default_factory=list, description="every model-service instance, for warm-up"
     )
     prometheus_url: str | None = None
+    webhook_url: str | None = Field(
+        default=None, description="the CI webhook receiver; deliveries go to POST /hooks/release"
+    )

@@ -3,6 +3,7 @@
 The decision (promoted, rolled back, rejected) is written here by the release itself, so it
 never has to be inferred from how the orchestrator's run ended. Every call is an HTTP round
 trip (50-300 ms), so tags, params and metrics go out together through `log_batch`.
+Nightly evaluations get one run each in `canaryflow-nightly/<service>`, drift tagged on the run.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import json
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from canaryflow.contracts import ReleaseRecord, StageOutcome
+from canaryflow.contracts import EvalReport, Label, ReleaseRecord, StageOutcome
 from canaryflow.errors import RegistryError
-from canaryflow.registry import MlflowConnection, mlflow_errors
+from canaryflow.registry import MlflowConnection, PublishedVersion, mlflow_errors
 
 EXPERIMENT = "canaryflow-releases"
 RECORD_FILE = "record.json"
@@ -30,6 +32,12 @@ TAG_SERVICE = "canaryflow.service"
 TAG_DECISION = "canaryflow.decision"
 TAG_REASON = "canaryflow.reason"
 TAG_STAGE = "canaryflow.stage."
+
+NIGHTLY_EXPERIMENT = "canaryflow-nightly/"
+NIGHTLY_REPORT = "nightly_eval.json"
+TAG_DRIFT = "canaryflow.drift"
+TAG_DRIFT_SUITES = "canaryflow.drift_suites"
+TAG_SUITE = "canaryflow.suite."
 
 MAX_TAG = 8000
 MAX_PARAM = 6000
@@ -127,6 +135,44 @@ class ReleaseLedger(MlflowConnection):
                 ]
         return record.model_copy(update={"stages": stages})
 
+    def record_nightly(
+        self,
+        champion: PublishedVersion,
+        reference: PublishedVersion,
+        report: EvalReport,
+        tags: dict[str, str] | None = None,
+    ) -> NightlyRun:
+        """One finished run per nightly evaluation: the champion measured against `reference`."""
+        service = champion.service
+        drifted = drift_suites(report)
+        experiment_id = self.experiment_id(NIGHTLY_EXPERIMENT + service)
+        assert experiment_id is not None
+        all_tags = {
+            TAG_SERVICE: service,
+            TAG_DECISION: report.decision.value,
+            TAG_DRIFT: "yes" if drifted else "no",
+            TAG_DRIFT_SUITES: ",".join(drifted),
+            **{f"{TAG_SUITE}{_key(s.suite)}": s.result.label.value for s in report.suites},
+            **(tags or {}),
+        }
+        params = {
+            "service": service,
+            "champion_version": champion.version,
+            "champion_model_id": champion.signed.manifest.model_id,
+            "reference_version": reference.version,
+            "reference_model_id": reference.signed.manifest.model_id,
+            "suites": json.dumps([s.suite for s in report.suites]),
+        }
+        with mlflow_errors(f"recording the nightly evaluation of {service}"):
+            run = self.client.create_run(
+                experiment_id, run_name=f"nightly-{service}", tags=all_tags
+            )
+            run_id = str(run.info.run_id)
+            self._batch(run_id, metrics=_nightly_metrics(report), params=params)
+            self.client.log_dict(run_id, report.model_dump(mode="json"), NIGHTLY_REPORT)
+            self.client.set_terminated(run_id, "FINISHED")
+        return NightlyRun(run_id=run_id, drift_suites=drifted)
+
     def _batch(
         self,
         run_id: str,
@@ -145,6 +191,38 @@ class ReleaseLedger(MlflowConnection):
             tags=[RunTag(k, v[:MAX_TAG]) for k, v in (tags or {}).items()],
             synchronous=True,
         )
+
+
+@dataclass(frozen=True)
+class NightlyRun:
+    run_id: str
+    drift_suites: tuple[str, ...]
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.drift_suites)
+
+
+def drift_suites(report: EvalReport) -> tuple[str, ...]:
+    """Suites where the champion is worse than its reference beyond the policy's margin."""
+    return tuple(s.suite for s in report.suites if s.result.label is Label.FAIL)
+
+
+def _nightly_metrics(report: EvalReport) -> dict[str, float]:
+    metrics = {"tokens": float(report.tokens), "cost_usd": report.cost_usd}
+    for s in report.suites:
+        suite = _key(s.suite)
+        metrics |= {
+            f"{suite}.accuracy": s.candidate_rate,
+            f"{suite}.reference_accuracy": s.baseline_rate,
+            f"{suite}.delta": s.diff,
+            f"{suite}.delta_ci_low": s.diff_ci[0],
+            f"{suite}.delta_ci_high": s.diff_ci[1],
+            f"{suite}.p_value": s.mcnemar_p,
+            f"{suite}.margin": s.margin,
+            f"{suite}.n": float(s.n),
+        }
+    return metrics
 
 
 def _key(name: str) -> str:

@@ -1,4 +1,5 @@
-"""The embedded local stack: Prefect server, MLflow, the sandbox provider, and the data plane.
+"""The embedded local stack: Prefect server, MLflow, the sandbox provider, the CI webhook
+receiver, and the data plane.
 
 Everything listens on 127.0.0.1 on ports the OS chose, keeps its state under one home folder
 (`.canaryflow/` by default), and is stopped by `EmbeddedStack.stop()` in reverse start order.
@@ -9,6 +10,8 @@ plane starts once a service has a champion to route to.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +24,11 @@ from canaryflow.errors import StackError
 from canaryflow.processes import ManagedProcess, free_port, http_ok
 
 PYTHON = sys.executable
+PROJECT = Path(__file__).resolve().parents[1]
+STACK_FILE = "stack.json"
+WEBHOOK_SECRET_ENV = "CANARYFLOW_WEBHOOK_SECRET"
+WEBHOOK_SECRET_FILE = "webhook.secret"
+WEBHOOK_PATH = "/hooks/release"
 Progress = Callable[[str], None]
 
 
@@ -43,6 +51,7 @@ def prefect_server(home: Path, ui: bool = True) -> ManagedProcess:
         "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",  # silence checks: 1 s, not 5 s
     }
     command = [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     return ManagedProcess(
@@ -107,6 +116,44 @@ def model_service(home: Path, name: str, service: str, endpoints: Endpoints) -> 
     )
 
 
+def webhook_secret(home: Path) -> Path | None:
+    """None when CANARYFLOW_WEBHOOK_SECRET is set; else a secret made once under `home`,
+    readable by its owner only, that CI must sign with."""
+    if os.environ.get(WEBHOOK_SECRET_ENV, "").strip():
+        return None
+    path = home / WEBHOOK_SECRET_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(32))
+    path.chmod(0o600)
+    return path
+
+
+def webhook_receiver(home: Path, prefect_api_url: str) -> ManagedProcess | None:
+    """`deployments/webhook.py` as a managed process; None outside a source checkout, where
+    `deployments/` is not installed."""
+    if not (PROJECT / "deployments" / "webhook.py").is_file():
+        return None
+    port = free_port()
+    secret_file = webhook_secret(home)
+    command = [
+        PYTHON, "-m", "deployments.webhook",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--prefect-api", prefect_api_url,
+    ]  # fmt: skip
+    if secret_file is not None:
+        command += ["--secret-file", str(secret_file)]
+    return ManagedProcess(
+        name="webhook",
+        command=command,
+        log_path=home / "logs" / "webhook.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+        cwd=PROJECT,
+    )
+
+
 def url_of(process: ManagedProcess) -> str:
     """The http URL a server was told to listen on (its `--port` argument)."""
     command = list(process.command)
@@ -116,20 +163,24 @@ def url_of(process: ManagedProcess) -> str:
 class EmbeddedStack:
     """Start what a release needs on this machine; stop all of it, whatever happened."""
 
-    def __init__(self, home: Path, *, ui: bool = True, progress: Progress = _quiet) -> None:
+    def __init__(
+        self, home: Path, *, ui: bool = True, webhook: bool = True, progress: Progress = _quiet
+    ) -> None:
         self.home = home.resolve()
         self.ui = ui
+        self.webhook = webhook
         self.progress = progress
         self.processes: list[ManagedProcess | Stoppable] = []
         self.endpoints: Endpoints | None = None
 
     def start(self, timeout_s: float = 120.0) -> Endpoints:
         self.home.mkdir(parents=True, exist_ok=True)
-        parts = [
-            prefect_server(self.home, ui=self.ui),
-            mlflow_server(self.home),
-            sandbox_server(self.home),
-        ]
+        prefect = prefect_server(self.home, ui=self.ui)
+        parts = [prefect, mlflow_server(self.home), sandbox_server(self.home)]
+        # The receiver only needs Prefect's URL, known before Prefect answers: start together.
+        receiver = webhook_receiver(self.home, f"{url_of(prefect)}/api") if self.webhook else None
+        if receiver is not None:
+            parts.append(receiver)
         self.processes.extend(parts)
         try:
             with ThreadPoolExecutor(len(parts)) as pool:
@@ -138,7 +189,7 @@ class EmbeddedStack:
         except BaseException:
             self.stop()
             raise
-        prefect, mlflow, sandbox = parts
+        _, mlflow, sandbox = parts[:3]
         keys_dir = self.home / "keys"
         keys_dir.mkdir(exist_ok=True)
         self.endpoints = Endpoints(
@@ -148,6 +199,7 @@ class EmbeddedStack:
             provider_urls={"sandbox": url_of(sandbox)},
             keys_dir=str(keys_dir),
             store_url=f"sqlite:///{self.home / 'store.db'}",
+            webhook_url=url_of(receiver) if receiver is not None else None,
         )
         self.save()
         return self.endpoints
@@ -201,14 +253,14 @@ class EmbeddedStack:
 
     def save(self) -> None:
         if self.endpoints is not None:
-            path = self.home / "stack.json"
+            path = self.home / STACK_FILE
             path.write_text(json.dumps(self.endpoints.model_dump(), indent=2))
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
-        (self.home / "stack.json").unlink(missing_ok=True)
+        (self.home / STACK_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -225,7 +277,7 @@ class EmbeddedStack:
 
 def load_endpoints(home: Path) -> Endpoints:
     """Endpoints of a stack started by `canaryflow up` in another process."""
-    path = home / "stack.json"
+    path = home / STACK_FILE
     if not path.exists():
         raise StackError(f"no running stack under {home}: start one with `canaryflow up`")
     return Endpoints.model_validate_json(path.read_text())

@@ -6,7 +6,8 @@ Prefect's REST API `create_flow_run` with the delivery id as idempotency key: a 
 returns the run it already started.
 
     python -m deployments.webhook --port 8088 --prefect-api http://127.0.0.1:4200/api
-    (secret from CANARYFLOW_WEBHOOK_SECRET)
+    (secret from CANARYFLOW_WEBHOOK_SECRET, or from the file given with --secret-file;
+    `canaryflow up` starts it this way on a free port, see canaryflow/stack.py)
 """
 
 from __future__ import annotations
@@ -105,7 +106,24 @@ def build_app(config: WebhookConfig) -> Starlette:
     )
 
 
-def main() -> None:
+def read_secret(secret_file: Path | None) -> str:
+    """The file wins over CANARYFLOW_WEBHOOK_SECRET; no secret at all is a start-up error."""
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the webhook secret file {secret_file}: {exc}") from exc
+    else:
+        secret = os.environ.get("CANARYFLOW_WEBHOOK_SECRET", "").strip()
+    if not secret:
+        raise ConfigError(
+            "the webhook has no secret: set CANARYFLOW_WEBHOOK_SECRET or pass --secret-file "
+            "(the same secret CI signs its deliveries with)"
+        )
+    return secret
+
+
+def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,11 +131,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8088)
     parser.add_argument("--prefect-api", required=True)
     parser.add_argument("--deployment", default="release/release")
-    args = parser.parse_args()
+    parser.add_argument("--secret-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        secret = read_secret(args.secret_file)
+    except ConfigError as exc:
+        parser.error(str(exc))
     config = WebhookConfig(
-        secret=os.environ.get("CANARYFLOW_WEBHOOK_SECRET", ""),
-        prefect_api_url=args.prefect_api,
-        deployment=args.deployment,
+        secret=secret, prefect_api_url=args.prefect_api, deployment=args.deployment
     )
     uvicorn.run(build_app(config), host=args.host, port=args.port, access_log=False)
 
