@@ -182,7 +182,7 @@ def service(
     port = free_port()
     manifests = write_manifests(home)
     args = [
-        "canaryflow.dataplane.service", "--service", SERVICE, "--port", str(port),
+        "canaryflow.dataplane.serve", "--service", SERVICE, "--port", str(port),
         "--provider-url", f"sandbox={provider}", "--default-version", "1",
         "--manifest", f"1={manifests['1']}", "--manifest", f"2={manifests['2']}",
         "--store", str(home / f"{name}.db"), "--forwarder", forwarder,

@@ -202,7 +202,7 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from canaryflow.dataplane.service import main as serve
+    from canaryflow.dataplane.serve import main as serve
 
     serve(args.rest)
     return 0

@@ -100,7 +100,7 @@ def model_service(home: Path, name: str, service: str, endpoints: Endpoints) -> 
     port = free_port()
     providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
     command = [
-        PYTHON, "-m", "canaryflow.dataplane.service",
+        PYTHON, "-m", "canaryflow.dataplane.serve",
         "--service", service,
         "--port", str(port),
         "--registry-uri", endpoints.mlflow_uri,

@@ -11,15 +11,13 @@ and a tight timeout so they cannot slow the user's path.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -389,77 +387,3 @@ def _default_resolver(config: ServiceConfig) -> CachedResolver:
         fetch = local_fetch(local, fallback=fetch)
     assert fetch is not None
     return CachedResolver(fetch, config.registry_ttl_s, alias_fetch=alias_fetch)
-
-
-def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
-    found = {}
-    for value in values:
-        key, sep, url = value.partition("=")
-        if not sep or not key or not url:
-            raise ConfigError(f"{flag} expects NAME=VALUE, got {value!r}")
-        found[key] = url
-    return found
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, int]:
-    p = argparse.ArgumentParser(prog="canaryflow serve", description=__doc__.splitlines()[0])
-    p.add_argument("--service", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--registry-uri", help="MLflow tracking URI of the model registry")
-    p.add_argument(
-        "--manifest",
-        action="append",
-        default=[],
-        metavar="VERSION=PATH",
-        help="serve VERSION from a manifest file (before asking the registry)",
-    )
-    p.add_argument("--provider-url", action="append", default=[], metavar="NAME=URL")
-    p.add_argument("--store", help="SQLite path or database URL for request records")
-    p.add_argument("--default-version", help="version for requests without role headers")
-    p.add_argument("--check-sample", type=float, default=0.25)
-    p.add_argument("--tool-url", action="append", default=[], metavar="TOOL=URL")
-    p.add_argument("--forwarder", choices=["http1", "aiohttp", "httpx"], default="http1")
-    p.add_argument("--timeout", type=float, default=30.0, help="provider timeout, seconds")
-    p.add_argument("--shadow-timeout", type=float, default=5.0)
-    a = p.parse_args(argv)
-    config = ServiceConfig(
-        service=a.service,
-        provider_urls=_pairs(a.provider_url, "--provider-url"),
-        registry_uri=a.registry_uri,
-        store=a.store,
-        default_version=a.default_version,
-        check_sample=a.check_sample,
-        tool_urls=_pairs(a.tool_url, "--tool-url"),
-        forwarder=a.forwarder,
-        timeout_s=a.timeout,
-        shadow_timeout_s=a.shadow_timeout,
-        manifests={v: Path(p) for v, p in _pairs(a.manifest, "--manifest").items()},
-    )
-    return config, a.host, a.port
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import importlib.util
-
-    import uvicorn
-
-    config, host, port = parse_args(argv)
-    # The resolver caches and retries on its own; MLflow's client would retry for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    fast = importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools")
-    uvicorn.run(
-        build_app(config),
-        host=host,
-        port=port,
-        loop="uvloop" if fast else "asyncio",
-        http="httptools" if fast else "h11",
-        access_log=False,
-        log_level="warning",
-        workers=1,
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -433,7 +433,7 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
     process = ManagedProcess(
         "service",
         [
-            sys.executable, "-m", "canaryflow.dataplane.service", "--service", SERVICE,
+            sys.executable, "-m", "canaryflow.dataplane.serve", "--service", SERVICE,
             "--port", str(port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
             "--manifest", f"1={manifest_file}", "--provider-url", f"sandbox={sandbox}",
             "--default-version", "1", "--store", str(tmp_path / "records.db"),
