@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu import process_cpu_s  # noqa: E402
 from canaryflow.contracts import ModelManifest, Origin, Price, Routes  # noqa: E402
 from canaryflow.dataplane.http1 import Http1Client  # noqa: E402
 from canaryflow.errors import TransientProviderError  # noqa: E402
@@ -169,12 +169,6 @@ def write_manifests(home: Path) -> dict[str, Path]:
     return files
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def service(
     stack: ExitStack, home: Path, name: str, provider: str, forwarder: str
 ) -> tuple[int, int]:
@@ -226,14 +220,15 @@ def cpu_breakdown(
 ) -> dict[str, float]:
     """CPU milliseconds per user request, per process, at `rate` on `url`."""
     measure(url, "cpu", rate, 1.0)  # warm
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {name: process_cpu_s(pid) or 0.0 for name, pid in pids.items()}
     load_before = time.process_time()
     run = asyncio.run(open_loop(url, rate, duration_s, "cpu"))
     load = time.process_time() - load_before
     time.sleep(0.6)  # the record workers flush their last batch
     requests = max(1, len(run.latencies_ms) + run.errors)
     shares = {
-        name: (cpu_seconds(pid) - before[name]) * 1000 / requests for name, pid in pids.items()
+        name: ((process_cpu_s(pid) or 0.0) - before[name]) * 1000 / requests
+        for name, pid in pids.items()
     }
     shares["load generator"] = load * 1000 / requests
     return shares

@@ -40,6 +40,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu import CpuMeter  # noqa: E402
 from canaryflow import examples  # noqa: E402
 from canaryflow.cache import ResponseCache  # noqa: E402
 from canaryflow.contracts import EvalReport, ModelManifest, OfflineGate  # noqa: E402
@@ -59,58 +60,6 @@ EVAL_CONCURRENCY = 32  # what runbook.evaluate_manifests uses
 REPLAYS = 3
 CAP = 1.5  # a level stops after CAP x its planned seconds
 BUSY = 0.85  # a process using this share of one core is taken as CPU-bound
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# --------------------------------------------------------------------------- CPU accounting
-
-
-def _process_cpu_s(pid: int) -> float | None:
-    """user + system CPU seconds of another process, from /proc (Linux); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _machine_busy_s() -> float | None:
-    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    return (sum(values[:8]) - values[3] - values[4]) / TICKS
-
-
-@dataclass
-class CpuMeter:
-    """CPU used during one measurement, in cores: this process, the sandbox, everything else."""
-
-    sandbox_pid: int
-    client: float = 0.0
-    sandbox: float | None = None
-    others: float | None = None
-    _start: tuple[float, float, float | None, float | None] = (0.0, 0.0, None, None)
-
-    def __enter__(self) -> CpuMeter:
-        self._start = (
-            time.perf_counter(),
-            time.process_time(),
-            _process_cpu_s(self.sandbox_pid),
-            _machine_busy_s(),
-        )
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        wall0, own0, box0, all0 = self._start
-        wall = max(time.perf_counter() - wall0, 1e-9)
-        self.client = (time.process_time() - own0) / wall
-        box1, all1 = _process_cpu_s(self.sandbox_pid), _machine_busy_s()
-        if box0 is not None and box1 is not None:
-            self.sandbox = (box1 - box0) / wall
-        if all0 is not None and all1 is not None:
-            self.others = max(0.0, (all1 - all0) / wall - self.client - (self.sandbox or 0.0))
 
 
 # --------------------------------------------------------------------------- (a) throughput

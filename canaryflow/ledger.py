@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from canaryflow.contracts import EvalReport, Label, ReleaseRecord, StageOutcome
 from canaryflow.errors import RegistryError
-from canaryflow.registry import MlflowConnection, PublishedVersion, mlflow_errors
+from canaryflow.mlflow_client import MlflowConnection, mlflow_errors
+from canaryflow.registry import PublishedVersion
 
 EXPERIMENT = "canaryflow-releases"
 RECORD_FILE = "record.json"

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from canaryflow.contracts import RequestRecord, Role
-from canaryflow.dataplane.store import COLUMNS, BatchWriter, Store
+from canaryflow.dataplane.batching import BatchWriter
+from canaryflow.dataplane.store import COLUMNS, Store
 from canaryflow.errors import ConfigError
 from canaryflow.processes import free_port
 

@@ -1,0 +1,209 @@
+"""What Envoy is told: the bootstrap and the RDS route file, rendered, read back, replaced.
+
+Kept apart from the process and the controller (`envoy.py`): rendering needs no running Envoy.
+
+Contract with the model service: every request carries `x-canaryflow-role` and
+`x-canaryflow-version` set by Envoy for the weighted cluster it picked (client values are
+overwritten). While a shadow is set, every request carries `x-canaryflow-shadow-version`; Envoy
+sends mirrored copies with `-shadow` appended to the Host (the primary Host is rewritten to the
+service name, so a client cannot fake it) and the same `x-request-id` as the primary copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import string
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from canaryflow.contracts import Routes
+from canaryflow.errors import StackError
+
+ROUTE_CONFIG = "canaryflow"
+STAT_PREFIX = "ingress"
+ROLE_HEADER = "x-canaryflow-role"
+VERSION_HEADER = "x-canaryflow-version"
+SHADOW_VERSION_HEADER = "x-canaryflow-shadow-version"
+CLUSTERS = ("stable", "canary", "shadow")
+_ROUTES_MARK = "# canaryflow-routes: "
+_BASIS = 10_000  # weights in hundredths of a percent
+
+
+def _header(name: str, value: str) -> dict[str, Any]:
+    return {
+        "header": {"key": name, "value": value},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+def _cluster_weight(role: str, version: str, weight: int) -> dict[str, Any]:
+    return {
+        "name": role,
+        "weight": weight,
+        "request_headers_to_add": [_header(ROLE_HEADER, role), _header(VERSION_HEADER, version)],
+    }
+
+
+def render_route_config(
+    routes: Routes | None, *, version: int, route_timeout_s: float = 300.0
+) -> str:
+    """The RDS file for `routes` (None: answer 503 until the first routes are set)."""
+    route: dict[str, Any] = {"match": {"prefix": "/"}}
+    if routes is None:
+        route["direct_response"] = {
+            "status": 503,
+            "body": {"inline_string": "canaryflow: no routes set yet; call set_routes\n"},
+        }
+    else:
+        canary_weight = round(routes.weight * _BASIS / 100) if routes.canary else 0
+        clusters = []
+        if canary_weight < _BASIS:
+            clusters.append(_cluster_weight("stable", routes.stable, _BASIS - canary_weight))
+        if routes.canary is not None and canary_weight > 0:
+            clusters.append(_cluster_weight("canary", routes.canary, canary_weight))
+        weighted: dict[str, Any] = {"clusters": clusters}
+        action: dict[str, Any] = {
+            "weighted_clusters": weighted,
+            "host_rewrite_literal": routes.service,
+            "timeout": f"{route_timeout_s:.3f}s",
+        }
+        if routes.sticky_header:
+            weighted["use_hash_policy"] = True
+            action["hash_policy"] = [{"header": {"header_name": routes.sticky_header}}]
+        if routes.shadow is not None:
+            route["request_headers_to_add"] = [_header(SHADOW_VERSION_HEADER, routes.shadow)]
+            if routes.mirror_percent > 0:
+                action["request_mirror_policies"] = [
+                    {
+                        "cluster": "shadow",
+                        "runtime_fraction": {
+                            "default_value": {
+                                "numerator": round(routes.mirror_percent * 10_000),
+                                "denominator": "MILLION",
+                            }
+                        },
+                    }
+                ]
+        else:
+            route["request_headers_to_remove"] = [SHADOW_VERSION_HEADER]
+        route["route"] = action
+    document = {
+        "version_info": str(version),
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                "name": ROUTE_CONFIG,
+                "virtual_hosts": [{"name": "service", "domains": ["*"], "routes": [route]}],
+            }
+        ],
+    }
+    # JSON is valid YAML and far cheaper to write than PyYAML's emitter; the comment line carries
+    # what the file was rendered from, so reading it back needs no YAML parse either.
+    mark = {"version": version, "routes": routes.model_dump(mode="json") if routes else None}
+    return f"{_ROUTES_MARK}{json.dumps(mark)}\n{json.dumps(document, indent=1)}\n"
+
+
+def read_route_file(path: Path) -> tuple[int, Routes | None]:
+    """The version and the `Routes` a route file was rendered from."""
+    return parse_route_file(path.read_text(), source=path)
+
+
+def parse_route_file(text: str, *, source: Path | str = "route file") -> tuple[int, Routes | None]:
+    first = text.split("\n", 1)[0]
+    if not first.startswith(_ROUTES_MARK):
+        raise StackError(f"{source} was not written by canaryflow; delete it to start afresh")
+    mark = json.loads(first[len(_ROUTES_MARK) :])
+    routes = Routes.model_validate(mark["routes"]) if mark["routes"] else None
+    return int(mark["version"]), routes
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename: the only change Envoy's watcher sees."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".routes-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_BOOTSTRAP = """
+node: {id: canaryflow-$service, cluster: canaryflow-$service}
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $admin_port}}}
+static_resources:
+  listeners:
+  - name: client
+    address: {socket_address: {address: $listen_host, port_value: $listen_port}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $stat_prefix
+          generate_request_id: true
+          rds:
+            route_config_name: $route_config
+            config_source:
+              resource_api_version: V3
+              path_config_source: {path: $route_path, watched_directory: {path: $route_dir}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters: []
+"""  # noqa: E501
+_CLUSTER = """
+{name: $name, type: STATIC, connect_timeout: 1s, load_assignment: {cluster_name: $name, endpoints:
+  [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $host, port_value: $port}}}}]}]}}
+"""
+
+
+def render_bootstrap(
+    *,
+    service: str,
+    listen_host: str,
+    listen_port: int,
+    admin_port: int,
+    upstreams: Mapping[str, tuple[str, int]],
+    route_path: Path,
+) -> dict[str, Any]:
+    """Static listener and clusters; the routes come from the watched file."""
+    values = {
+        "service": service,
+        "admin_port": admin_port,
+        "listen_host": listen_host,
+        "listen_port": listen_port,
+        "stat_prefix": STAT_PREFIX,
+        "route_config": ROUTE_CONFIG,
+        "route_path": str(route_path),
+        "route_dir": str(route_path.parent),
+    }
+    # JSON scalars are valid YAML, so paths with odd characters stay intact.
+    bootstrap: dict[str, Any] = yaml.safe_load(
+        string.Template(_BOOTSTRAP).substitute({k: json.dumps(v) for k, v in values.items()})
+    )
+    bootstrap["static_resources"]["clusters"] = [
+        yaml.safe_load(
+            string.Template(_CLUSTER).substitute(
+                name=json.dumps(name), host=json.dumps(host), port=port
+            )
+        )
+        for name, (host, port) in upstreams.items()
+    ]
+    return bootstrap
