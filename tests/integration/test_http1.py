@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from canaryflow.dataplane.forwarder import ForwarderKind, make_forwarder
 from canaryflow.dataplane.http1 import Http1Client
 from canaryflow.errors import ConfigError, TransientProviderError
 
@@ -224,3 +225,20 @@ async def test_https_provider_is_called_over_verified_tls(tmp_path: Path) -> Non
         await default.aclose()
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("kind", ["http1", "aiohttp", "httpx"])
+async def test_every_forwarder_keeps_the_same_contract(server: RawServer, kind: ForwarderKind):
+    """The benchmark swaps forwarders: each must map answers and failures alike."""
+    forwarder = make_forwarder(kind)
+    await forwarder.start()
+    try:
+        ok = await forwarder.post(url(server, "/ok"), b'{"x": 1}', 5.0)
+        assert (ok.status, ok.body) == (200, BODY)
+        limited = await forwarder.post(url(server, "/limited"), b"{}", 5.0)
+        assert (limited.status, limited.retry_after) == (429, "7")
+        with pytest.raises(TransientProviderError, match="did not answer"):
+            await forwarder.post(url(server, "/silent"), b"{}", 0.2)
+    finally:
+        await forwarder.aclose()
+    assert server.bodies[0] == b'{"x": 1}'
