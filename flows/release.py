@@ -80,6 +80,8 @@ class Release:
 
     def ask_human(self, stage: str, question: str, key: str) -> None:
         """Soft gate: pause; a rejection (or a timeout defaulting to reject) stops the release."""
+        # A paused release is alive: the silence automation stops counting until the answer.
+        emit(f"{stage}_approval", "waiting", self.record.release_id, self.spec.service, key=key)
         decision, timed_out = wait_for_approval(question, self.spec.approval, key)
         verb = "approved" if decision.approve else "rejected"
         who = decision.approver or "unknown"
@@ -254,7 +256,12 @@ def _roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[An
     spec = ReleaseSpec.model_validate(flow_run.parameters["spec"])
     raw = flow_run.parameters.get("endpoints")
     endpoints = Endpoints.model_validate(raw) if raw else load_endpoints(Settings().home)
-    runbook.rollback_traffic(endpoints, spec.service)
+    result = runbook.rollback_traffic(endpoints, spec.service)
+    # Evidence for on-call, and the end of the release for the silence automation.
+    emit("release", state.type.value.lower(), f"{spec.service}-{flow_run.name}", spec.service,
+         flow_run_id=str(flow_run.id), state=state.name, stable=result.after.stable,
+         rollback_ms=result.rollback_ms)  # fmt: skip
+    flush_events()
 
 
 @flow(name="release", log_prints=True, on_crashed=[_roll_back_on_crash],
@@ -273,6 +280,15 @@ def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRec
             warm_up_candidate(run.candidate.version, endpoints)
             with synthetic_traffic(spec, endpoints):
                 run.live_since = datetime.now(UTC)
+                # Starts the silence clock of the rollback deployment's trigger (prefect.yaml).
+                emit(
+                    "live",
+                    "started",
+                    run.record.release_id,
+                    spec.service,
+                    stable=run.record.baseline_version,
+                    candidate=run.candidate.version,
+                )
                 _shadow(run)
                 _canary(run)
             _promote(run)

@@ -27,12 +27,16 @@ def rollback(
     to_version: str | None = None,
     reason: str = "manual rollback",
     endpoints: Endpoints | None = None,
+    to_alias: str = "last-stable",
 ) -> dict[str, object]:
-    """Roll `service` back to `last-stable` or `to_version`: traffic first, then the registry."""
+    """Roll `service` back to `to_version` or the version `to_alias` names: traffic first.
+
+    `to_alias="champion"` only takes traffic off a canary nobody owns any more (the silence
+    automation): an unpromoted candidate never moved the champion, so the registry stays.
+    """
     endpoints = endpoints or load_endpoints(Settings().home)
     target = (
-        to_version
-        or connections.registry(endpoints.mlflow_uri).resolve(service, "last-stable").version
+        to_version or connections.registry(endpoints.mlflow_uri).resolve(service, to_alias).version
     )
     has_dataplane = endpoints.envoy_admin_url is not None
     if has_dataplane:

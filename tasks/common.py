@@ -37,11 +37,20 @@ def emit(stage: str, outcome: str, release_id: str, service: str, /, **payload: 
     )
 
 
-def flush_events(timeout_s: float = 5.0) -> None:
-    """Send queued events now: a process that stops right after a release would lose them."""
+def flush_events(timeout_s: float = 5.0) -> bool:
+    """Send queued events now: a process that stops right after a release would lose them.
+
+    False when the queue (ours and Prefect's own task-run events, ~3 per task) did not empty
+    within `timeout_s`: the rest is still being sent in the background, not lost, unless the
+    process exits first.
+    """
     from prefect.events.worker import EventsWorker
 
-    EventsWorker.drain_all(timeout=timeout_s, at_exit=False)
+    waited = EventsWorker.drain_all(timeout=timeout_s, at_exit=False)
+    pending = waited[1] if isinstance(waited, tuple) else set()
+    if pending:
+        print(f"events: {len(pending)} queue(s) still sending after {timeout_s:g} s")
+    return not pending
 
 
 def artifact_key(*parts: str) -> str:

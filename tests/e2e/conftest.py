@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,3 +46,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             yield LiveStack(endpoints, keys.private_path, champion.version)
     finally:
         stack.stop()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prefect_cli(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(live.endpoints.prefect_api_url),
+        "CANARYFLOW_PROJECT_DIR": str(REPO),
+        "CANARYFLOW_HOME": live.endpoints.home,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip

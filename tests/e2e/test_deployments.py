@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,23 +13,9 @@ from starlette.testclient import TestClient
 from canaryflow import examples
 from canaryflow.webhooks import SeenDeliveries, sign_payload
 from deployments.webhook import WebhookConfig, build_app
-from tests.e2e.conftest import LiveStack
+from tests.e2e.conftest import LiveStack, prefect_cli
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "test-secret-for-ci"
-
-
-def prefect_cli(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(live.endpoints.prefect_api_url),
-        "CANARYFLOW_PROJECT_DIR": str(REPO),
-        "CANARYFLOW_HOME": live.endpoints.home,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

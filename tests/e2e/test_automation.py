@@ -1,0 +1,255 @@
+"""A canary never outlives its owner: the silence automation and the release's state hooks.
+
+The automation is the rollback deployment's `triggers:` entry in prefect.yaml, created here from
+that same definition with the shortest `within` Prefect accepts for a proactive trigger (10 s).
+The hooks are tested on a deployed release run, picked up by a real process worker and cancelled
+through the API, because only a supervised run can be cancelled at all (see test docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+from canaryflow import connections, examples
+from canaryflow.contracts import CanaryPlan, CanaryStep, ReleaseSpec, ShadowConfig, TrafficConfig
+from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.stack import PYTHON
+from tasks.common import emit, flush_events
+from tests.e2e.conftest import LiveStack, prefect_cli
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "canaryflow"
+SILENCE_S = 10  # Prefect's minimum `within` for a proactive trigger
+# Evaluated every PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY (1 s on the embedded stack).
+FIRE_DEADLINE_S = SILENCE_S + 15
+
+
+@pytest.fixture(scope="module")
+def deployed(live: LiveStack) -> Iterator[LiveStack]:
+    created = prefect_cli(live, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect_cli(live, "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    yield live
+    # test_deployments.py creates the pool itself: leave the server as this module found it.
+    prefect_cli(live, "work-pool", "delete", POOL)
+
+
+def _api(live: LiveStack) -> str:
+    return str(live.endpoints.prefect_api_url)
+
+
+def _deployment_id(live: LiveStack, flow: str, name: str) -> str:
+    response = httpx.get(f"{_api(live)}/deployments/name/{flow}/{name}")
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def _silence_trigger_spec() -> dict[str, Any]:
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    rollback = next(d for d in config["deployments"] if d["name"] == "rollback")
+    return dict(rollback["triggers"][0])
+
+
+@contextlib.contextmanager
+def silence_automation(live: LiveStack, within_s: float) -> Iterator[str]:
+    """prefect.yaml's silence trigger with a test-sized `within`, removed afterwards."""
+    spec = _silence_trigger_spec()
+    trigger = DeploymentEventTrigger.model_validate(
+        {**spec, "name": f"{spec['name']}-test-{uuid.uuid4().hex[:6]}", "within": within_s}
+    )
+    trigger.set_deployment_id(uuid.UUID(_deployment_id(live, "rollback", "rollback")))
+    with get_client(sync_client=True) as client:
+        automation_id = client.create_automation(trigger.as_automation())
+    try:
+        yield str(automation_id)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(automation_id)
+
+
+def _rollback_runs(live: LiveStack, service: str) -> list[dict[str, Any]]:
+    runs = httpx.post(
+        f"{_api(live)}/flow_runs/filter",
+        json={"deployments": {"id": {"any_": [_deployment_id(live, "rollback", "rollback")]}}},
+    ).json()
+    return [r for r in runs if r["parameters"].get("service") == service]
+
+
+def _delete_runs(live: LiveStack, runs: list[dict[str, Any]]) -> None:
+    """No worker may ever pick these up: they would roll back a service that does not exist."""
+    for run in runs:
+        httpx.delete(f"{_api(live)}/flow_runs/{run['id']}")
+
+
+def _send(event: str, release_id: str, service: str, **payload: Any) -> None:
+    stage, outcome = event.split(".")
+    emit(stage, outcome, release_id, service, **payload)
+    flush_events()
+
+
+def test_silent_canary_runs_the_rollback_deployment(deployed: LiveStack) -> None:
+    service = f"silent-{uuid.uuid4().hex[:6]}"
+    release_id = f"{service}-r1"
+    with silence_automation(deployed, SILENCE_S):
+        started = time.monotonic()
+        _send("live.started", release_id, service, stable="1", candidate="2")
+        runs: list[dict[str, Any]] = []
+        while not runs and time.monotonic() - started < FIRE_DEADLINE_S:
+            time.sleep(0.5)
+            runs = _rollback_runs(deployed, service)
+        elapsed = time.monotonic() - started
+    try:
+        assert len(runs) == 1, f"no rollback run {elapsed:.1f} s after the canary went silent"
+        assert elapsed >= SILENCE_S - 1, f"fired after {elapsed:.1f} s, before the silence ran out"
+        parameters = runs[0]["parameters"]
+        assert parameters["service"] == service
+        assert parameters["to_alias"] == "champion"
+        assert "silent canary" in parameters["reason"] and release_id in parameters["reason"]
+        assert "canaryflow.live.started" in parameters["reason"]
+    finally:
+        _delete_runs(deployed, runs)
+
+
+def test_windows_approval_pauses_and_the_end_of_a_release_keep_it_quiet(
+    deployed: LiveStack,
+) -> None:
+    busy, paused = (f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("busy", "paused"))
+    with silence_automation(deployed, SILENCE_S):
+        _send("live.started", f"{busy}-r1", busy)
+        _send("live.started", f"{paused}-r1", paused)
+        _send("window.pass", f"{paused}-r1", paused)
+        _send("canary_approval.waiting", f"{paused}-r1", paused)
+        started = time.monotonic()
+        while time.monotonic() - started < SILENCE_S * 1.5:  # windows every 2 s
+            time.sleep(2)
+            _send("window.pass", f"{busy}-r1", busy)
+        _send("canary_approval.approved", f"{paused}-r1", paused)
+        _send("release.promoted", f"{busy}-r1", busy)
+        _send("release.rolled_back", f"{paused}-r1", paused)
+        time.sleep(SILENCE_S + 3)  # a bucket left open by mistake would have fired by now
+        fired = _rollback_runs(deployed, busy) + _rollback_runs(deployed, paused)
+    _delete_runs(deployed, fired)
+    assert fired == [], [r["parameters"] for r in fired]
+
+
+@pytest.fixture(scope="module")
+def worker(
+    deployed: LiveStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ManagedProcess]:
+    port = free_port()
+    process = ManagedProcess(
+        name="prefect-worker",
+        command=[PYTHON, "-m", "prefect", "worker", "start", "--pool", POOL, "--with-healthcheck"],
+        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
+        ready=http_ok(f"http://127.0.0.1:{port}/health"),
+        env={
+            "PREFECT_API_URL": _api(deployed),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+            "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+            "CANARYFLOW_PROJECT_DIR": str(REPO),
+            "CANARYFLOW_HOME": deployed.endpoints.home,
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    process.start(60)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _wait_for(what: str, check: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def test_cancelled_release_run_puts_all_traffic_back_on_stable(
+    deployed: LiveStack, worker: ManagedProcess
+) -> None:
+    """Cancelling a deployed run: the worker signals the flow's process, the hooks run.
+
+    A release called in-process has no supervisor watching its state (Prefect 3.9's source:
+    cancellation is the runner's SIGTERM plus its control channel), so only a supervised run
+    (worker or `serve`) can be cancelled. The hook then runs in the worker, not the flow.
+    """
+    controller = connections.traffic_controller(deployed.endpoints, examples.SERVICE)
+    stable = controller.current()
+    assert stable is not None and stable.canary is None
+    spec = ReleaseSpec(
+        service=examples.SERVICE,
+        candidate=deployed.sign(examples.manifest("4.1", "sandbox-good")),
+        suites=["golden"],
+        shadow=ShadowConfig(enabled=False),
+        canary=CanaryPlan(steps=[CanaryStep(weight=25, windows=1, window_s=120)]),
+        traffic=TrafficConfig(rate_rps=50),
+        lock_wait_s=60,
+    )
+    release_id = _deployment_id(deployed, "release", "release")
+    response = httpx.post(
+        f"{_api(deployed)}/deployments/{release_id}/create_flow_run",
+        json={
+            "parameters": {
+                "spec": spec.model_dump(mode="json"),
+                "endpoints": deployed.endpoints.model_dump(mode="json"),
+            }
+        },
+    )
+    response.raise_for_status()
+    run_id = response.json()["id"]
+
+    def canary_live() -> bool:
+        routes = controller.current()
+        return routes is not None and routes.canary is not None and routes.weight > 0
+
+    try:
+        _wait_for("the canary to get traffic", canary_live, 150)
+    except AssertionError:
+        run = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()
+        print(run["state"], worker.tail(60), sep="\n")
+        raise
+    httpx.post(
+        f"{_api(deployed)}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "CANCELLING", "name": "Cancelling"}},
+    ).raise_for_status()
+
+    def final_state() -> str | None:
+        state = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()["state"]
+        return str(state["type"]) if state["type"] in {"CANCELLED", "CRASHED"} else None
+
+    ended = _wait_for("the run to end", final_state, 90)
+    routes = controller.current()
+    assert routes is not None and routes.canary is None and routes.weight == 0
+    assert routes.stable == stable.stable and routes.shadow is None
+    # The body's `except BaseException` rolled back first; the hook (run by the worker after
+    # it killed the flow's process) says so with its event.
+    hook_events = _wait_for("the on_cancellation hook's event", lambda: _events(
+        deployed, "canaryflow.release.cancelling", run_id), 30)  # fmt: skip
+    assert hook_events[0]["payload"]["stable"] == stable.stable
+    assert ended == "CANCELLED"
+
+
+def _events(live: LiveStack, name: str, run_id: str) -> list[dict[str, Any]]:
+    events = httpx.post(
+        f"{_api(live)}/events/filter",
+        json={"filter": {"event": {"name": [name]}}, "limit": 50},
+    ).json()["events"]
+    return [e for e in events if e["payload"].get("flow_run_id") == run_id]
