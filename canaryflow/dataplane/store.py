@@ -205,7 +205,8 @@ def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 
 
-def _row(record: RequestRecord) -> dict[str, Any]:
+def row_of(record: RequestRecord) -> dict[str, Any]:
+    """The stored form of a record: text masked (again), flags as integers."""
     row = record.model_dump()
     row["at"] = _epoch(record.at)
     row["role"] = record.role.value
@@ -245,8 +246,13 @@ class Store:
 
     def write(self, records: Sequence[RequestRecord]) -> None:
         """One transaction per batch; text is masked again here, whatever the caller did."""
-        if records:
-            self._backend.write_many(_UPSERT, [_row(r) for r in records])
+        self.write_rows([row_of(r) for r in records])
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """One transaction for rows made by `row_of` (the model service makes them on its event
+        loop, so the thread that writes holds the GIL as briefly as possible)."""
+        if rows:
+            self._backend.write_many(_UPSERT, rows)
 
     def records(
         self,
