@@ -1,9 +1,10 @@
 """Data-plane latency: what the model service (and Envoy in front of it) adds to a provider call.
 
-Open-loop load: requests leave on schedule whether or not earlier ones returned, and latency is
-measured from the scheduled send time, so a stall shows up instead of hiding (no coordinated
-omission). The provider is `benchmarks/responder.py`, a canned answer costing a few microseconds
-(`--provider sandbox` uses the sandbox at 0 ms instead, which itself tops out near 1,500 req/s).
+Open-loop load (`benchmarks/loadgen.py`): requests leave on schedule whether or not earlier ones
+returned, and latency is measured from the scheduled send time, so a stall shows up instead of
+hiding (no coordinated omission). The provider is `benchmarks/responder.py`, a canned answer
+costing a few microseconds (`--provider sandbox` uses the sandbox at 0 ms instead, which itself
+tops out near 1,500 req/s).
 Paths:
 
 - provider direct
@@ -40,9 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu import HostSpeed, process_cpu_s, settle  # noqa: E402
+from benchmarks.loadgen import OpenLoop  # noqa: E402
 from canaryflow.contracts import ModelManifest, Origin, Price, Routes  # noqa: E402
-from canaryflow.dataplane.http1 import Http1Client  # noqa: E402
-from canaryflow.errors import TransientProviderError  # noqa: E402
 from canaryflow.processes import ManagedProcess, free_port, http_ok  # noqa: E402
 
 SERVICE = "bench"
@@ -91,39 +91,12 @@ class Run:
 
 
 async def open_loop(url: str, rate: float, duration_s: float, path: str) -> Run:
-    """The load generator uses the lean client too: aiohttp's would cost more CPU than the
-    service it measures (0.35 ms per request against the service's 0.37 ms)."""
-    run = Run(path, rate)
     # The sandbox reads the model name; the service ignores it (the release decides).
     body = json.dumps(
         {"model": SANDBOX_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
     ).encode()
-    client = Http1Client(max_connections=4000)
-
-    async def one(scheduled: float) -> None:
-        try:
-            ok = (await client.post(url, body, 10.0)).status == 200
-        except TransientProviderError:
-            ok = False
-        if ok:
-            run.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
-        else:
-            run.errors += 1
-
-    total = int(rate * duration_s)
-    tasks = []
-    start = time.perf_counter()
-    for i in range(total):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(scheduled)))
-    await asyncio.gather(*tasks)
-    await client.aclose()
-    run.sent = total
-    run.duration_s = duration_s
-    return run
+    tally = await OpenLoop(url, body).run(rate, duration_s)
+    return Run(path, rate, tally.sent, tally.errors, tally.latencies_ms, duration_s)
 
 
 REPEAT = 1
@@ -277,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~1 minute instead of ~5")
     parser.add_argument("--provider", choices=["responder", "sandbox"], default="responder")
     parser.add_argument("--repeat", type=int, help="runs per point, the best kept (default 2)")
+    parser.add_argument(
+        "--goals", action="store_true", help="only the goal points: 200 req/s and 1,500 sustained"
+    )
     args = parser.parse_args(argv)
     global REPEAT, HOST
     REPEAT = args.repeat or (1 if args.quick else 2)
@@ -288,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 1.5 if args.quick else 3.0
     rates = [100, 200] if args.quick else [100, 200, 500]
     ladder = [1000, 1500, 2000] if args.quick else [1000, 1500, 2000, 2500, 3000]
+    if args.goals:
+        rates, ladder = [GOAL_RATE], []
     started = time.monotonic()
     runs: list[Run] = []
     ceilings: list[tuple[str, int, Run]] = []
@@ -303,13 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(provider_process.stop)
         assert provider_process.process is not None
         provider = f"http://127.0.0.1:{provider_port}"
-        services = {
-            kind: service(stack, home, f"service-{kind}", provider, kind)
-            for kind in ("http1", "aiohttp", "httpx")
-        }
+        kinds = ["http1"] if args.goals else ["http1", "aiohttp", "httpx"]
+        services = {kind: service(stack, home, f"service-{kind}", provider, kind) for kind in kinds}
         shadows = {
             kind: service(stack, home, f"shadow-{kind}", provider, kind)
-            for kind in ("http1", "aiohttp")
+            for kind in kinds
+            if kind != "httpx"
         }
 
         def url(port: int) -> str:
@@ -321,11 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                            ("service direct (http1)", services["http1"][0])):  # fmt: skip
             for rate in rates:
                 runs.append(measure(url(port), name, rate, seconds))
-            ceilings.append((name, *highest_clean(url(port), name, ladder, seconds)))
+            if ladder:
+                ceilings.append((name, *highest_clean(url(port), name, ladder, seconds)))
 
         breakdown: dict[str, float] = {}
         held: Run | None = None
-        for kind in ("http1", "aiohttp"):
+        for kind in shadows:
             (primary, primary_pid), (shadow, shadow_pid) = services[kind], shadows[kind]
             for mirror in (False, True):
                 if kind == "aiohttp" and not mirror:
@@ -335,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     if kind == "http1":
                         for rate in rates:
                             runs.append(measure(target, name, rate, seconds))
-                    if mirror:
+                    if mirror and ladder:
                         ceilings.append((name, *highest_clean(target, name, ladder, seconds)))
                     if mirror and kind == "http1":
                         pids = {
@@ -347,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                         breakdown = cpu_breakdown(target, BREAKDOWN_RATE, seconds, pids)
                         held = measure(target, name, GOAL_SUSTAINED, SUSTAINED_S)
 
-        for kind in ("aiohttp", "httpx"):
+        for kind in [k for k in kinds if k != "http1"]:
             port = services[kind][0]
             for rate in rates if kind != "httpx" else [r for r in rates if r <= 200]:
                 runs.append(measure(url(port), f"service direct ({kind})", rate, seconds))
@@ -360,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     print("(2 shared cores; 'host' = how much slower than its best the host ran Python during")
     print(" the run: each run waits for a fast spell, and the best of the repeats is kept)\n")
     print(table(runs, direct))
-    print(f"\nHighest clean rate (no errors, >= 95% achieved, p99 <= {CLEAN_P99_MS:.0f} ms):")
+    if ceilings:
+        print(f"\nHighest clean rate (no errors, >= 95% achieved, p99 <= {CLEAN_P99_MS:.0f} ms):")
     for name, best, last in ceilings:
         stop = f"first unclean: {last.rate:.0f} req/s, p99 {last.pct(0.99):.1f} ms, "
         stop += f"{last.errors} errors, achieved {last.achieved:.0f}"
