@@ -103,6 +103,16 @@ def cmd_approve(args: argparse.Namespace) -> int:
     from canaryflow.errors import ConfigError
     from canaryflow.stack import load_endpoints
 
+    if args.list:
+        api = load_endpoints(_home(args)).prefect_api_url
+        runs = paused_runs(api) if api else []
+        for run in runs:
+            print(f"{run['id']}  {run['name']}  paused since {run['state']['timestamp']}")
+        if not runs:
+            print("no release is waiting for approval")
+        return 0
+    if args.run_id is None or args.reason is None:
+        raise ConfigError("approve needs RUN_ID and --reason (or --list to see the waiting runs)")
     try:
         uuid.UUID(args.run_id)
     except ValueError as exc:
@@ -242,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     release = add("release", cmd_release, "run the release flow for a spec")
     release.add_argument("spec")
     approve = add("approve", cmd_approve, "answer a paused release (as the Prefect UI does)")
-    approve.add_argument("run_id")
-    approve.add_argument("--reason", required=True)
+    approve.add_argument("run_id", nargs="?")
+    approve.add_argument("--reason")
+    approve.add_argument("--list", action="store_true", help="the releases waiting for an answer")
     approve.add_argument("--approver", default=os.environ.get("USER", "cli"))
     approve.add_argument("--reject", action="store_true")
     rollback = add("rollback", cmd_rollback, "roll a service back to last-stable or a version")

@@ -44,6 +44,8 @@ def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -
     spec = spec.model_copy(update={"suites": ["golden"]})  # the pause is what this test is about
     thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
     run_id = _wait_for_pause(live, thread)
+    waiting = canaryflow(live, "approve", "--list")
+    assert waiting.returncode == 0 and run_id in waiting.stdout, waiting.stderr
 
     done = canaryflow(
         live, "approve", run_id, "--reason", "cost accepted", "--approver", "cli-on-call"
