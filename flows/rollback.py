@@ -12,6 +12,7 @@ from canaryflow.contracts import Endpoints, Routes
 from canaryflow.settings import Settings
 from canaryflow.stack import load_endpoints
 from tasks.common import RETRY_DELAYS, artifact_key, emit, retry_if_transient
+from tasks.registry import retire_challenger
 from tasks.traffic import shift_traffic
 
 
@@ -31,8 +32,9 @@ def rollback(
 ) -> dict[str, object]:
     """Roll `service` back to `to_version` or the version `to_alias` names: traffic first.
 
-    `to_alias="champion"` only takes traffic off a canary nobody owns any more (the silence
-    automation): an unpromoted candidate never moved the champion, so the registry stays.
+    `to_alias="champion"` takes traffic off a canary nobody owns any more (the silence
+    automation): an unpromoted candidate never moved the champion, so `champion` stays and the
+    challenger is marked rolled back.
     """
     endpoints = endpoints or load_endpoints(Settings().home)
     target = (
@@ -47,9 +49,11 @@ def rollback(
     else:
         before, traffic_ms = None, 0.0
     champion = restore_champion(service, target, reason, endpoints)
+    retired = retire_challenger(service, reason, endpoints) if to_alias == "champion" else None
     summary: dict[str, object] = {
         "service": service,
         "champion": champion,
+        "retired_challenger": retired,
         "previous_stable": before.stable if before else None,
         "traffic_ms": round(traffic_ms, 1),
         "reason": reason,

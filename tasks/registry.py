@@ -30,3 +30,14 @@ def mark_rolled_back(service: str, version: str, reason: str, endpoints: Endpoin
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def set_status(service: str, version: str, status: str, endpoints: Endpoints) -> None:
     connections.registry(endpoints.mlflow_uri).set_status(service, version, status)  # type: ignore[arg-type]
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | None:
+    """The candidate a silent canary left behind: marked rolled back, `challenger` removed.
+    Returns its version, or None when no version is challenging."""
+    registry = connections.registry(endpoints.mlflow_uri)
+    challenger = registry.aliases(service).get("challenger")
+    if challenger is not None:
+        registry.rollback(service, challenger, reason)
+    return challenger

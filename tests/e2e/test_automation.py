@@ -23,9 +23,17 @@ from prefect.client.orchestration import get_client
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from canaryflow import connections, examples
-from canaryflow.contracts import CanaryPlan, CanaryStep, ReleaseSpec, ShadowConfig, TrafficConfig
+from canaryflow.contracts import (
+    CanaryPlan,
+    CanaryStep,
+    ReleaseSpec,
+    Routes,
+    ShadowConfig,
+    TrafficConfig,
+)
 from canaryflow.processes import ManagedProcess, free_port, http_ok
 from canaryflow.stack import PYTHON
+from flows.rollback import rollback
 from tasks.common import emit, flush_events
 from tests.e2e.conftest import LiveStack, prefect_cli
 
@@ -253,3 +261,29 @@ def _events(live: LiveStack, name: str, run_id: str) -> list[dict[str, Any]]:
         json={"filter": {"event": {"name": [name]}}, "limit": 50},
     ).json()["events"]
     return [e for e in events if e["payload"].get("flow_run_id") == run_id]
+
+
+def test_rollback_the_automation_runs_retires_the_abandoned_challenger(live: LiveStack) -> None:
+    """What the trigger starts: traffic off the canary, champion kept, candidate rolled back."""
+    registry = connections.registry(live.endpoints.mlflow_uri)
+    champion = registry.resolve(examples.SERVICE, "champion").version
+    candidate = registry.publish(live.sign(examples.manifest("4.2", "sandbox-good")))
+    registry.start_challenger(examples.SERVICE, candidate.version)
+    controller = connections.traffic_controller(live.endpoints, examples.SERVICE)
+    controller.set_routes(
+        Routes(service=examples.SERVICE, stable=champion, canary=candidate.version, weight=25)
+    )
+
+    summary = rollback(
+        service=examples.SERVICE,
+        to_alias="champion",
+        reason="silent canary: test",
+        endpoints=live.endpoints,
+    )
+
+    routes = controller.current()
+    assert routes is not None and (routes.stable, routes.canary) == (champion, None)
+    assert summary["retired_challenger"] == candidate.version
+    aliases = registry.aliases(examples.SERVICE)
+    assert aliases["champion"] == champion and "challenger" not in aliases
+    assert registry.get(examples.SERVICE, candidate.version).status == "rolled_back"
