@@ -19,6 +19,10 @@ LATENCY_BUCKETS = (
 FLAGS = ("hallucination", "unsafe", "injection_leak", "refusal")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BASE = ("service", "version", "role")
+# Direct callers name the version in a header: past this many, new ones count as "other", so a
+# client cannot grow the series without bound. A service has a handful of live versions.
+MAX_VERSIONS = 64
+OTHER = "other"
 
 
 class ServiceMetrics:
@@ -67,6 +71,15 @@ class ServiceMetrics:
             registry=r,
         )
         self._children: dict[tuple[str, ...], _RequestSeries] = {}
+        self._versions: set[str] = set()
+
+    def _bounded(self, version: str) -> str:
+        if version in self._versions:
+            return version
+        if len(self._versions) >= MAX_VERSIONS:
+            return OTHER
+        self._versions.add(version)
+        return version
 
     def observe_request(
         self,
@@ -81,6 +94,10 @@ class ServiceMetrics:
         key = (version, role, str(status))
         series = self._children.get(key)
         if series is None:
+            version = self._bounded(version)
+            key = (version, role, str(status))
+            series = self._children.get(key)
+        if series is None:
             series = self._children[key] = _RequestSeries(self, version, role, str(status))
         series.requests.inc()
         series.duration.observe(seconds)
@@ -93,11 +110,13 @@ class ServiceMetrics:
 
     def observe_check(self, version: str, role: str, raised: Iterable[str]) -> None:
         """Count one checked response and each flag it raised (flags from `FLAGS`)."""
+        version = self._bounded(version)
         self.checked.labels(self.service, version, role).inc()
         for flag in raised:
             self.flags.labels(self.service, version, role, flag).inc()
 
     def observe_tool_call(self, version: str, role: str, tool: str, action: str) -> None:
+        version = self._bounded(version)
         self.tool_calls.labels(self.service, version, role, tool, action).inc()
 
     def registry_error(self) -> None:
