@@ -192,7 +192,12 @@ class Http1Client:
         try:
             return await waiter
         except BaseException:
-            if not waiter.done() or not isinstance(waiter.exception(), _StaleConnection):
+            stale = (
+                waiter.done()
+                and not waiter.cancelled()
+                and isinstance(waiter.exception(), _StaleConnection)
+            )
+            if not stale:
                 connection.close()  # a timed-out or broken exchange leaves the stream unusable
             raise
 

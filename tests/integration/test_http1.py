@@ -60,6 +60,9 @@ class _Server(asyncio.Protocol):
         self.transport = transport
         self.owner.connections += 1
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.closed += 1
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
@@ -84,6 +87,7 @@ class _Server(asyncio.Protocol):
 class RawServer:
     def __init__(self) -> None:
         self.connections = 0
+        self.closed = 0
         self.bodies: list[bytes] = []
         self.port = 0
 
@@ -162,7 +166,10 @@ async def test_silent_provider_times_out_and_the_next_call_still_works(
 ) -> None:
     with pytest.raises(TransientProviderError, match=r"did not answer in 0\.2 s"):
         await client.post(url(server, "/silent"), b"{}", 0.2)
+    await asyncio.sleep(0.05)
+    assert server.closed == 1  # the abandoned connection is not left open, nor reused
     assert (await client.post(url(server, "/ok"), b"{}", 5.0)).body == BODY
+    assert server.connections == 2
 
 
 async def test_garbage_and_refused_connections_are_transient_errors(
