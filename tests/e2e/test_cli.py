@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from canaryflow import examples
+from canaryflow.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import ApprovalConfig, ReleaseRecord
 from canaryflow.stack import (
     WEBHOOK_PATH,
@@ -44,16 +45,21 @@ def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -
     spec = spec.model_copy(update={"suites": ["golden"]})  # the pause is what this test is about
     thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
     run_id = _wait_for_pause(live, thread)
-    waiting = canaryflow(live, "approve", "--list")
-    assert waiting.returncode == 0 and run_id in waiting.stdout, waiting.stderr
+    try:
+        waiting = canaryflow(live, "approve", "--list")
+        assert waiting.returncode == 0 and run_id in waiting.stdout, waiting.stderr
 
-    done = canaryflow(
-        live, "approve", run_id, "--reason", "cost accepted", "--approver", "cli-on-call"
-    )
+        done = canaryflow(
+            live, "approve", run_id, "--reason", "cost accepted", "--approver", "cli-on-call"
+        )
 
-    assert done.returncode == 0, done.stderr
-    assert f"flow run {run_id}: approved by cli-on-call (ACCEPT)" in done.stdout
-    thread.join(120)
+        assert done.returncode == 0, done.stderr
+        assert f"flow run {run_id}: approved by cli-on-call (ACCEPT)" in done.stdout
+    finally:
+        if paused_runs(str(live.endpoints.prefect_api_url)):  # free the service for other tests
+            resume_with_approval(str(live.endpoints.prefect_api_url), run_id, approve=False,
+                                 reason="test cleanup", approver="pytest")  # fmt: skip
+        thread.join(120)
     record: ReleaseRecord | None = box.get("record")
     assert record is not None, box.get("error")
     assert record.decision == "promoted", record.reason
