@@ -13,6 +13,7 @@ returns the run it already started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from canaryflow.approvals import RETRY_DELAYS_S, RETRY_STATUSES
 from canaryflow.errors import ConfigError, WebhookSignatureError
 from canaryflow.loading import spec_from_data
 from canaryflow.webhooks import SeenDeliveries, verify_signature
@@ -44,9 +46,32 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class PrefectUnavailable(Exception):
+    """Prefect kept failing after the retries: CI may redeliver (the delivery id makes it safe)."""
+
+
+async def _call(
+    client: httpx.AsyncClient, method: str, url: str, body: object = None
+) -> httpx.Response:
+    """Prefect answers 503 for errors a client may retry (a busy database): retry those."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            response = await client.request(method, url, json=body)
+        except httpx.TransportError as exc:
+            problem = f"unreachable ({exc})"
+        else:
+            if response.status_code not in RETRY_STATUSES and response.status_code < 500:
+                return response
+            problem = f"answered {response.status_code}: {response.text[:200]}"
+        if delay is None:
+            raise PrefectUnavailable(f"the Prefect API {problem}; redeliver later, it is safe")
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 async def _deployment_id(client: httpx.AsyncClient, config: WebhookConfig) -> str:
     flow_name, deployment_name = config.deployment.split("/", 1)
-    response = await client.get(f"/deployments/name/{flow_name}/{deployment_name}")
+    response = await _call(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}")
     if response.status_code == 404:
         raise LookupError(
             f"deployment {config.deployment!r} not found: run `prefect deploy --all` first"
@@ -83,16 +108,18 @@ def build_app(config: WebhookConfig) -> Starlette:
         async with httpx.AsyncClient(base_url=config.prefect_api_url, timeout=10) as client:
             try:
                 deployment_id = await _deployment_id(client, config)
-            except LookupError as exc:
+                response = await _call(
+                    client,
+                    "POST",
+                    f"/deployments/{deployment_id}/create_flow_run",
+                    {
+                        "parameters": {"spec": spec.model_dump(mode="json")},
+                        "idempotency_key": f"ci-delivery-{delivery}",
+                        "tags": ["canaryflow", f"service:{spec.service}"],
+                    },
+                )
+            except (LookupError, PrefectUnavailable) as exc:
                 return _error(503, str(exc))
-            response = await client.post(
-                f"/deployments/{deployment_id}/create_flow_run",
-                json={
-                    "parameters": {"spec": spec.model_dump(mode="json")},
-                    "idempotency_key": f"ci-delivery-{delivery}",
-                    "tags": ["canaryflow", f"service:{spec.service}"],
-                },
-            )
             response.raise_for_status()
         run_id = str(response.json()["id"])
         config.seen.remember(delivery, run_id)
