@@ -20,7 +20,6 @@ from typing import Any, Protocol
 from canaryflow import knowledge
 from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.metrics import ServiceMetrics
-from canaryflow.dataplane.pii import mask_pii
 from canaryflow.dataplane.store import row_of
 
 log = logging.getLogger("canaryflow.serve")
@@ -228,8 +227,8 @@ class RecordWorker:
             tokens_in=p.tokens_in,
             tokens_out=p.tokens_out,
             cost_usd=p.cost_usd,
-            prompt=mask_pii(p.prompt),
-            response=mask_pii(p.response),
+            prompt=p.prompt,  # `row_of` masks PII before anything reaches the store
+            response=p.response,
             checked=checked,
             hallucination=flags.hallucination,
             unsafe=flags.unsafe,

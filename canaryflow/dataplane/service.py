@@ -355,7 +355,6 @@ def build_app(
         ],
         lifespan=lifespan,
     )
-    app.state.service = service
     return HotPath(service, app)
 
 
@@ -363,7 +362,7 @@ class HotPath:
     """`POST /v1/chat/completions` straight to the service; everything else through Starlette."""
 
     def __init__(self, chat: ASGIApp, app: Starlette) -> None:
-        self.chat, self.app, self.state = chat, app, app.state
+        self.chat, self.app = chat, app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from canaryflow.processes import ManagedProcess, free_port, http_ok
+from tests.integration.busy_prefect import BusyPrefect
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def busy_prefect() -> Iterator[str]:
+    """A fresh `BusyPrefect`; yields its API URL. Tests set `busy` and `ok` before calling."""
+    BusyPrefect.busy, BusyPrefect.ok, BusyPrefect.posts = 0, (200, {}), []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BusyPrefect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    server.shutdown()
+    server.server_close()
