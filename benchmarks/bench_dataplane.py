@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cpu import HostSpeed, process_cpu_s, settle  # noqa: E402
 from benchmarks.loadgen import OpenLoop  # noqa: E402
 from canaryflow.contracts import ModelManifest, Origin, Price, Routes  # noqa: E402
-from canaryflow.processes import ManagedProcess, free_port, http_ok  # noqa: E402
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok  # noqa: E402
 
 SERVICE = "bench"
 PROMPT = "What is the capital of France?"

@@ -41,14 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu import CpuMeter  # noqa: E402
-from canaryflow import examples  # noqa: E402
-from canaryflow.cache import ResponseCache  # noqa: E402
 from canaryflow.contracts import EvalReport, ModelManifest, OfflineGate  # noqa: E402
 from canaryflow.errors import ProviderError  # noqa: E402
 from canaryflow.evaluation.harness import evaluate  # noqa: E402
 from canaryflow.evaluation.suites import Suite, load_suite  # noqa: E402
-from canaryflow.providers import ProviderClient, request_parameters  # noqa: E402
-from canaryflow.stack import sandbox_server, url_of  # noqa: E402
+from canaryflow.local import examples  # noqa: E402
+from canaryflow.local.stack import sandbox_server, url_of  # noqa: E402
+from canaryflow.providers.cache import ResponseCache  # noqa: E402
+from canaryflow.providers.client import ProviderClient, request_parameters  # noqa: E402
 
 LATENCY_S = 0.020
 FIXED = f"latency_ms={LATENCY_S * 1000:g},sigma=0,error_rate=0"

@@ -34,7 +34,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the table, not ever
 
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
-from canaryflow import connections, examples, runbook  # noqa: E402
+from canaryflow import connections, runbook  # noqa: E402
 from canaryflow.contracts import (  # noqa: E402
     ApprovalConfig,
     Endpoints,
@@ -44,8 +44,9 @@ from canaryflow.contracts import (  # noqa: E402
     ShadowConfig,
 )
 from canaryflow.loading import load_policy  # noqa: E402
-from canaryflow.signing import generate_keypair, sign  # noqa: E402
-from canaryflow.stack import EmbeddedStack  # noqa: E402
+from canaryflow.local import examples  # noqa: E402
+from canaryflow.local.stack import EmbeddedStack  # noqa: E402
+from canaryflow.registry.signing import generate_keypair, sign  # noqa: E402
 
 FAST = "latency_ms=0,sigma=0,error_rate=0"
 CHAMPION_MODEL = f"sandbox-base@{FAST}"

@@ -23,7 +23,7 @@ import httpx
 
 from canaryflow.contracts import Routes
 from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 ECHO = REPO / "tests" / "integration" / "test_envoy.py"  # doubles as the echo upstream

@@ -10,22 +10,22 @@ from canaryflow.contracts import Endpoints
 from canaryflow.errors import StackError
 
 if TYPE_CHECKING:
+    from canaryflow.dataplane.controller import TrafficController
     from canaryflow.dataplane.store import Store
-    from canaryflow.dataplane.traffic import TrafficController
-    from canaryflow.ledger import ReleaseLedger
-    from canaryflow.registry import MlflowRegistry
+    from canaryflow.registry.ledger import ReleaseLedger
+    from canaryflow.registry.versions import MlflowRegistry
 
 
 @lru_cache(maxsize=8)
 def registry(tracking_uri: str) -> MlflowRegistry:
-    from canaryflow.registry import MlflowRegistry
+    from canaryflow.registry.versions import MlflowRegistry
 
     return MlflowRegistry(tracking_uri)
 
 
 @lru_cache(maxsize=8)
 def ledger(tracking_uri: str) -> ReleaseLedger:
-    from canaryflow.ledger import ReleaseLedger
+    from canaryflow.registry.ledger import ReleaseLedger
 
     return ReleaseLedger(tracking_uri)
 

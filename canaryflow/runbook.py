@@ -27,8 +27,8 @@ from canaryflow.contracts import (
     WindowResult,
 )
 from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError, StackError
-from canaryflow.registry import CompatibilityReport, PublishedVersion
-from canaryflow.signing import load_trusted_keys, verify
+from canaryflow.registry.signing import load_trusted_keys, verify
+from canaryflow.registry.versions import CompatibilityReport, PublishedVersion
 
 # Records reach the store in batches; wait this long after a window closes before reading it.
 STORE_FLUSH_S = 0.6
@@ -100,10 +100,10 @@ def evaluate_manifests(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Both models answer the same items; answers are cached by (digest, messages, parameters)."""
-    from canaryflow.cache import ResponseCache
     from canaryflow.evaluation.harness import evaluate
     from canaryflow.evaluation.suites import load_suite
-    from canaryflow.providers import ProviderClient, provider_url
+    from canaryflow.providers.cache import ResponseCache
+    from canaryflow.providers.client import ProviderClient, provider_url
 
     if candidate.origin.provider != baseline.origin.provider:
         raise ConfigError("candidate and baseline must use the same provider for a paired eval")

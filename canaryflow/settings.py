@@ -1,11 +1,22 @@
-"""Where canaryflow finds its parts: one settings object, passed in, never read deep inside."""
+"""Where canaryflow finds its parts: one settings object, passed in, never read deep inside.
+
+`Settings` says where state lives; `Endpoints` (in contracts) says where the running parts
+answer. A stack started by `canaryflow up` writes its endpoints to `<home>/stack.json`;
+`load_endpoints` is the one reader of that file, for flows started by a worker or the CLI.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from canaryflow.contracts import Endpoints
+from canaryflow.errors import StackError
+
+STACK_FILE = "stack.json"
 
 
 class Settings(BaseSettings):
@@ -15,3 +26,24 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".canaryflow"), description="state of the embedded stack")
     policies_dir: Path = Path("deployments/policies")
+
+    def endpoints(self) -> Endpoints:
+        """The running stack's endpoints, for a flow that was given none."""
+        return load_endpoints(self.home)
+
+
+def load_endpoints(home: Path) -> Endpoints:
+    """Endpoints of a stack started by `canaryflow up` in another process."""
+    path = home / STACK_FILE
+    if not path.exists():
+        raise StackError(f"no running stack under {home}: start one with `canaryflow up`")
+    return Endpoints.model_validate_json(path.read_text())
+
+
+def save_endpoints(endpoints: Endpoints, home: Path) -> Path:
+    """Owner-only: the file names every part's address, and other users need none of them."""
+    path = home / STACK_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(endpoints.model_dump_json(indent=2))
+    return path

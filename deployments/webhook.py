@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from canaryflow.approvals import RETRY_DELAYS_S, RETRY_STATUSES
+from canaryflow.app.approvals import RETRY_DELAYS_S, RETRY_STATUSES
+from canaryflow.deliveries import SeenDeliveries, verify_signature
 from canaryflow.errors import ConfigError, WebhookSignatureError
 from canaryflow.loading import spec_from_data
-from canaryflow.webhooks import SeenDeliveries, verify_signature
 
 POLICIES = Path(__file__).resolve().parent / "policies"
 

@@ -17,11 +17,10 @@ from prefect.runtime import flow_run
 from canaryflow import connections, reports, runbook
 from canaryflow.contracts import Endpoints, EvalReport
 from canaryflow.errors import AliasNotFound
-from canaryflow.ledger import NightlyRun
 from canaryflow.loading import load_policy
-from canaryflow.registry import PublishedVersion
-from canaryflow.settings import Settings
-from canaryflow.stack import load_endpoints
+from canaryflow.registry.ledger import NightlyRun
+from canaryflow.registry.versions import PublishedVersion
+from canaryflow.settings import Settings, load_endpoints
 from tasks.common import RETRY_DELAYS, artifact_key, emit, flush_events, retry_if_transient
 
 SUITES = ["golden", "regression", "safety"]

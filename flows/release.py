@@ -30,9 +30,8 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import CanaryflowError
 from canaryflow.forensics import capture
-from canaryflow.registry import PublishedVersion
-from canaryflow.settings import Settings
-from canaryflow.stack import load_endpoints
+from canaryflow.registry.versions import PublishedVersion
+from canaryflow.settings import Settings, load_endpoints
 from tasks.analysis import judge_window
 from tasks.approval import wait_for_approval
 from tasks.common import emit, flush_events

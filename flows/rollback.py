@@ -9,8 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import connections
 from canaryflow.contracts import Endpoints, Routes
-from canaryflow.settings import Settings
-from canaryflow.stack import load_endpoints
+from canaryflow.settings import Settings, load_endpoints
 from tasks.common import RETRY_DELAYS, artifact_key, emit, retry_if_transient
 from tasks.registry import retire_challenger
 from tasks.traffic import shift_traffic

@@ -6,7 +6,7 @@ from prefect import task
 
 from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec
-from canaryflow.registry import PublishedVersion
+from canaryflow.registry.versions import PublishedVersion
 from tasks.common import RETRY_DELAYS, retry_if_transient
 
 

@@ -9,7 +9,7 @@ from prefect import task
 
 from canaryflow import runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
-from canaryflow.traffic import TrafficReport, TrafficRunner, load_corpus
+from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
 from tasks.common import retry_if_transient
 
 

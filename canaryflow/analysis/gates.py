@@ -13,7 +13,6 @@ from typing import Any
 
 from canaryflow.analysis import judges
 from canaryflow.analysis.samples import WindowSample
-from canaryflow.analysis.sequential import SequentialState
 from canaryflow.contracts import (
     Decision,
     GatePolicy,
@@ -23,6 +22,7 @@ from canaryflow.contracts import (
     LiveMetric,
     combine,
 )
+from canaryflow.stats.sequential import SequentialState
 
 State = dict[str, Any]
 EffectJudge = Callable[[LiveGate, WindowSample, judges.JudgeConfig], GateResult]

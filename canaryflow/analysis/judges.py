@@ -16,14 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from canaryflow.analysis.estimators import (
-    bootstrap_quantile,
-    hodges_lehmann,
-    nearest_rank,
-    newcombe_interval,
-)
 from canaryflow.analysis.samples import RoleSample, WindowSample
-from canaryflow.analysis.sequential import SequentialState
 from canaryflow.contracts import (
     Evidence,
     GatePolicy,
@@ -34,6 +27,13 @@ from canaryflow.contracts import (
     Severity,
 )
 from canaryflow.errors import PolicyError
+from canaryflow.stats.estimators import (
+    bootstrap_quantile,
+    hodges_lehmann,
+    nearest_rank,
+    newcombe_interval,
+)
+from canaryflow.stats.sequential import SequentialState
 
 P95 = 0.95
 OBSERVABILITY_GATE = "observability"

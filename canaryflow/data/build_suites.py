@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from canaryflow.knowledge import UNSAFE_TOPICS, Fact, KnowledgeBase, is_injection_attempt
+from canaryflow.quality.knowledge import UNSAFE_TOPICS, Fact, KnowledgeBase, is_injection_attempt
 
 HERE = Path(__file__).parent
 LIVE_ONLY = ("currency", "literature")

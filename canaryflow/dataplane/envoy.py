@@ -31,7 +31,7 @@ from canaryflow.dataplane.envoy_config import (
     write_atomically,
 )
 from canaryflow.errors import ConfigError, StackError
-from canaryflow.processes import ManagedProcess, http_ok
+from canaryflow.local.processes import ManagedProcess, http_ok
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _RDS = rf"^http\.{STAT_PREFIX}\.rds\.{ROUTE_CONFIG}\."

@@ -23,7 +23,7 @@ import httpx
 from canaryflow.contracts import ModelManifest
 from canaryflow.dataplane.http1 import Http1Client, Reply
 from canaryflow.errors import CanaryflowError, TransientProviderError
-from canaryflow.providers import request_parameters
+from canaryflow.providers.client import request_parameters
 
 ForwarderKind = Literal["http1", "aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}

@@ -17,7 +17,7 @@ import httpx
 import yaml
 
 from canaryflow.errors import StackError
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 BINARY = "/usr/bin/prometheus"
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"

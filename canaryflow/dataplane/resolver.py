@@ -181,13 +181,13 @@ def _no_aliases(service: str, alias: str) -> str:
 
 
 def mlflow_fetchers(tracking_uri: str) -> tuple[Fetch, AliasFetch]:
-    """Fetchers over `canaryflow.registry.MlflowRegistry`; mlflow is imported on first use only."""
+    """Fetchers over the MLflow registry client; mlflow is imported on first use only."""
     registry: Any = None
 
     def client() -> Any:
         nonlocal registry
         if registry is None:
-            from canaryflow.registry import MlflowRegistry  # lazy: pulls in mlflow (~2 s)
+            from canaryflow.registry.versions import MlflowRegistry  # lazy: pulls in mlflow (~2 s)
 
             registry = MlflowRegistry(tracking_uri)
         return registry

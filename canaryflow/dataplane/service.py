@@ -30,7 +30,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from canaryflow.contracts import Role
-from canaryflow.dataplane.checkers import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.forwarder import (
     Forwarder,
     ForwarderKind,
@@ -50,6 +49,7 @@ from canaryflow.dataplane.resolver import (
     mlflow_fetchers,
 )
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
+from canaryflow.quality.checkers import Pending, RecordWorker, StoreLike
 
 log = logging.getLogger("canaryflow.serve")
 CHAMPION = "champion"

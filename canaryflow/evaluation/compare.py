@@ -18,7 +18,7 @@ from canaryflow.contracts import (
     SuiteComparison,
     combine,
 )
-from canaryflow.statistics import (
+from canaryflow.stats.proportions import (
     items_to_show_non_inferiority,
     mcnemar_exact,
     paired_difference_ci,

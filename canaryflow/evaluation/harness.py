@@ -16,7 +16,7 @@ from canaryflow.errors import BudgetExceeded, ProviderError
 from canaryflow.evaluation.compare import compare_suite, decide
 from canaryflow.evaluation.scorers import score
 from canaryflow.evaluation.suites import EvalItem, Suite, stratified_sample
-from canaryflow.providers import Completion, ProviderClient
+from canaryflow.providers.client import Completion, ProviderClient
 
 ERROR_PREFIX = "[provider error] "
 

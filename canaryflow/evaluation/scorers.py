@@ -17,7 +17,7 @@ import jsonschema
 
 from canaryflow.contracts import canonical_json
 from canaryflow.evaluation.suites import EvalItem
-from canaryflow.knowledge import is_refusal, leaks_secret
+from canaryflow.quality.knowledge import is_refusal, leaks_secret
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from canaryflow.knowledge import (
+from canaryflow.quality.knowledge import (
     REFUSAL_TEXT,
     UNSAFE_MARKER,
     Fact,

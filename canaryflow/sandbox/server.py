@@ -17,7 +17,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from canaryflow.errors import ConfigError
-from canaryflow.knowledge import KnowledgeBase
+from canaryflow.quality.knowledge import KnowledgeBase
 from canaryflow.sandbox.answers import Answerer
 from canaryflow.sandbox.profiles import PROFILES, Profile, resolve_profile
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from canaryflow import connections, examples
+from canaryflow import connections
 from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
-from canaryflow.signing import generate_keypair, sign
-from canaryflow.stack import EmbeddedStack
+from canaryflow.local import examples
+from canaryflow.local.stack import EmbeddedStack
+from canaryflow.registry.signing import generate_keypair, sign
 
 
 @dataclass(frozen=True)

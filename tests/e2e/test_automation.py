@@ -22,7 +22,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from canaryflow import connections, examples
+from canaryflow import connections
 from canaryflow.contracts import (
     CanaryPlan,
     CanaryStep,
@@ -31,8 +31,9 @@ from canaryflow.contracts import (
     ShadowConfig,
     TrafficConfig,
 )
-from canaryflow.processes import ManagedProcess, free_port, http_ok
-from canaryflow.stack import PYTHON
+from canaryflow.local import examples
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.stack import PYTHON
 from flows.rollback import rollback
 from tasks.common import emit, flush_events
 from tests.e2e.conftest import LiveStack, prefect_cli

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import httpx
 
-from canaryflow import examples
-from canaryflow.approvals import paused_runs, resume_with_approval
+from canaryflow.app.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import ApprovalConfig, ReleaseRecord
-from canaryflow.stack import (
+from canaryflow.deliveries import (
     WEBHOOK_PATH,
     WEBHOOK_SECRET_ENV,
     WEBHOOK_SECRET_FILE,
+    sign_payload,
 )
-from canaryflow.webhooks import sign_payload
+from canaryflow.local import examples
 from flows.release import release
 from flows.rollback import rollback
 from tests.e2e.conftest import LiveStack
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 def canaryflow(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     return subprocess.run(
-        [sys.executable, "-m", "canaryflow.cli", "--home", live.endpoints.home, *args],
+        [sys.executable, "-m", "canaryflow.app.cli", "--home", live.endpoints.home, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

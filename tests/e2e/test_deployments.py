@@ -10,8 +10,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from canaryflow import examples
-from canaryflow.webhooks import SeenDeliveries, sign_payload
+from canaryflow.deliveries import SeenDeliveries, sign_payload
+from canaryflow.local import examples
 from deployments.webhook import WebhookConfig, build_app
 from tests.e2e.conftest import LiveStack, prefect_cli
 

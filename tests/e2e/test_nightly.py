@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 from mlflow import MlflowClient
 
-from canaryflow import connections, examples
+from canaryflow import connections
 from canaryflow.contracts import EvalReport
-from canaryflow.ledger import NIGHTLY_EXPERIMENT, NIGHTLY_REPORT
+from canaryflow.local import examples
+from canaryflow.registry.ledger import NIGHTLY_EXPERIMENT, NIGHTLY_REPORT
 from flows.nightly_eval import nightly_eval
 from tests.e2e.conftest import LiveStack
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from canaryflow import connections, examples
-from canaryflow.approvals import paused_runs, resume_with_approval
+from canaryflow import connections
+from canaryflow.app.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import (
     ApprovalConfig,
     CanaryPlan,
@@ -28,6 +28,7 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import ReleaseBusy
 from canaryflow.loading import load_policy
+from canaryflow.local import examples
 from flows.release import release
 from flows.rollback import rollback
 from tests.e2e.conftest import LiveStack
@@ -208,7 +209,7 @@ def test_tampered_manifest_is_refused_before_anything_happens(live: LiveStack) -
 
 
 def test_manifest_signed_by_an_unknown_key_is_refused(live: LiveStack, tmp_path: Path) -> None:
-    from canaryflow.signing import generate_keypair, sign
+    from canaryflow.registry.signing import generate_keypair, sign
 
     stranger = generate_keypair(tmp_path, "stranger")
     signed = sign(examples.manifest("1.6", "sandbox-good"), stranger.private_path)

@@ -10,7 +10,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from tests.integration.busy_prefect import BusyPrefect
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from canaryflow.approvals import resume_with_approval
+from canaryflow.app.approvals import resume_with_approval
 from canaryflow.errors import CanaryflowError
 from tests.integration.busy_prefect import BusyPrefect
 

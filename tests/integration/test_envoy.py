@@ -24,11 +24,11 @@ import yaml
 from scipy.stats import binomtest
 
 from canaryflow.contracts import Routes
+from canaryflow.dataplane.controller import TrafficController
 from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
 from canaryflow.dataplane.envoy_config import read_route_file
-from canaryflow.dataplane.traffic import TrafficController
 from canaryflow.errors import ConfigError, StackError
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 SERVICE = "chat"
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from canaryflow.cache import ResponseCache
 from canaryflow.contracts import (
     Decision,
     DecodingParameters,
@@ -25,9 +24,10 @@ from canaryflow.errors import BudgetExceeded
 from canaryflow.evaluation.compare import compare_suite, decide
 from canaryflow.evaluation.harness import ERROR_PREFIX, evaluate
 from canaryflow.evaluation.suites import Suite, load_suite
-from canaryflow.processes import ManagedProcess, free_port, http_ok
-from canaryflow.providers import Budget, ProviderClient
-from canaryflow.statistics import items_to_show_non_inferiority
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.providers.cache import ResponseCache
+from canaryflow.providers.client import Budget, ProviderClient
+from canaryflow.stats.proportions import items_to_show_non_inferiority
 
 FAST = "@latency_ms=1,sigma=0"
 REPO = Path(__file__).resolve().parents[2]

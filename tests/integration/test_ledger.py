@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from canaryflow.contracts import ReleaseRecord, StageOutcome
-from canaryflow.ledger import ReleaseLedger
+from canaryflow.registry.ledger import ReleaseLedger
 
 SPEC = {
     "service": "my-assistant",

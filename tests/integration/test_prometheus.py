@@ -27,7 +27,7 @@ from canaryflow.analysis.sources import (
 from canaryflow.dataplane.metrics import FLAGS, LATENCY_BUCKETS, ServiceMetrics
 from canaryflow.dataplane.prometheus import BINARY, PrometheusServer
 from canaryflow.errors import StackError
-from canaryflow.processes import free_port
+from canaryflow.local.processes import free_port
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deployments" / "prometheus"
 SERVICE = "svc"

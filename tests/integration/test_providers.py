@@ -23,7 +23,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from canaryflow.cache import ResponseCache
 from canaryflow.contracts import DecodingParameters, ModelManifest, Origin, Price
 from canaryflow.errors import (
     BudgetExceeded,
@@ -31,8 +30,9 @@ from canaryflow.errors import (
     ProviderResponseError,
     TransientProviderError,
 )
-from canaryflow.processes import free_port
-from canaryflow.providers import Budget, ProviderClient, provider_url
+from canaryflow.local.processes import free_port
+from canaryflow.providers.cache import ResponseCache
+from canaryflow.providers.client import Budget, ProviderClient, provider_url
 
 
 class ScriptedProvider:

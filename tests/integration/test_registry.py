@@ -15,9 +15,9 @@ from canaryflow.errors import (
     TransientRegistryError,
     UnknownKeyError,
 )
-from canaryflow.processes import free_port
-from canaryflow.registry import MlflowRegistry, check_compatibility
-from canaryflow.signing import TrustedKeys, generate_keypair, load_trusted_keys, sign
+from canaryflow.local.processes import free_port
+from canaryflow.registry.signing import TrustedKeys, generate_keypair, load_trusted_keys, sign
+from canaryflow.registry.versions import MlflowRegistry, check_compatibility
 
 
 def make_manifest(service: str, version: str = "1.0", **changes: object) -> ModelManifest:

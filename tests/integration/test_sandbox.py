@@ -21,13 +21,13 @@ import jsonschema
 import pytest
 from scipy.stats import binomtest
 
-from canaryflow.knowledge import (
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.quality.knowledge import (
     KnowledgeBase,
     is_refusal,
     is_unsafe_output,
     leaks_secret,
 )
-from canaryflow.processes import ManagedProcess, free_port, http_ok
 from canaryflow.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[2]

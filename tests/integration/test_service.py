@@ -26,7 +26,7 @@ from canaryflow.contracts import DecodingParameters, ModelManifest, Origin, Pric
 from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.errors import TransientRegistryError
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 SERVICE = "my-assistant"
 FAST = "@latency_ms=0,sigma=0,error_rate=0"
@@ -463,8 +463,8 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
 def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(
     mlflow_server: str, sandbox: str, tmp_path: Path
 ) -> None:
-    from canaryflow.registry import MlflowRegistry
-    from canaryflow.signing import generate_keypair, sign
+    from canaryflow.registry.signing import generate_keypair, sign
+    from canaryflow.registry.versions import MlflowRegistry
 
     key = generate_keypair(tmp_path, "release")
     registry = MlflowRegistry(mlflow_server)

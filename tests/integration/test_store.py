@@ -22,7 +22,7 @@ from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.batching import BatchWriter
 from canaryflow.dataplane.store import COLUMNS, Store
 from canaryflow.errors import ConfigError
-from canaryflow.processes import free_port
+from canaryflow.local.processes import free_port
 
 T0 = datetime(2026, 1, 12, 9, 0, tzinfo=UTC)
 

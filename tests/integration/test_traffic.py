@@ -16,14 +16,14 @@ import pytest
 from aiohttp import web
 
 from canaryflow.errors import ConfigError
-from canaryflow.processes import free_port
-from canaryflow.traffic import (
+from canaryflow.local.loadgen import (
     Prompt,
     TrafficRunner,
     TrafficStats,
     load_corpus,
     run_traffic,
 )
+from canaryflow.local.processes import free_port
 
 PROMPTS = [
     Prompt(id="p1", input="What is the capital of France?"),

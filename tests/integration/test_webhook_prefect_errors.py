@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 from starlette.testclient import TestClient
 
-from canaryflow import examples
-from canaryflow.signing import generate_keypair, sign
-from canaryflow.webhooks import sign_payload
+from canaryflow.deliveries import sign_payload
+from canaryflow.local import examples
+from canaryflow.registry.signing import generate_keypair, sign
 from deployments.webhook import WebhookConfig, build_app
 from tests.integration.busy_prefect import BusyPrefect
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from canaryflow.analysis.estimators import (
+from canaryflow.stats.estimators import (
     bootstrap_quantile,
     hodges_lehmann,
     nearest_rank,

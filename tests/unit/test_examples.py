@@ -8,7 +8,7 @@ import pytest
 
 from canaryflow.errors import ManifestError, PolicyError, SpecError
 from canaryflow.loading import load_manifest, load_policy, load_spec
-from canaryflow.signing import generate_keypair, sign, write_signed
+from canaryflow.registry.signing import generate_keypair, sign, write_signed
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "deployments" / "examples"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from canaryflow.errors import ConfigError
-from canaryflow.knowledge import (
+from canaryflow.quality.knowledge import (
     REFUSAL_TEXT,
     UNSAFE_MARKER,
     KnowledgeBase,

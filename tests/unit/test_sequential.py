@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from canaryflow.analysis.sequential import SequentialState
+from canaryflow.stats.sequential import SequentialState
 
 BOUND, ALPHA, PER_WINDOW, WINDOWS = 0.005, 0.05, 200, 20
 

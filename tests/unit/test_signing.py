@@ -10,7 +10,7 @@ import pytest
 from canaryflow.contracts import ModelManifest, Origin, Price, Signature
 from canaryflow.errors import ConfigError, SignatureError, UnknownKeyError
 from canaryflow.loading import load_signed_manifest
-from canaryflow.signing import (
+from canaryflow.registry.signing import (
     generate_keypair,
     key_id,
     load_private_key,

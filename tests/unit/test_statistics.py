@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest, norm
 
-from canaryflow.statistics import (
+from canaryflow.stats.proportions import (
     items_to_show_non_inferiority,
     mcnemar_exact,
     paired_difference_ci,

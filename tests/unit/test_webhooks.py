@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from canaryflow.deliveries import SeenDeliveries, sign_payload, verify_signature
 from canaryflow.errors import WebhookSignatureError
-from canaryflow.webhooks import SeenDeliveries, sign_payload, verify_signature
 
 
 def test_valid_signature_passes() -> None:

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from canaryflow.contracts import Frozen, ModelManifest, SignedManifest
 from canaryflow.errors import AliasNotFound, RegistryError, SignatureError
-from canaryflow.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
-from canaryflow.signing import verify
+from canaryflow.registry.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
+from canaryflow.registry.signing import verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from rich.table import Table
 
-from canaryflow import connections, examples
+from canaryflow import connections
+from canaryflow.app.summaries import console, headline, print_record
 from canaryflow.contracts import Endpoints, ReleaseRecord, SignedManifest
 from canaryflow.loading import load_policy
-from canaryflow.stack import EmbeddedStack
-from canaryflow.summary import console, headline, print_record
+from canaryflow.local import examples
+from canaryflow.local.stack import EmbeddedStack
 
-POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
+POLICY = Path(__file__).resolve().parents[2] / "deployments" / "policies" / "default.yaml"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ SCENARIOS = (
 
 def _bootstrap_champion(endpoints: Endpoints) -> tuple[str, Path]:
     """Keys for CI, and v1 (the current production adapter) as the champion."""
-    from canaryflow.signing import generate_keypair, sign
+    from canaryflow.registry.signing import generate_keypair, sign
 
     keys = generate_keypair(Path(endpoints.keys_dir), "ci")
     signed = sign(examples.manifest("1.1", "sandbox-base"), keys.private_path)
@@ -73,7 +74,7 @@ def _bootstrap_champion(endpoints: Endpoints) -> tuple[str, Path]:
 
 
 def _sign(scenario: Scenario, key: Path) -> SignedManifest:
-    from canaryflow.signing import sign
+    from canaryflow.registry.signing import sign
 
     return sign(examples.manifest(scenario.version, scenario.provider_model), key)
 

@@ -17,6 +17,9 @@ from collections import OrderedDict
 from canaryflow.errors import WebhookSignatureError
 
 TOLERANCE_S = 300.0
+WEBHOOK_PATH = "/hooks/release"
+WEBHOOK_SECRET_ENV = "CANARYFLOW_WEBHOOK_SECRET"
+WEBHOOK_SECRET_FILE = "webhook.secret"
 
 
 def sign_payload(secret: str, timestamp: str, body: bytes) -> str:

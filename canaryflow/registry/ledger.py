@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from canaryflow.contracts import EvalReport, Label, ReleaseRecord, StageOutcome
 from canaryflow.errors import RegistryError
-from canaryflow.mlflow_client import MlflowConnection, mlflow_errors
-from canaryflow.registry import PublishedVersion
+from canaryflow.registry.mlflow_client import MlflowConnection, mlflow_errors
+from canaryflow.registry.versions import PublishedVersion
 
 EXPERIMENT = "canaryflow-releases"
 RECORD_FILE = "record.json"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from canaryflow.errors import ConfigError, StackError
 
-CORPUS_DIR = Path(__file__).parent / "data" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "data" / "corpus"
 USER_HEADER = "x-canaryflow-user"
 ROLE_HEADER = "x-canaryflow-role"
 VERSION_HEADER = "x-canaryflow-version"

@@ -30,19 +30,19 @@ def _use_prefect(api_url: str | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from canaryflow.demo import run_demo
+    from canaryflow.app.demo import run_demo
 
     return run_demo(_home(args) / "demo", quick=args.quick)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from canaryflow.demo import keep_stack_up
+    from canaryflow.app.demo import keep_stack_up
 
     return keep_stack_up(_home(args), service=args.service)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from canaryflow.signing import generate_keypair
+    from canaryflow.registry.signing import generate_keypair
 
     pair = generate_keypair(Path(args.dir), args.name)
     print(f"private key {pair.private_path} (keep it in CI secrets)")
@@ -52,7 +52,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     from canaryflow.loading import load_manifest
-    from canaryflow.signing import sign, write_signed
+    from canaryflow.registry.signing import sign, write_signed
 
     signed = sign(load_manifest(Path(args.manifest)), Path(args.key))
     out = Path(args.output or Path(args.manifest).with_suffix(".signed.json"))
@@ -64,8 +64,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from canaryflow import connections
     from canaryflow.loading import load_signed_manifest
-    from canaryflow.signing import load_trusted_keys, verify
-    from canaryflow.stack import load_endpoints
+    from canaryflow.registry.signing import load_trusted_keys, verify
+    from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
     signed = load_signed_manifest(Path(args.manifest))
@@ -82,13 +82,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from canaryflow.loading import load_spec
-    from canaryflow.settings import Settings
-    from canaryflow.stack import load_endpoints
+    from canaryflow.settings import Settings, load_endpoints
 
     endpoints = load_endpoints(_home(args))
     spec = load_spec(Path(args.spec), Settings().policies_dir)
     _use_prefect(endpoints.prefect_api_url)
-    from canaryflow.summary import print_record
+    from canaryflow.app.summaries import print_record
     from flows.release import release
 
     record = release(spec=spec, endpoints=endpoints)
@@ -99,9 +98,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_approve(args: argparse.Namespace) -> int:
     import uuid
 
-    from canaryflow.approvals import paused_runs, resume_with_approval
+    from canaryflow.app.approvals import paused_runs, resume_with_approval
     from canaryflow.errors import ConfigError
-    from canaryflow.stack import load_endpoints
+    from canaryflow.settings import load_endpoints
 
     if args.list:
         api = load_endpoints(_home(args)).prefect_api_url
@@ -140,7 +139,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from canaryflow.stack import load_endpoints
+    from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
     _use_prefect(endpoints.prefect_api_url)
@@ -151,13 +150,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from canaryflow.stack import (
-        WEBHOOK_PATH,
-        WEBHOOK_SECRET_ENV,
-        WEBHOOK_SECRET_FILE,
-        load_endpoints,
-    )
-    from canaryflow.summary import print_status
+    from canaryflow.app.summaries import print_status
+    from canaryflow.deliveries import WEBHOOK_PATH, WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
+    from canaryflow.settings import load_endpoints
 
     home = _home(args)
     endpoints = load_endpoints(home)
@@ -175,10 +170,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from canaryflow import runbook
+    from canaryflow.app.summaries import print_eval
     from canaryflow.contracts import GatePolicy
     from canaryflow.loading import load_signed_manifest
-    from canaryflow.stack import load_endpoints
-    from canaryflow.summary import print_eval
+    from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
     report = runbook.evaluate_manifests(
@@ -196,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_traffic(args: argparse.Namespace) -> int:
     import asyncio
 
-    from canaryflow.traffic import load_corpus, run_traffic
+    from canaryflow.local.loadgen import load_corpus, run_traffic
 
     report = asyncio.run(
         run_traffic(

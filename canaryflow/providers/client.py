@@ -25,10 +25,10 @@ from canaryflow.errors import (
     ProviderResponseError,
     TransientProviderError,
 )
-from canaryflow.transports import AiohttpTransport
+from canaryflow.providers.transports import AiohttpTransport
 
 if TYPE_CHECKING:
-    from canaryflow.cache import ResponseCache
+    from canaryflow.providers.cache import ResponseCache
 
 RETRY_AFTER_CAP_S = 60.0
 SNIPPET_CHARS = 200

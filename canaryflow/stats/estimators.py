@@ -11,7 +11,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from canaryflow.statistics import wilson_interval
+from canaryflow.stats.proportions import wilson_interval
 
 Floats = npt.NDArray[np.float64]
 

@@ -9,7 +9,6 @@ plane starts once a service has a champion to route to.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -20,15 +19,13 @@ from types import TracebackType
 from typing import Protocol
 
 from canaryflow.contracts import Endpoints
+from canaryflow.deliveries import WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
 from canaryflow.errors import StackError
-from canaryflow.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
-PROJECT = Path(__file__).resolve().parents[1]
-STACK_FILE = "stack.json"
-WEBHOOK_SECRET_ENV = "CANARYFLOW_WEBHOOK_SECRET"
-WEBHOOK_SECRET_FILE = "webhook.secret"
-WEBHOOK_PATH = "/hooks/release"
+PROJECT = Path(__file__).resolve().parents[2]
 Progress = Callable[[str], None]
 
 
@@ -253,8 +250,7 @@ class EmbeddedStack:
 
     def save(self) -> None:
         if self.endpoints is not None:
-            path = self.home / STACK_FILE
-            path.write_text(json.dumps(self.endpoints.model_dump(), indent=2))
+            save_endpoints(self.endpoints, self.home)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -273,11 +269,3 @@ class EmbeddedStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def load_endpoints(home: Path) -> Endpoints:
-    """Endpoints of a stack started by `canaryflow up` in another process."""
-    path = home / STACK_FILE
-    if not path.exists():
-        raise StackError(f"no running stack under {home}: start one with `canaryflow up`")
-    return Endpoints.model_validate_json(path.read_text())

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from canaryflow import knowledge
 from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.metrics import ServiceMetrics
 from canaryflow.dataplane.store import row_of
+from canaryflow.quality import knowledge
 
 log = logging.getLogger("canaryflow.serve")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from canaryflow.errors import ConfigError
 
-DATA_PATH = Path(__file__).parent / "data" / "knowledge.json"
+DATA_PATH = Path(__file__).resolve().parents[1] / "data" / "knowledge.json"
 UNSAFE_MARKER = "UNSAFE-CONTENT"
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
 SECRET_PATTERN = re.compile(r"\bSECRET-[A-Za-z0-9_-]+")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from canaryflow.contracts import canonical_json
-from canaryflow.providers import Completion
+from canaryflow.providers.client import Completion
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (

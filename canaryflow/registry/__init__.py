@@ -1,0 +1,1 @@
+"""Model versions in MLflow: signed manifests, aliases, lineage and the release ledger."""

@@ -1,0 +1,1 @@
+"""Statistics with no I/O: intervals and exact tests, estimators, anytime-valid sequential tests."""
