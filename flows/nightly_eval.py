@@ -19,7 +19,7 @@ from canaryflow.contracts import Endpoints, EvalReport
 from canaryflow.errors import AliasNotFound
 from canaryflow.loading import load_policy
 from canaryflow.registry.ledger import NightlyRun
-from canaryflow.registry.versions import PublishedVersion
+from canaryflow.contracts import PublishedVersion
 from canaryflow.settings import Settings, load_endpoints
 from tasks.common import RETRY_DELAYS, artifact_key, emit, flush_events, retry_if_transient
 

@@ -6,8 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import connections, reports, runbook
-from canaryflow.contracts import Endpoints, EvalReport, ReleaseSpec
-from canaryflow.registry.versions import PublishedVersion
+from canaryflow.contracts import Endpoints, EvalReport, PublishedVersion, ReleaseSpec
 from tasks.common import RETRY_DELAYS, artifact_key, retry_if_transient
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from canaryflow import connections, runbook
-from canaryflow.contracts import Endpoints, ReleaseSpec
-from canaryflow.registry.versions import PublishedVersion
+from canaryflow.contracts import Endpoints, PublishedVersion, ReleaseSpec
 from tasks.common import RETRY_DELAYS, retry_if_transient
 
 

@@ -2,19 +2,21 @@
 
 Observability is judged first, then every live gate of the policy; a gate that raises becomes
 an ERROR result and the others are still judged. The rate gates' sequential states come in and
-go out as plain JSON (keyed `metric<=bound`): the caller keeps them from window to window and
-starts from `None` for every new candidate.
+go out as a `GateMemory` (keyed `metric<=bound`): the caller keeps it from window to window and
+starts from an empty one for every new candidate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+
+from pydantic import Field
 
 from canaryflow.analysis import judges
 from canaryflow.analysis.samples import WindowSample
 from canaryflow.contracts import (
     Decision,
+    Frozen,
     GatePolicy,
     GateResult,
     Label,
@@ -24,7 +26,13 @@ from canaryflow.contracts import (
 )
 from canaryflow.stats.sequential import SequentialState
 
-State = dict[str, Any]
+
+class GateMemory(Frozen):
+    """What the judge remembers between windows of one stage: each rate gate's e-process."""
+
+    rates: dict[str, SequentialState] = Field(default_factory=dict)
+
+
 EffectJudge = Callable[[LiveGate, WindowSample, judges.JudgeConfig], GateResult]
 
 EFFECT_JUDGES: dict[LiveMetric, EffectJudge] = {
@@ -39,29 +47,29 @@ def state_key(gate: LiveGate) -> str:
 
 
 def judge_gate(
-    gate: LiveGate, sample: WindowSample, config: judges.JudgeConfig, state: State
+    gate: LiveGate,
+    sample: WindowSample,
+    config: judges.JudgeConfig,
+    rates: dict[str, SequentialState],
 ) -> GateResult:
-    """One gate; updates `state` in place for a rate gate."""
+    """One gate; a rate gate's updated e-process goes into `rates`."""
     if gate.metric in judges.RATE_METRICS:
         key = state_key(gate)
-        previous = state.get(key)
-        prior = None if previous is None else SequentialState.model_validate(previous)
-        result, updated = judges.rate(gate, sample, config, prior)
-        state[key] = updated.model_dump(mode="json")
+        result, rates[key] = judges.rate(gate, sample, config, rates.get(key))
         return result
     return EFFECT_JUDGES[gate.metric](gate, sample, config)
 
 
-def judge_window(
-    policy: GatePolicy, sample: WindowSample, state: State | None = None
-) -> tuple[tuple[GateResult, ...], Decision, State]:
-    """Every gate of `policy` on one window; returns (results, decision, the next state)."""
+def judge_sample(
+    policy: GatePolicy, sample: WindowSample, memory: GateMemory | None = None
+) -> tuple[tuple[GateResult, ...], Decision, GateMemory]:
+    """Every gate of `policy` on one window's sample; returns (results, decision, new memory)."""
     config = judges.JudgeConfig.from_policy(policy)
-    new_state: State = dict(state or {})
+    rates = dict(memory.rates) if memory else {}
     results = [judges.observability(sample, config)]
     for gate in policy.live:
         try:
-            results.append(judge_gate(gate, sample, config, new_state))
+            results.append(judge_gate(gate, sample, config, rates))
         except Exception as exc:  # a broken gate is an ERROR verdict, never a crash or a pass
             results.append(
                 GateResult(
@@ -71,4 +79,4 @@ def judge_window(
                     reason=f"{type(exc).__name__}: {exc}",
                 )
             )
-    return tuple(results), combine(results), new_state
+    return tuple(results), combine(results), GateMemory(rates=rates)

@@ -18,10 +18,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from canaryflow.contracts import EvalReport, Label, ReleaseRecord, StageOutcome
+from canaryflow.contracts import EvalReport, Label, PublishedVersion, ReleaseRecord, StageOutcome
 from canaryflow.errors import RegistryError
 from canaryflow.registry.mlflow_client import MlflowConnection, mlflow_errors
-from canaryflow.registry.versions import PublishedVersion
 
 EXPERIMENT = "canaryflow-releases"
 RECORD_FILE = "record.json"

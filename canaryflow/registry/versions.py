@@ -13,11 +13,18 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from canaryflow.contracts import Frozen, ModelManifest, SignedManifest
+from canaryflow.contracts import (
+    STATUSES,
+    CompatibilityReport,
+    ModelManifest,
+    PublishedVersion,
+    SignedManifest,
+    Status,
+)
 from canaryflow.errors import AliasNotFound, RegistryError, SignatureError
 from canaryflow.registry.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
 from canaryflow.registry.signing import verify
@@ -26,8 +33,6 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from mlflow.entities.model_registry import ModelVersion
 
-Status = Literal["published", "shadow", "canary", "promoted", "rolled_back", "rejected"]
-STATUSES: tuple[str, ...] = get_args(Status)
 
 EXPERIMENT = "canaryflow-registry"
 ARTIFACT_DIR = "manifest"
@@ -48,23 +53,6 @@ TAG_TEMPLATE_HASH = "canaryflow.template_hash"
 TAG_PREVIOUS_CHAMPION = "canaryflow.previous_champion"
 TAG_RESTORED_FROM = "canaryflow.restored_from"
 TAG_MANIFEST_URI = "canaryflow.manifest_uri"
-
-
-class PublishedVersion(Frozen):
-    service: str
-    version: str
-    signed: SignedManifest
-    digest: str
-    status: Status
-    tags: dict[str, str]
-    aliases: tuple[str, ...] = ()
-    created: bool = False
-    run_id: str
-
-
-class CompatibilityReport(Frozen):
-    compatible: bool
-    problems: tuple[str, ...] = ()
 
 
 def check_compatibility(candidate: ModelManifest, champion: ModelManifest) -> CompatibilityReport:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from canaryflow.analysis.gates import judge_window
+from canaryflow.analysis.gates import GateMemory, judge_sample
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.analysis.sources import StoreSource
 from canaryflow.contracts import (
@@ -57,7 +56,7 @@ def labels(results: tuple[GateResult, ...]) -> dict[str, Label]:
 
 
 def test_a_good_candidate_passes_every_gate() -> None:
-    results, decision, _ = judge_window(DEFAULT, WindowSample(role(), role()), None)
+    results, decision, _ = judge_sample(DEFAULT, WindowSample(role(), role()), None)
     assert decision is Decision.PASS
     assert [r.gate for r in results] == [
         "observability",
@@ -73,16 +72,16 @@ def test_a_good_candidate_passes_every_gate() -> None:
 
 def test_hallucinating_candidate_fails_and_says_why() -> None:
     bad = role(hallucinations=16, correct=174)
-    results, decision, state = judge_window(DEFAULT, WindowSample(role(), bad), None)
+    results, decision, state = judge_sample(DEFAULT, WindowSample(role(), bad), None)
     assert decision is Decision.FAIL
     assert labels(results)["hallucination_rate"] is Label.FAIL
     found = next(r for r in results if r.gate == "hallucination_rate")
     assert "16/200" in found.reason
-    assert state["hallucination_rate<=0.005"]["rejected_at"] == 1
+    assert state.rates["hallucination_rate<=0.005"].rejected_at == 1
 
 
 def test_costlier_candidate_pauses_for_review() -> None:
-    results, decision, _ = judge_window(DEFAULT, WindowSample(role(), role(cost_usd=1.2)), None)
+    results, decision, _ = judge_sample(DEFAULT, WindowSample(role(), role(cost_usd=1.2)), None)
     assert decision is Decision.REVIEW
     assert labels(results)["cost_per_1k"] is Label.REVIEW
 
@@ -91,7 +90,7 @@ def test_too_few_requests_is_inconclusive_never_a_pass() -> None:
     few = RoleSample(
         n=10, latencies_ms=LATENCIES[:10], cost_usd=0.01, checked=5, facts=5, correct=5
     )
-    results, decision, _ = judge_window(DEFAULT, WindowSample(role(), few), None)
+    results, decision, _ = judge_sample(DEFAULT, WindowSample(role(), few), None)
     assert decision is Decision.INCONCLUSIVE
     assert labels(results)["observability"] is Label.NODATA
     assert Label.PASS not in {labels(results)[g] for g in ("latency_p95", "accuracy")}
@@ -100,7 +99,7 @@ def test_too_few_requests_is_inconclusive_never_a_pass() -> None:
 def test_a_gate_that_raises_is_an_error_and_the_rest_are_judged() -> None:
     broken = LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_rate=0.1)
     policy = DEFAULT.model_copy(update={"live": (broken, *DEFAULT.live[1:])})
-    results, decision, _ = judge_window(policy, WindowSample(role(), role()), None)
+    results, decision, _ = judge_sample(policy, WindowSample(role(), role()), None)
     found = labels(results)
     assert found["latency_p95"] is Label.ERROR
     assert "PolicyError" in next(r.reason for r in results if r.gate == "latency_p95")
@@ -108,21 +107,30 @@ def test_a_gate_that_raises_is_an_error_and_the_rest_are_judged() -> None:
     assert decision is Decision.FAIL  # a hard gate that cannot judge never lets a release pass
 
 
-def test_state_carries_evidence_from_window_to_window_as_json() -> None:
+def test_memory_carries_evidence_from_window_to_window_as_json() -> None:
     sample = WindowSample(role(), role(hallucinations=4, correct=186))
-    _first, decision_1, state = judge_window(DEFAULT, sample, None)
-    state = json.loads(json.dumps(state))  # what a Prefect task result would do to it
-    second, decision_2, state = judge_window(DEFAULT, sample, state)
+    _first, decision_1, memory = judge_sample(DEFAULT, sample, None)
+    # what a Prefect task result or the ledger would do to it
+    memory = GateMemory.model_validate_json(memory.model_dump_json())
+    second, decision_2, memory = judge_sample(DEFAULT, sample, memory)
     assert (decision_1, decision_2) == (Decision.PASS, Decision.FAIL)
     assert labels(second)["hallucination_rate"] is Label.FAIL
-    assert state["hallucination_rate<=0.005"]["trials"] == 400
+    assert memory.rates["hallucination_rate<=0.005"].trials == 400
 
 
-def test_corrupt_state_is_an_error_not_a_pass() -> None:
-    state = {"hallucination_rate<=0.005": {"bound": "lots"}}
-    results, decision, _ = judge_window(DEFAULT, WindowSample(role(), role()), state)
-    assert labels(results)["hallucination_rate"] is Label.ERROR
-    assert decision is Decision.FAIL
+def test_memory_of_another_bound_restarts_the_test() -> None:
+    # evidence gathered against another bound says nothing about this one
+    memory = GateMemory.model_validate(
+        {"rates": {"hallucination_rate<=0.005": {"bound": 0.5, "alpha": 0.05, "trials": 9000}}}
+    )
+    _, _, memory = judge_sample(DEFAULT, WindowSample(role(), role()), memory)
+    state = memory.rates["hallucination_rate<=0.005"]
+    assert (state.bound, state.trials) == (0.005, role().checked)
+
+
+def test_a_corrupt_memory_is_refused_when_loaded() -> None:
+    with pytest.raises(ValueError, match="bound"):
+        GateMemory.model_validate({"rates": {"hallucination_rate<=0.005": {"bound": "lots"}}})
 
 
 @pytest.mark.parametrize("name", ["default", "strict"])
@@ -176,7 +184,7 @@ def test_store_window_end_to_end_fails_a_hallucinating_canary(tmp_path: Path) ->
         sample = StoreSource(store).window("svc", "1", "2", t0, t0 + timedelta(minutes=1))
     assert (sample.baseline.n, sample.candidate.n) == (200, 200)
     assert (sample.candidate.hallucinations, sample.candidate.facts) == (20, 200)
-    results, decision, _ = judge_window(DEFAULT, sample, None)
+    results, decision, _ = judge_sample(DEFAULT, sample, None)
     assert decision is Decision.FAIL
     assert labels(results)["hallucination_rate"] is Label.FAIL
     assert labels(results)["accuracy"] is Label.REVIEW

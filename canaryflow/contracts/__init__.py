@@ -1,0 +1,107 @@
+"""The pydantic models every layer shares, one module per subject.
+
+Data crosses every boundary (core -> tasks -> flows, registry, ledger, data plane) as these
+models. They validate on the way in, so a bad manifest or spec fails at load time with the
+field and the reason, never halfway through a release. Import them from here.
+"""
+
+from canaryflow.contracts.base import (
+    MODEL_ID_PATTERN,
+    Frozen,
+    Percent,
+    Seconds,
+    Strict,
+    canonical_json,
+    sha256_hex,
+)
+from canaryflow.contracts.dataplane import Endpoints, RequestRecord, Role, Routes
+from canaryflow.contracts.manifests import (
+    STATUSES,
+    CompatibilityReport,
+    DecodingParameters,
+    ModelId,
+    ModelManifest,
+    Origin,
+    Price,
+    PublishedVersion,
+    Signature,
+    SignedManifest,
+    Status,
+)
+from canaryflow.contracts.policy import GatePolicy, LiveGate, LiveMetric, OfflineGate, Severity
+from canaryflow.contracts.release import (
+    ApprovalConfig,
+    ApprovalDecision,
+    CanaryPlan,
+    CanaryStep,
+    Outcome,
+    ReleaseDecision,
+    ReleaseRecord,
+    ReleaseSpec,
+    ShadowConfig,
+    Stage,
+    StageOutcome,
+    TrafficConfig,
+)
+from canaryflow.contracts.verdicts import (
+    Decision,
+    EvalItemResult,
+    EvalReport,
+    Evidence,
+    GateResult,
+    Label,
+    SuiteComparison,
+    WindowResult,
+    combine,
+)
+
+__all__ = [
+    "MODEL_ID_PATTERN",
+    "STATUSES",
+    "ApprovalConfig",
+    "ApprovalDecision",
+    "CanaryPlan",
+    "CanaryStep",
+    "CompatibilityReport",
+    "Decision",
+    "DecodingParameters",
+    "Endpoints",
+    "EvalItemResult",
+    "EvalReport",
+    "Evidence",
+    "Frozen",
+    "GatePolicy",
+    "GateResult",
+    "Label",
+    "LiveGate",
+    "LiveMetric",
+    "ModelId",
+    "ModelManifest",
+    "OfflineGate",
+    "Origin",
+    "Outcome",
+    "Percent",
+    "Price",
+    "PublishedVersion",
+    "ReleaseDecision",
+    "ReleaseRecord",
+    "ReleaseSpec",
+    "RequestRecord",
+    "Role",
+    "Routes",
+    "Seconds",
+    "Severity",
+    "ShadowConfig",
+    "Signature",
+    "SignedManifest",
+    "Stage",
+    "StageOutcome",
+    "Status",
+    "Strict",
+    "SuiteComparison",
+    "TrafficConfig",
+    "WindowResult",
+    "canonical_json",
+    "combine",
+    "sha256_hex",
+]

@@ -1,0 +1,80 @@
+"""The data plane: route splits, per-request records, where the running parts answer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import Field, model_validator
+
+from canaryflow.contracts.base import Frozen, Percent, Strict
+
+
+class Role(StrEnum):
+    STABLE = "stable"
+    CANARY = "canary"
+    SHADOW = "shadow"
+
+
+class Routes(Frozen):
+    """What the traffic controller is told: one service's split and mirror."""
+
+    service: str
+    stable: str = Field(description="registry version serving the stable share")
+    canary: str | None = None
+    weight: Percent = 0.0
+    shadow: str | None = None
+    mirror_percent: Percent = 0.0
+    sticky_header: str | None = Field(None, description="e.g. x-canaryflow-user")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Routes:
+        if self.weight > 0 and self.canary is None:
+            raise ValueError("a canary weight needs a canary version")
+        if self.mirror_percent > 0 and self.shadow is None:
+            raise ValueError("a mirror share needs a shadow version")
+        return self
+
+
+class RequestRecord(Frozen):
+    """One request as the model service saw it; text is already PII-masked."""
+
+    request_id: str
+    at: datetime
+    service: str
+    version: str
+    role: Role
+    user: str | None = None
+    status: int
+    latency_ms: float
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    prompt: str = ""
+    response: str = ""
+    checked: bool = False  # quality checkers ran on this one (sampled)
+    hallucination: bool | None = None
+    unsafe: bool | None = None
+    injection_leak: bool | None = None
+    refusal: bool | None = None
+
+
+class Endpoints(Strict):
+    """Where a release finds the running parts; written by the stack, passed to every task."""
+
+    home: str
+    mlflow_uri: str
+    prefect_api_url: str | None = None
+    provider_urls: dict[str, str] = Field(default_factory=dict)
+    keys_dir: str
+    store_url: str | None = None
+    envoy_url: str | None = None
+    envoy_admin_url: str | None = None
+    envoy_home: str | None = None
+    model_service_urls: list[str] = Field(
+        default_factory=list, description="every model-service instance, for warm-up"
+    )
+    prometheus_url: str | None = None
+    webhook_url: str | None = Field(
+        default=None, description="the CI webhook receiver; deliveries go to POST /hooks/release"
+    )

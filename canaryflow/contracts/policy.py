@@ -1,0 +1,67 @@
+"""Gate policy: which live and offline gates judge a candidate, with their thresholds."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, model_validator
+
+from canaryflow.contracts.base import Frozen
+
+
+class Severity(StrEnum):
+    HARD = "hard"  # a failure rolls back
+    SOFT = "soft"  # a failure pauses for a human
+    OBSERVABILITY = "observability"  # missing data never passes
+
+
+class LiveMetric(StrEnum):
+    LATENCY_P95 = "latency_p95"
+    ERROR_RATE = "error_rate"
+    HALLUCINATION_RATE = "hallucination_rate"
+    UNSAFE_RATE = "unsafe_rate"
+    COST_PER_1K = "cost_per_1k"
+    ACCURACY = "accuracy"
+
+
+class LiveGate(Frozen):
+    """One rule over one metric, comparing candidate with baseline in the same window.
+
+    `max_ratio`: candidate / baseline must stay at or below it (latency, cost).
+    `max_rate`: the candidate's rate must stay at or below it (errors, hallucinations).
+    `margin`: candidate may be at most this much worse than baseline (accuracy).
+    """
+
+    metric: LiveMetric
+    severity: Severity
+    max_ratio: float | None = Field(None, gt=0)
+    max_rate: float | None = Field(None, ge=0, le=1)
+    margin: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_threshold(self) -> LiveGate:
+        given = [x for x in (self.max_ratio, self.max_rate, self.margin) if x is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"gate {self.metric}: give exactly one of max_ratio, max_rate, margin "
+                f"(got {len(given)})"
+            )
+        return self
+
+
+class OfflineGate(Frozen):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    non_inferiority_margin: float = Field(0.05, ge=0, le=1)
+    margins: dict[str, float] = Field(default_factory=dict, description="per-suite override")
+    min_items: int = Field(20, ge=1)
+
+    def margin_for(self, suite: str) -> float:
+        return self.margins.get(suite, self.non_inferiority_margin)
+
+
+class GatePolicy(Frozen):
+    name: str = "default"
+    offline: OfflineGate = OfflineGate()
+    live: tuple[LiveGate, ...] = ()
+    min_samples: int = Field(30, ge=1, description="per role per window; fewer never passes")
+    alpha: float = Field(0.05, gt=0, lt=1)
