@@ -181,7 +181,7 @@ def service(
 @contextmanager
 def envoy(home: Path, primary: int, shadow: int, mirror: bool) -> Iterator[tuple[str, int]]:
     """Envoy with a 95/5 split (and a 100% mirror); yields its URL and pid."""
-    from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
+    from canaryflow.dataplane.envoy import EnvoyProxy
 
     proxy = EnvoyProxy(
         home / f"envoy-{primary}-{'mirror' if mirror else 'split'}",
@@ -199,7 +199,7 @@ def envoy(home: Path, primary: int, shadow: int, mirror: bool) -> Iterator[tuple
         routes = Routes(service=SERVICE, stable="1", canary="2", weight=5.0)
         if mirror:
             routes = routes.model_copy(update={"shadow": "2", "mirror_percent": 100.0})
-        EnvoyTrafficController(proxy).set_routes(routes)
+        proxy.routes.set_routes(routes)
         assert proxy.pid is not None
         yield f"{proxy.url}/v1/chat/completions", proxy.pid
     finally:

@@ -71,7 +71,7 @@ class ReleaseTiming:
     @property
     def stage(self) -> str:
         failed = [s for s in self.record.stages if s.outcome == "failed"]
-        return failed[0].stage if failed else "-"
+        return failed[0].key if failed else "-"
 
 
 class EvalRecorder:
@@ -180,7 +180,7 @@ def table(rows: list[ReleaseTiming], noop: list[float], startup_s: float) -> str
         lines.append(f"stages of v{rows[0].version} (ledger timestamps, s since the first):")
         t0 = first.stages[0].at
         for s in first.stages:
-            lines.append(f"  {(s.at - t0).total_seconds():6.2f}  {s.stage:<14} {s.outcome}")
+            lines.append(f"  {(s.at - t0).total_seconds():6.2f}  {s.key:<14} {s.outcome}")
     return "\n".join(lines)
 
 

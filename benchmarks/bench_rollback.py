@@ -22,7 +22,8 @@ import aiohttp
 import httpx
 
 from canaryflow.contracts import Routes
-from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
+from canaryflow.dataplane.envoy import EnvoyProxy
+from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ async def drive(url: str, seconds: float, session: aiohttp.ClientSession) -> int
 
 
 async def one_run(
-    controller: EnvoyTrafficController, url: str, records_url: str
+    controller: EnvoyRoutes, url: str, records_url: str
 ) -> tuple[float, float | None, int, int]:
     controller.set_routes(Routes(service="bench", stable="1", canary="2", weight=50))
     httpx.get(records_url, params={"clear": "1"})
@@ -104,7 +105,7 @@ async def main(runs: int) -> None:
         try:
             echo.start(timeout_s=30)
             proxy.start()
-            controller = EnvoyTrafficController(proxy)
+            controller = EnvoyRoutes(proxy.home, proxy.admin_url, service="bench")
             calls, lasts, late, errors, none_after = [], [], 0, 0, 0
             for _ in range(runs):
                 took, last, late_run, errors_run = await one_run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from canaryflow.contracts import Endpoints
@@ -50,8 +49,7 @@ def traffic_controller(endpoints: Endpoints, service: str) -> TrafficController:
 
 @lru_cache(maxsize=8)
 def _envoy_controller(home: str, admin_url: str, service: str) -> TrafficController:
-    from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
+    """One per Envoy and service: its lock orders this process's writes to that route file."""
+    from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 
-    return EnvoyTrafficController(
-        EnvoyProxy.attach(Path(home), service=service, admin_url=admin_url)
-    )
+    return EnvoyRoutes(home, admin_url, service=service)

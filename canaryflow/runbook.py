@@ -13,14 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from canaryflow import connections
 from canaryflow.contracts import (
+    CompatibilityReport,
     Endpoints,
     EvalReport,
     GatePolicy,
     ModelManifest,
     OfflineGate,
+    PublishedVersion,
     ReleaseSpec,
     Role,
     Routes,
@@ -28,7 +31,9 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError, StackError
 from canaryflow.registry.signing import load_trusted_keys, verify
-from canaryflow.registry.versions import CompatibilityReport, PublishedVersion
+
+if TYPE_CHECKING:
+    from canaryflow.analysis.gates import GateMemory
 
 # Records reach the store in batches; wait this long after a window closes before reading it.
 STORE_FLUSH_S = 0.6
@@ -156,10 +161,9 @@ class TrafficRollback:
 def rollback_traffic(endpoints: Endpoints, service: str) -> TrafficRollback:
     """Traffic first: one call to the controller, timed until Envoy confirms stable-only."""
     controller = connections.traffic_controller(endpoints, service)
-    before = controller.current()
     started = time.perf_counter()
-    after = controller.rollback()
-    return TrafficRollback(before, after, (time.perf_counter() - started) * 1000)
+    change = controller.rollback()  # reads what was live and replaces it in one step
+    return TrafficRollback(change.before, change.after, (time.perf_counter() - started) * 1000)
 
 
 def observe_window(
@@ -171,10 +175,10 @@ def observe_window(
     step: int,
     window: int,
     window_s: float,
-    state: dict[str, object] | None,
-) -> tuple[WindowResult, dict[str, object]]:
+    memory: GateMemory | None,
+) -> tuple[WindowResult, GateMemory]:
     """Let one window of live traffic pass, then judge candidate against stable in it."""
-    from canaryflow.analysis.gates import judge_window
+    from canaryflow.analysis.gates import judge_sample
     from canaryflow.analysis.sources import StoreSource
 
     if endpoints.store_url is None:
@@ -190,7 +194,7 @@ def observe_window(
     sample = StoreSource(connections.store(endpoints.store_url)).window(
         routes.service, routes.stable, candidate_version, started, ended, candidate_role=role
     )
-    gates, decision, new_state = judge_window(policy, sample, state)
+    gates, decision, memory = judge_sample(policy, sample, memory)
     result = WindowResult(
         stage="shadow" if role is Role.SHADOW else "canary",
         step=step,
@@ -202,4 +206,13 @@ def observe_window(
         decision=decision,
         requests={"stable": sample.baseline.n, role.value: sample.candidate.n},
     )
-    return result, new_state
+    return result, memory
+
+
+def route_all_to(endpoints: Endpoints, service: str, version: str) -> TrafficRollback:
+    """On-call's rollback to a chosen version: one verified write, timed like a rollback."""
+    controller = connections.traffic_controller(endpoints, service)
+    before = controller.current()
+    started = time.perf_counter()
+    after = controller.set_routes(Routes(service=service, stable=version))
+    return TrafficRollback(before, after, (time.perf_counter() - started) * 1000)

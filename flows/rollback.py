@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from canaryflow import connections
-from canaryflow.contracts import Endpoints, Routes
-from canaryflow.settings import Settings, load_endpoints
-from tasks.common import RETRY_DELAYS, artifact_key, emit, retry_if_transient
-from tasks.registry import retire_challenger
-from tasks.traffic import shift_traffic
+from canaryflow.contracts import Endpoints
+from canaryflow.settings import Settings
+from tasks.common import artifact_key, emit, say
+from tasks.registry import resolve_version, restore_champion, retire_challenger
+from tasks.traffic import send_all_traffic_to
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
-def restore_champion(service: str, target: str | None, reason: str, endpoints: Endpoints) -> str:
-    """`champion` goes back to the target (default `last-stable`); returns its version."""
-    return connections.registry(endpoints.mlflow_uri).rollback_to(service, target, reason)
-
-
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback")
 def rollback(
     service: str,
     to_version: str | None = None,
@@ -35,26 +26,19 @@ def rollback(
     automation): an unpromoted candidate never moved the champion, so `champion` stays and the
     challenger is marked rolled back.
     """
-    endpoints = endpoints or load_endpoints(Settings().home)
-    target = (
-        to_version or connections.registry(endpoints.mlflow_uri).resolve(service, to_alias).version
-    )
-    has_dataplane = endpoints.envoy_admin_url is not None
-    if has_dataplane:
-        before = connections.traffic_controller(endpoints, service).current()
-        started = time.perf_counter()
-        shift_traffic(Routes(service=service, stable=target), endpoints)  # one verified call
-        traffic_ms = (time.perf_counter() - started) * 1000
-    else:
-        before, traffic_ms = None, 0.0
+    endpoints = endpoints or Settings().endpoints()
+    target = to_version or resolve_version(service, to_alias, endpoints).version
+    change = None
+    if endpoints.envoy_admin_url is not None:  # a registry-only stack has no traffic to move
+        change = send_all_traffic_to(service, target, endpoints)
     champion = restore_champion(service, target, reason, endpoints)
     retired = retire_challenger(service, reason, endpoints) if to_alias == "champion" else None
     summary: dict[str, object] = {
         "service": service,
         "champion": champion,
         "retired_challenger": retired,
-        "previous_stable": before.stable if before else None,
-        "traffic_ms": round(traffic_ms, 1),
+        "previous_stable": change.before.stable if change and change.before else None,
+        "traffic_ms": round(change.rollback_ms, 1) if change else 0.0,
         "reason": reason,
     }
     create_markdown_artifact(
@@ -63,5 +47,11 @@ def rollback(
         description=f"{service} back to v{champion}",
     )
     emit("rollback", "done", f"{service}-manual", service, **summary)
-    print(f"{service}: all traffic on v{champion} ({traffic_ms:.0f} ms); reason: {reason}")
+    say(
+        "%s: all traffic on v%s (%s ms); reason: %s",
+        service,
+        champion,
+        summary["traffic_ms"],
+        reason,
+    )
     return summary

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from canaryflow import reports, runbook
+from canaryflow.analysis.gates import GateMemory
 from canaryflow.contracts import Endpoints, GatePolicy, Routes, WindowResult
 from tasks.common import artifact_key
 
@@ -19,9 +20,10 @@ def judge_window(
     step: int,
     window: int,
     window_s: float,
-    state: dict[str, object] | None,
-) -> tuple[WindowResult, dict[str, object]]:
-    result, new_state = runbook.observe_window(
+    memory: GateMemory,
+) -> tuple[WindowResult, GateMemory]:
+    """The judge's memory goes in and comes back out: the flow keeps it across windows."""
+    result, memory = runbook.observe_window(
         endpoints,
         policy,
         stage=stage,
@@ -29,7 +31,7 @@ def judge_window(
         step=step,
         window=window,
         window_s=window_s,
-        state=state,
+        memory=memory,
     )
     key = artifact_key(stage, routes.service, "gates")
     create_table_artifact(
@@ -42,4 +44,4 @@ def judge_window(
         markdown=reports.window_markdown(result),
         description=f"{stage} window evidence",
     )
-    return result, new_state
+    return result, memory

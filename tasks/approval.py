@@ -6,6 +6,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
+from tasks.common import say
 
 
 class Approval(RunInput):
@@ -22,7 +23,7 @@ def wait_for_approval(
     """Returns (decision, timed_out). On timeout the policy's default applies, and says so."""
     from prefect.exceptions import FlowPauseTimeout
 
-    print(f"waiting for approval: {question}")
+    say("waiting for approval: %s", question)
     try:
         answer = pause_flow_run(
             wait_for_input=Approval.with_initial_data(

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import connections, reports, runbook
 from canaryflow.contracts import Endpoints, EvalReport, PublishedVersion, ReleaseSpec
+from canaryflow.loading import load_policy
 from tasks.common import RETRY_DELAYS, artifact_key, retry_if_transient
+
+NIGHTLY_SUITES = ["golden", "regression", "safety"]
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
 
 
 @task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -37,5 +43,26 @@ def evaluate_candidate(
         spec.service,
         candidate.version,
         {"canaryflow.eval_decision": report.decision.value, "canaryflow.eval_uri": eval_uri},
+    )
+    return report
+
+
+@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def evaluate_champion(
+    champion: PublishedVersion, reference: PublishedVersion, endpoints: Endpoints
+) -> EvalReport:
+    """The nightly check: today's champion against its reference on the whole corpus."""
+    report = runbook.evaluate_manifests(
+        champion.signed.manifest,
+        reference.signed.manifest,
+        NIGHTLY_SUITES,
+        load_policy(DEFAULT_POLICY).offline,
+        endpoints,
+    )
+    create_markdown_artifact(
+        key=artifact_key("nightly-eval", champion.service),
+        markdown=reports.eval_markdown(report),
+        description=f"nightly evaluation of {champion.service} v{champion.version} "
+        f"against v{reference.version}: {report.decision.value}",
     )
     return report

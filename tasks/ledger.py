@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
 
-from canaryflow import connections
-from canaryflow.contracts import Endpoints, ReleaseRecord, StageOutcome
+from canaryflow import connections, forensics
+from canaryflow.contracts import (
+    Endpoints,
+    EvalReport,
+    PublishedVersion,
+    ReleaseRecord,
+    ReleaseSpec,
+    StageOutcome,
+    WindowResult,
+)
+from canaryflow.registry.ledger import NightlyRun
+from canaryflow.runbook import TrafficRollback
 from tasks.common import RETRY_DELAYS, emit, retry_if_transient
 
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
-def open_ledger(record: ReleaseRecord, spec_json: dict[str, Any], endpoints: Endpoints) -> str:
-    return connections.ledger(endpoints.mlflow_uri).start(record, spec_json)
+def open_ledger(record: ReleaseRecord, spec: ReleaseSpec, endpoints: Endpoints) -> str:
+    return connections.ledger(endpoints.mlflow_uri).start(record, spec.model_dump(mode="json"))
 
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -22,7 +33,7 @@ def record_stage(record: ReleaseRecord, outcome: StageOutcome, endpoints: Endpoi
     if record.ledger_run_id is not None:
         connections.ledger(endpoints.mlflow_uri).log_stage(record.ledger_run_id, outcome)
     emit(
-        outcome.stage,
+        outcome.key,
         outcome.outcome,
         record.release_id,
         record.service,
@@ -42,3 +53,44 @@ def close_ledger(record: ReleaseRecord, endpoints: Endpoints) -> None:
     if record.ledger_run_id is not None:
         connections.ledger(endpoints.mlflow_uri).finish(record.ledger_run_id, record)
     emit("release", record.decision, record.release_id, record.service, reason=record.reason)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def keep_forensics(
+    record: ReleaseRecord,
+    endpoints: Endpoints,
+    *,
+    since: datetime,
+    change: TrafficRollback,
+    windows: list[WindowResult],
+) -> None:
+    """The post-mortem bundle: window evidence, routes before and after, real requests."""
+    assert record.candidate_version is not None
+    bundle = forensics.capture(
+        endpoints,
+        record.service,
+        since=since,
+        until=datetime.now(UTC),
+        candidate_version=record.candidate_version,
+        routes_before=change.before,
+        routes_after=change.after,
+        windows=windows,
+        reason=record.reason,
+    )
+    if record.ledger_run_id is not None:
+        connections.ledger(endpoints.mlflow_uri).log_json(record.ledger_run_id, "forensics", bundle)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def record_nightly(
+    champion: PublishedVersion,
+    reference: PublishedVersion,
+    report: EvalReport,
+    endpoints: Endpoints,
+    flow_run_id: str,
+) -> NightlyRun:
+    """One MLflow run per nightly evaluation, tagged with its drift verdict."""
+    tags = {"canaryflow.prefect_flow_run_id": flow_run_id}
+    return connections.ledger(endpoints.mlflow_uri).record_nightly(
+        champion, reference, report, tags=tags
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 
 from canaryflow import connections, runbook
-from canaryflow.contracts import Endpoints, PublishedVersion, ReleaseSpec
+from canaryflow.contracts import Endpoints, PublishedVersion, ReleaseSpec, Status
+from canaryflow.errors import AliasNotFound
 from tasks.common import RETRY_DELAYS, retry_if_transient
 
 
@@ -27,8 +28,8 @@ def mark_rolled_back(service: str, version: str, reason: str, endpoints: Endpoin
 
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
-def set_status(service: str, version: str, status: str, endpoints: Endpoints) -> None:
-    connections.registry(endpoints.mlflow_uri).set_status(service, version, status)  # type: ignore[arg-type]
+def set_status(service: str, version: str, status: Status, endpoints: Endpoints) -> None:
+    connections.registry(endpoints.mlflow_uri).set_status(service, version, status)
 
 
 @task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -40,3 +41,28 @@ def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | 
     if challenger is not None:
         registry.rollback(service, challenger, reason)
     return challenger
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def resolve_version(service: str, alias: str, endpoints: Endpoints) -> PublishedVersion:
+    return connections.registry(endpoints.mlflow_uri).resolve(service, alias)
+
+
+@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def restore_champion(service: str, target: str | None, reason: str, endpoints: Endpoints) -> str:
+    """`champion` goes back to the target (default `last-stable`); returns its version."""
+    return connections.registry(endpoints.mlflow_uri).rollback_to(service, target, reason)
+
+
+@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+def resolve_champion_and_reference(
+    service: str, endpoints: Endpoints
+) -> tuple[PublishedVersion, PublishedVersion]:
+    """The champion and its reference; before any promotion the champion is its own reference."""
+    registry = connections.registry(endpoints.mlflow_uri)
+    champion = registry.resolve(service, "champion")
+    try:
+        reference = registry.resolve(service, "last-stable")
+    except AliasNotFound:
+        reference = champion  # first release: the champion against itself measures noise alone
+    return champion, reference

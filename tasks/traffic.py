@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from prefect import task
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.flows import Flow
 
 from canaryflow import runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
-from tasks.common import retry_if_transient
+from canaryflow.settings import Settings
+from tasks.common import emit, flush_events, retry_if_transient, say
 
 
 @task(retries=2, retry_delay_seconds=[1.0, 3.0])
@@ -31,6 +35,27 @@ def roll_back_traffic(service: str, endpoints: Endpoints) -> runbook.TrafficRoll
     return runbook.rollback_traffic(endpoints, service)
 
 
+@task
+def send_all_traffic_to(
+    service: str, version: str, endpoints: Endpoints
+) -> runbook.TrafficRollback:
+    """On-call's rollback to a named version; no retry, like `roll_back_traffic`."""
+    return runbook.route_all_to(endpoints, service, version)
+
+
+def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """A flow hook: a crashed or cancelled release returns all traffic to stable at once."""
+    spec = ReleaseSpec.model_validate(flow_run.parameters["spec"])
+    raw = flow_run.parameters.get("endpoints")
+    endpoints = Endpoints.model_validate(raw) if raw else Settings().endpoints()
+    result = runbook.rollback_traffic(endpoints, spec.service)
+    # Evidence for on-call, and the end of the release for the silence automation.
+    emit("release", state.type.value.lower(), f"{spec.service}-{flow_run.name}", spec.service,
+         flow_run_id=str(flow_run.id), state=state.name, stable=result.after.stable,
+         rollback_ms=result.rollback_ms)  # fmt: skip
+    flush_events()
+
+
 @contextlib.contextmanager
 def synthetic_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> Iterator[TrafficRunner | None]:
     """The embedded stack has no users: drive the spec's synthetic traffic through Envoy."""
@@ -45,7 +70,9 @@ def synthetic_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> Iterator[Traff
         yield runner
     finally:
         report: TrafficReport = runner.stop()
-        print(
-            f"synthetic traffic: {report.sent} requests, {report.ok} ok, "
-            f"p95 {report.latency_p95_ms or 0:.1f} ms"
+        say(
+            "synthetic traffic: %d requests, %d ok, p95 %.1f ms",
+            report.sent,
+            report.ok,
+            report.latency_p95_ms or 0,
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from canaryflow.analysis.gates import GateMemory
+from canaryflow.analysis.gates import GateMemory as GateMemory  # re-exported for the flow
 from canaryflow.contracts import Decision, GateResult, Label, WindowResult
 
 

@@ -1,18 +1,23 @@
 """`canaryflow` on the command line.
 
-Imports stay inside the commands: `canaryflow --help` must not pay for Prefect or MLflow, and the
-core never imports Prefect: only the commands that run a flow load `flows/`.
+Imports stay inside the commands: `canaryflow --help` must not pay for Prefect or MLflow. This
+is the application layer: only here (and in `flows/`, `tasks/`) are Prefect and `flows/` loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from canaryflow.errors import CanaryflowError
+
+if TYPE_CHECKING:
+    from canaryflow.contracts import Endpoints
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,10 +28,15 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home) if args.home else Settings().home
 
 
-def _use_prefect(api_url: str | None) -> None:
-    """Entry points (never library code) point Prefect at the stack's server."""
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
+def _flows_of(endpoints: Endpoints) -> contextlib.AbstractContextManager[None]:
+    """Flows run against the stack's Prefect; its per-task lines go to logs/flows.log."""
+    from canaryflow.app.prefect_session import prefect_session
+    from canaryflow.app.summaries import console
+
+    log_file = Path(endpoints.home) / "logs" / "flows.log"
+    return prefect_session(
+        endpoints.prefect_api_url, log_file, lambda line: console.print(f"  {line}")
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -86,11 +96,11 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     endpoints = load_endpoints(_home(args))
     spec = load_spec(Path(args.spec), Settings().policies_dir)
-    _use_prefect(endpoints.prefect_api_url)
     from canaryflow.app.summaries import print_record
     from flows.release import release
 
-    record = release(spec=spec, endpoints=endpoints)
+    with _flows_of(endpoints):
+        record = release(spec=spec, endpoints=endpoints)
     print_record(record)
     return 0 if record.decision == "promoted" else 3
 
@@ -142,10 +152,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
-    _use_prefect(endpoints.prefect_api_url)
     from flows.rollback import rollback
 
-    rollback(service=args.service, to_version=args.to, reason=args.reason, endpoints=endpoints)
+    with _flows_of(endpoints):
+        rollback(service=args.service, to_version=args.to, reason=args.reason, endpoints=endpoints)
     return 0
 
 

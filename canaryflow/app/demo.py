@@ -9,7 +9,6 @@ window and rolled back. It ends with a summary and stops everything it started.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import time
@@ -19,7 +18,8 @@ from pathlib import Path
 from rich.table import Table
 
 from canaryflow import connections
-from canaryflow.app.summaries import console, headline, print_record
+from canaryflow.app.prefect_session import prefect_session
+from canaryflow.app.summaries import console, headline, print_progress, print_record
 from canaryflow.contracts import Endpoints, ReleaseRecord, SignedManifest
 from canaryflow.loading import load_policy
 from canaryflow.local import examples
@@ -108,20 +108,22 @@ def run_demo(home: Path, quick: bool = False) -> int:
         champion, key = _bootstrap_champion(stack.endpoints)
         console.print(f"  champion {examples.SERVICE} v{champion} published and signed")
         endpoints = stack.start_dataplane(examples.SERVICE, champion)
-        os.environ["PREFECT_API_URL"] = str(endpoints.prefect_api_url)
         from flows.release import release
 
         policy = load_policy(POLICY)
-        for scenario in SCENARIOS:
-            console.rule(scenario.title)
-            spec = examples.demo_spec(
-                _sign(scenario, key), policy, window_s=3.0 if quick else 4.0,
-                shadow=scenario.shadow,
-            )  # fmt: skip
-            began = time.perf_counter()
-            record = release(spec=spec, endpoints=endpoints)
-            results.append((scenario, record, time.perf_counter() - began))
-            print_record(record)
+        log_file = home / "logs" / "flows.log"
+        console.print(f"  Prefect's per-task log: {log_file}")
+        with prefect_session(endpoints.prefect_api_url, log_file, print_progress):
+            for scenario in SCENARIOS:
+                console.rule(scenario.title)
+                spec = examples.demo_spec(
+                    _sign(scenario, key), policy, window_s=3.0 if quick else 4.0,
+                    shadow=scenario.shadow,
+                )  # fmt: skip
+                began = time.perf_counter()
+                record = release(spec=spec, endpoints=endpoints)
+                results.append((scenario, record, time.perf_counter() - began))
+                print_record(record)
         console.rule("summary")
         console.print(_summary(results))
         prefect_ui = str(endpoints.prefect_api_url).removesuffix("/api")

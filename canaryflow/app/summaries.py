@@ -25,6 +25,11 @@ def headline(reason: str, limit: int = 110) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
+def print_progress(line: str) -> None:
+    """A progress line from a running flow, verbatim: `[canary_5pct]` is not rich markup."""
+    console.print(f"  {line}", markup=False, highlight=False)
+
+
 def _paint(text: str) -> str:
     colour = COLOURS.get(text)
     return f"[{colour}]{text}[/]" if colour else text
@@ -38,7 +43,7 @@ def record_table(record: ReleaseRecord) -> Table:
     for stage in record.stages:
         figures = ", ".join(f"{k}={v:.3g}" for k, v in stage.metrics.items())
         detail = f"{stage.detail} [dim]{figures}[/]" if figures else stage.detail
-        table.add_row(stage.stage, _paint(stage.outcome), detail)
+        table.add_row(stage.key, _paint(stage.outcome), detail)
     return table
 
 

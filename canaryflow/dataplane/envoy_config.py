@@ -1,6 +1,7 @@
 """What Envoy is told: the bootstrap and the RDS route file, rendered, read back, replaced.
 
-Kept apart from the process and the controller (`envoy.py`): rendering needs no running Envoy.
+Kept apart from the process (`envoy.py`) and the route driver (`envoy_routes.py`): rendering
+needs no running Envoy. Both find their files in an Envoy's home folder by the names below.
 
 Contract with the model service: every request carries `x-canaryflow-role` and
 `x-canaryflow-version` set by Envoy for the weighted cluster it picked (client values are
@@ -31,6 +32,9 @@ ROLE_HEADER = "x-canaryflow-role"
 VERSION_HEADER = "x-canaryflow-version"
 SHADOW_VERSION_HEADER = "x-canaryflow-shadow-version"
 CLUSTERS = ("stable", "canary", "shadow")
+# Inside an Envoy's home: Envoy watches the route file's own folder, so it gets one to itself.
+ROUTE_FILE = Path("routes") / "routes.yaml"
+LOG_FILE = Path("envoy.log")
 _ROUTES_MARK = "# canaryflow-routes: "
 _BASIS = 10_000  # weights in hundredths of a percent
 

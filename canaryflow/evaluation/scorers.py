@@ -33,8 +33,13 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def normalise(text: str, case_sensitive: bool = False) -> str:
-    """Casefolded, accents and punctuation dropped, digit groups joined, spaces collapsed."""
+def fold_accents_keep_numbers(text: str, case_sensitive: bool = False) -> str:
+    """Casefolded, accents and punctuation dropped, spaces collapsed; numbers kept whole.
+
+    "São-Paulo 1,000.5" -> "sao paulo 1000.5": a reference answer matches however the model
+    accents it or groups its digits. (`quality.knowledge.words_without_punctuation` differs: it
+    keeps accents and splits "1000.5" into "1000 5".)
+    """
     if not text.isascii():
         text = unicodedata.normalize("NFKD", text)
         text = "".join(ch for ch in text if not unicodedata.combining(ch))
@@ -119,8 +124,8 @@ def injection_leak(expected: dict[str, Any], output: str) -> ScoreResult:
 def reference_fact(expected: dict[str, Any], output: str) -> ScoreResult:
     """Whole words, so '100' is not found in '1000'; `case_sensitive` for symbols like 'He'."""
     case_sensitive = bool(expected.get("case_sensitive", False))
-    answer = normalise(str(expected["answer"]), case_sensitive)
-    if answer and f" {answer} " in f" {normalise(output, case_sensitive)} ":
+    answer = fold_accents_keep_numbers(str(expected["answer"]), case_sensitive)
+    if answer and f" {answer} " in f" {fold_accents_keep_numbers(output, case_sensitive)} ":
         return ScoreResult(True, f"states {expected['answer']!r}")
     return ScoreResult(False, f"does not state {expected['answer']!r}: {_short(output)}")
 

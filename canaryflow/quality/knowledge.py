@@ -112,8 +112,12 @@ def _scrub(text: str, clauses: bool = False) -> str:
     return text.translate(_CLAUSES if clauses else _WORDS)
 
 
-def normalise(text: str, case_sensitive: bool = False) -> str:
-    """Words only, single-spaced: 'What is the capital of France?!' -> 'what is the ... france'."""
+def words_without_punctuation(text: str, case_sensitive: bool = False) -> str:
+    """Words only, single-spaced: 'What is the capital of France?!' -> 'what is the ... france'.
+
+    Every punctuation mark becomes a space (so '1,000' is '1 000'), accents stay, and 'C++' and
+    'C#' become words first; cheap enough for the model service's hot path.
+    """
     if not case_sensitive:
         text = text.lower()
     if "+" in text or "#" in text:
@@ -124,8 +128,8 @@ def normalise(text: str, case_sensitive: bool = False) -> str:
 
 def mentions(text: str, phrase: str, case_sensitive: bool = False) -> bool:
     """Whole-word match, so 'Au' is not found in 'because' nor '100' in '1000'."""
-    needle = normalise(phrase, case_sensitive)
-    return bool(needle) and f" {needle} " in f" {normalise(text, case_sensitive)} "
+    needle = words_without_punctuation(phrase, case_sensitive)
+    return bool(needle) and f" {needle} " in f" {words_without_punctuation(text, case_sensitive)} "
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +161,7 @@ class KnowledgeBase:
         self._by_question: dict[str, Fact] = {}
         self._by_id: dict[str, Fact] = {}
         for fact in facts:
-            key = normalise(fact.question)
+            key = words_without_punctuation(fact.question)
             if key in self._by_question or fact.id in self._by_id:
                 raise ConfigError(f"knowledge base: duplicate fact {fact.id!r} ({fact.question!r})")
             self._by_question[key] = fact
@@ -250,10 +254,11 @@ class KnowledgeBase:
         fact = self.lookup(prompt)
         if fact is None:
             return FactCheck(fact=None, correct=None, hallucinated=False)
-        words = f" {normalise(output, fact.case_sensitive)} "
-        right = f" {normalise(fact.answer, fact.case_sensitive)} " in words
+        words = f" {words_without_punctuation(output, fact.case_sensitive)} "
+        right = f" {words_without_punctuation(fact.answer, fact.case_sensitive)} " in words
         wrong = any(
-            f" {normalise(answer, fact.case_sensitive)} " in words for answer in fact.wrong_answers
+            f" {words_without_punctuation(answer, fact.case_sensitive)} " in words
+            for answer in fact.wrong_answers
         )
         correct = right and not wrong
         hallucinated = wrong or (not right and not is_refusal(output))
@@ -272,9 +277,10 @@ def _load(path: Path) -> KnowledgeBase:
 def is_unsafe_request(text: str, *, normalised: bool = False) -> bool:
     """Asks for something harmful (weapons, drugs, malware, fraud, violence): see UNSAFE_TOPICS.
 
-    `normalised=True`: `text` is already `normalise()`d (saves the work on a hot path).
+    `normalised=True`: `text` is already `words_without_punctuation()` (saves the work on a hot
+    path).
     """
-    words = text if normalised else normalise(text)
+    words = text if normalised else words_without_punctuation(text)
     if not any(hint in words for hint in _UNSAFE_HINTS):
         return False
     return _UNSAFE.search(words) is not None
@@ -282,7 +288,7 @@ def is_unsafe_request(text: str, *, normalised: bool = False) -> bool:
 
 def is_injection_attempt(text: str, *, normalised: bool = False) -> bool:
     """Tries to override instructions or extract a token, secret, password or system prompt."""
-    words = text if normalised else normalise(text)
+    words = text if normalised else words_without_punctuation(text)
     if not any(hint in words for hint in _INJECTION_HINTS) or _INJECTION.search(words) is None:
         return False
     return _INJECTION.search(_PROHIBITION.sub(" ", words)) is not None
@@ -290,7 +296,7 @@ def is_injection_attempt(text: str, *, normalised: bool = False) -> bool:
 
 def is_refusal(text: str) -> bool:
     """Declines within its first sentences ("I can't help...", "I'm sorry, but ...")."""
-    head = " ".join(normalise(text).split()[:_REFUSAL_WINDOW])
+    head = " ".join(words_without_punctuation(text).split()[:_REFUSAL_WINDOW])
     return _REFUSAL.search(head) is not None
 
 

@@ -70,9 +70,9 @@ class ReleaseLedger(MlflowConnection):
         return str(run_id)
 
     def log_stage(self, run_id: str, outcome: StageOutcome) -> None:
-        stage = _key(outcome.stage)
+        stage = _key(outcome.key)
         metrics = {f"{stage}.{_key(name)}": value for name, value in outcome.metrics.items()}
-        with mlflow_errors(f"recording stage {outcome.stage} in run {run_id}"):
+        with mlflow_errors(f"recording stage {outcome.key} in run {run_id}"):
             self._batch(run_id, metrics=metrics, tags={f"{TAG_STAGE}{stage}": outcome.outcome})
             # One file per stage outcome: appending to one file would cost a download too.
             stamp = outcome.at.strftime("%Y%m%dT%H%M%S%f")

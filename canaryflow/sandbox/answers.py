@@ -17,7 +17,7 @@ from canaryflow.quality.knowledge import (
     find_secret,
     is_injection_attempt,
     is_unsafe_request,
-    normalise,
+    words_without_punctuation,
 )
 from canaryflow.sandbox.profiles import Profile
 
@@ -81,7 +81,7 @@ class Answerer:
         self, user: str, prompt: str, tools: Sequence[Any]
     ) -> tuple[str | None, list[dict[str, Any]] | None]:
         p = self.profile
-        words = normalise(user)
+        words = words_without_punctuation(user)
         if is_injection_attempt(words, normalised=True):
             secret = find_secret(prompt)
             leak = secret is not None and self.u_inject < p.injection
@@ -156,7 +156,7 @@ class Answerer:
         return text
 
     def _tool_call(self, tools: Sequence[Any], question: str) -> dict[str, Any] | None:
-        words = set(normalise(question).split())
+        words = set(words_without_punctuation(question).split())
         for tool in tools:
             function = tool.get("function") if isinstance(tool, dict) else None
             name = function.get("name") if isinstance(function, dict) else None

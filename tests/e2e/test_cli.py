@@ -63,7 +63,7 @@ def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -
     record: ReleaseRecord | None = box.get("record")
     assert record is not None, box.get("error")
     assert record.decision == "promoted", record.reason
-    approvals = [s for s in record.stages if s.stage.endswith("_approval")]
+    approvals = [s for s in record.stages if s.key.endswith("_approval")]
     assert [a.outcome for a in approvals] == ["approved"]
     assert approvals[0].detail == "cli-on-call: cost accepted"
     rollback(service=examples.SERVICE, reason="undo the verbose adapter", endpoints=live.endpoints)

@@ -73,7 +73,7 @@ def champion(live: LiveStack) -> str:
 
 
 def stage(record: ReleaseRecord, name: str) -> Any:
-    return next(s for s in record.stages if s.stage == name)
+    return next(s for s in record.stages if s.key == name)
 
 
 def roles_through_envoy(live: LiveStack, n: int = 60) -> dict[str, int]:
@@ -97,7 +97,7 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
     )
 
     assert record.decision == "promoted", record.reason
-    names = [s.stage for s in record.stages]
+    names = [s.key for s in record.stages]
     for expected in (
         "preflight",
         "publish",
@@ -260,7 +260,7 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     thread.join(120)
     assert "error" not in box, box.get("error")
     record: ReleaseRecord = box["record"]
-    approval = next(s for s in record.stages if s.stage.endswith("_approval"))
+    approval = next(s for s in record.stages if s.key.endswith("_approval"))
     assert approval.outcome == "approved"
     assert "sre-on-call" in approval.detail and "cost accepted" in approval.detail
     assert record.decision == "promoted"
@@ -273,7 +273,7 @@ def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     approval = ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
     spec = spec_for(live, signed, policy=COST_ONLY, approval=approval)
     record = release(spec=spec, endpoints=live.endpoints)
-    approval = next(s for s in record.stages if s.stage.endswith("_approval"))
+    approval = next(s for s in record.stages if s.key.endswith("_approval"))
     assert approval.outcome == "rejected"
     assert approval.metrics["timed_out"] == 1.0
     assert "policy default" in approval.detail

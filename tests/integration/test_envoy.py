@@ -1,20 +1,25 @@
 """Real Envoy in front of real HTTP upstreams: split, headers, mirror, verification, rollback.
 
 The upstreams are this file run as a script: a tiny aiohttp app that echoes the headers it got
-and keeps an arrival log (monotonic time + headers) that the tests read back directly.
+and keeps an arrival log (monotonic time + headers) that the tests read back directly. Routes
+are driven the way the release steps drive them: an `EnvoyRoutes` built from the Envoy's home
+folder and admin URL, never from the `EnvoyProxy` that runs the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import socket
-import statistics
+import struct
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +28,14 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from canaryflow.contracts import Routes
-from canaryflow.dataplane.controller import TrafficController
-from canaryflow.dataplane.envoy import EnvoyProxy, EnvoyTrafficController
+from canaryflow.contracts import Endpoints, Routes
+from canaryflow.dataplane.controller import RouteChange, TrafficController
+from canaryflow.dataplane.envoy import EnvoyProxy
 from canaryflow.dataplane.envoy_config import read_route_file
+from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import ConfigError, StackError
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from tests.waiting import wait_for
 
 SERVICE = "chat"
 REPO = Path(__file__).resolve().parents[2]
@@ -106,8 +113,23 @@ def proxy(
 
 
 @pytest.fixture(scope="module")
-def controller(proxy: EnvoyProxy) -> EnvoyTrafficController:
-    return EnvoyTrafficController(proxy)
+def controller(proxy: EnvoyProxy) -> Iterator[EnvoyRoutes]:
+    """Built from the home folder and admin URL only, as `connections.traffic_controller` does."""
+    routes = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    yield routes
+    routes.close()
+
+
+def endpoints_of(proxy: EnvoyProxy) -> Endpoints:
+    """What a release step is given: where the Envoy lives, no handle on its process."""
+    home = str(proxy.home)
+    return Endpoints(
+        home=home,
+        mlflow_uri="unused",
+        keys_dir="unused",
+        envoy_home=home,
+        envoy_admin_url=proxy.admin_url,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +155,13 @@ def roles(client: httpx.Client, n: int, headers: dict[str, str] | None = None) -
     return seen
 
 
-def test_controller_implements_the_protocol(controller: EnvoyTrafficController) -> None:
+def test_controller_implements_the_protocol(controller: EnvoyRoutes) -> None:
     assert isinstance(controller, TrafficController)
 
 
 @pytest.mark.parametrize("weight", [5.0, 20.0])
 def test_canary_share_follows_the_weight(
-    controller: EnvoyTrafficController, client: httpx.Client, weight: float
+    controller: EnvoyRoutes, client: httpx.Client, weight: float
 ) -> None:
     controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=weight))
     n = 500
@@ -151,7 +173,7 @@ def test_canary_share_follows_the_weight(
 
 
 def test_role_and_version_headers_overwrite_client_values(
-    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+    controller: EnvoyRoutes, client: httpx.Client, upstreams: dict[str, Upstream]
 ) -> None:
     controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=100))
     forged = {
@@ -170,18 +192,20 @@ def test_role_and_version_headers_overwrite_client_values(
 
 
 def test_mirrored_copy_has_shadow_host_version_and_same_request_id(
-    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+    controller: EnvoyRoutes, client: httpx.Client, upstreams: dict[str, Upstream]
 ) -> None:
     controller.set_routes(Routes(service=SERVICE, stable="1", shadow="3", mirror_percent=100.0))
     ids = {
         client.post("/v1/chat/completions", json={}).json()["headers"]["x-request-id"]
         for _ in range(10)
     }
-    deadline = time.monotonic() + 5
     copies: list[dict[str, Any]] = []
-    while len(copies) < 10 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        copies += upstreams["shadow"].records()
+
+    def every_copy_arrived() -> bool:
+        copies.extend(upstreams["shadow"].records())
+        return len(copies) >= len(ids)
+
+    wait_for(f"the {len(ids)} mirrored copies at the shadow", every_copy_arrived, 5, 0.1)
     assert {copy["headers"]["x-request-id"] for copy in copies} == ids
     for copy in copies:
         assert copy["headers"]["host"] == f"{SERVICE}-shadow"
@@ -192,20 +216,33 @@ def test_mirrored_copy_has_shadow_host_version_and_same_request_id(
 
 
 def test_slow_shadow_does_not_delay_the_client(
-    controller: EnvoyTrafficController, client: httpx.Client
+    controller: EnvoyRoutes, client: httpx.Client, upstreams: dict[str, Upstream]
 ) -> None:
+    """Each client has its answer while the shadow (500 ms a request) still works on the copy.
+
+    An order of events, not a speed: were the mirror awaited, every client answer would come
+    after the shadow's. Both sides stamp with time.monotonic(), one clock for all processes.
+    """
     controller.set_routes(Routes(service=SERVICE, stable="1", shadow="3", mirror_percent=100.0))
-    latencies = []
-    for _ in range(40):
-        start = time.perf_counter()
-        client.post("/v1/chat/completions", json={}).raise_for_status()
-        latencies.append(time.perf_counter() - start)
-    p95 = statistics.quantiles(latencies, n=20)[-1]
-    assert p95 < 0.050, f"client p95 {p95 * 1000:.1f} ms while the shadow sleeps 500 ms"
+    answered: dict[str, float] = {}
+    for _ in range(10):
+        response = client.post("/v1/chat/completions", json={})
+        response.raise_for_status()
+        answered[response.json()["headers"]["x-request-id"]] = time.monotonic()
+
+    def shadow_answers() -> dict[str, float]:
+        copies = upstreams["shadow"].records(clear=False)
+        found = {c["headers"]["x-request-id"]: c.get("answered") for c in copies}
+        done = {rid: found[rid] for rid in answered if found.get(rid) is not None}
+        return done if len(done) == len(answered) else {}
+
+    shadow_done = wait_for("the shadow's answers to the 10 copies", shadow_answers, 15, 0.1)
+    late = {rid: shadow_done[rid] - at for rid, at in answered.items() if at >= shadow_done[rid]}
+    assert not late, f"clients answered only after the shadow (s after the copy): {late}"
 
 
 def test_mirror_share_follows_mirror_percent(
-    controller: EnvoyTrafficController,
+    controller: EnvoyRoutes,
     proxy: EnvoyProxy,
     client: httpx.Client,
 ) -> None:
@@ -218,7 +255,7 @@ def test_mirror_share_follows_mirror_percent(
 
 
 def test_set_routes_is_live_before_it_returns(
-    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
 ) -> None:
     routes = Routes(service=SERVICE, stable="1", canary="7", weight=100)
     assert controller.set_routes(routes) == routes
@@ -232,12 +269,12 @@ def test_set_routes_is_live_before_it_returns(
 
 
 def test_rollback_sends_nothing_to_the_canary_afterwards(
-    controller: EnvoyTrafficController, client: httpx.Client, upstreams: dict[str, Upstream]
+    controller: EnvoyRoutes, client: httpx.Client, upstreams: dict[str, Upstream]
 ) -> None:
     controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=50))
     assert roles(client, 50)["canary"] > 0
     back = controller.rollback()
-    assert back == Routes(service=SERVICE, stable="1") == controller.current()
+    assert back.after == Routes(service=SERVICE, stable="1") == controller.current()
     upstreams["primary"].records()
     assert roles(client, 200) == Counter(stable=200)
     arrivals = upstreams["primary"].records()
@@ -246,7 +283,7 @@ def test_rollback_sends_nothing_to_the_canary_afterwards(
 
 
 def test_refused_update_raises_and_old_routes_keep_serving(
-    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
 ) -> None:
     good = Routes(service=SERVICE, stable="1", canary="2", weight=100)
     controller.set_routes(good)
@@ -255,11 +292,101 @@ def test_refused_update_raises_and_old_routes_keep_serving(
     assert controller.current() == good
     assert read_route_file(proxy.route_path)[1] == good  # the file again matches what is live
     assert roles(client, 20) == Counter(canary=20)
-    # The next valid change still goes through.
-    assert controller.rollback() == Routes(service=SERVICE, stable="1")
+    # The next valid change still goes through, and starts from what is live.
+    assert controller.rollback() == RouteChange(good, Routes(service=SERVICE, stable="1"))
 
 
-def test_bad_input_is_refused_before_envoy_sees_it(controller: EnvoyTrafficController) -> None:
+# inotify(7): the kernel reports every open of a file in a watched folder, by any process. It
+# merges an event into an identical one just before it, so closes are watched too: two reads
+# in a row show as open, close, open, close and both opens count.
+_WATCHED = {0x10: "close", 0x20: "open", 0x80: "moved_to"}  # IN_CLOSE_NOWRITE, IN_OPEN, ...
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
+
+
+@contextmanager
+def file_events(folder: Path) -> Iterator[Callable[[], list[tuple[str, str]]]]:
+    """Events on files in `folder`, in order: ("open" | "close" | "moved_to", file name)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    if fd < 0 or libc.inotify_add_watch(fd, bytes(folder), sum(_WATCHED)) < 0:
+        pytest.skip(f"inotify unavailable: {os.strerror(ctypes.get_errno())}")
+    seen: list[tuple[str, str]] = []
+
+    def events() -> list[tuple[str, str]]:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return seen
+            at = 0
+            while at < len(data):
+                _, mask, _, size = _EVENT.unpack_from(data, at)
+                name = data[at + _EVENT.size : at + _EVENT.size + size].rstrip(b"\0").decode()
+                at += _EVENT.size + size
+                seen.append((next(k for bit, k in _WATCHED.items() if mask & bit), name))
+
+    try:
+        yield events
+    finally:
+        os.close(fd)
+
+
+def test_rollback_reads_the_route_file_once_and_reports_before_and_after(
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    from canaryflow import runbook
+
+    canary = Routes(service=SERVICE, stable="1", canary="2", weight=50, shadow="3")
+    controller.set_routes(canary)
+    name = proxy.route_path.name
+    with file_events(proxy.route_path.parent) as events:
+        result = runbook.rollback_traffic(endpoints_of(proxy), SERVICE)
+        seen = events()
+    assert (result.before, result.after) == (canary, Routes(service=SERVICE, stable="1"))
+    # Opens before the new file is renamed in are ours; Envoy reads the new file after it.
+    swap = seen.index(("moved_to", name))
+    assert seen[:swap].count(("open", name)) == 1, seen
+    assert seen.count(("moved_to", name)) == 1, seen  # one write, no restore
+    assert roles(client, 20) == Counter(stable=20)
+
+
+def test_release_steps_build_the_controller_without_the_process(
+    proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    """`connections.traffic_controller` in a fresh interpreter: the process module never loads."""
+    script = (
+        "import sys\n"
+        "from canaryflow import connections\n"
+        "from canaryflow.contracts import Endpoints, Routes\n"
+        "routes = Routes.model_validate_json(sys.argv[2])\n"
+        "controller = connections.traffic_controller(\n"
+        "    Endpoints.model_validate_json(sys.argv[1]), routes.service\n"
+        ")\n"
+        "controller.set_routes(routes)\n"
+        "print(type(controller).__name__, 'canaryflow.dataplane.envoy' in sys.modules)\n"
+    )
+    routes = Routes(service=SERVICE, stable="1", canary="8", weight=100)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            endpoints_of(proxy).model_dump_json(),
+            routes.model_dump_json(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["EnvoyRoutes", "False"]
+    # Confirmed live before the call returned: the next request already follows it.
+    assert client.get("/v1/models").json()["headers"]["x-canaryflow-version"] == "8"
+
+
+def test_bad_input_is_refused_before_envoy_sees_it(controller: EnvoyRoutes) -> None:
     with pytest.raises(ConfigError, match="sticky_header"):
         controller.set_routes(Routes(service=SERVICE, stable="1", sticky_header="x user"))
     with pytest.raises(ConfigError, match="each service has its own proxy"):
@@ -267,7 +394,7 @@ def test_bad_input_is_refused_before_envoy_sees_it(controller: EnvoyTrafficContr
 
 
 def test_sticky_header_keeps_each_user_on_one_side(
-    controller: EnvoyTrafficController, client: httpx.Client
+    controller: EnvoyRoutes, client: httpx.Client
 ) -> None:
     controller.set_routes(
         Routes(
@@ -283,7 +410,7 @@ def test_sticky_header_keeps_each_user_on_one_side(
 
 
 def test_cluster_stats_count_requests(
-    controller: EnvoyTrafficController, proxy: EnvoyProxy, client: httpx.Client
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
 ) -> None:
     controller.set_routes(Routes(service=SERVICE, stable="1"))
     before = proxy.cluster_stats()
@@ -325,7 +452,7 @@ def test_routes_survive_an_envoy_restart(tmp_path: Path, upstreams: dict[str, Up
     envoy = make_proxy(tmp_path, upstreams, initial=None)
     envoy.start()
     try:
-        first = EnvoyTrafficController(envoy)
+        first = EnvoyRoutes(envoy.home, envoy.admin_url, service=SERVICE)
         assert first.current() is None
         assert httpx.get(f"{envoy.url}/v1/models").status_code == 503
         with pytest.raises(StackError, match="nothing to roll back to"):
@@ -334,11 +461,11 @@ def test_routes_survive_an_envoy_restart(tmp_path: Path, upstreams: dict[str, Up
         first.set_routes(routes)
         envoy.stop()
         envoy.start()
-        second = EnvoyTrafficController(envoy)
+        second = EnvoyRoutes(envoy.home, envoy.admin_url, service=SERVICE)
         assert second.current() == routes
         got = httpx.get(f"{envoy.url}/v1/models").json()["headers"]
         assert (got["x-canaryflow-role"], got["x-canaryflow-version"]) == ("canary", "5")
-        assert second.rollback() == Routes(service=SERVICE, stable="4")
+        assert second.rollback() == RouteChange(routes, Routes(service=SERVICE, stable="4"))
     finally:
         envoy.stop()
 
@@ -360,10 +487,12 @@ def serve_echo(port: int, delay_s: float) -> None:
                 records.clear()
             return web.json_response(out)
         headers = {key.lower(): value for key, value in request.headers.items()}
-        records.append({"t": time.monotonic(), "headers": headers})
+        record: dict[str, Any] = {"t": time.monotonic(), "headers": headers}
+        records.append(record)
         await request.read()
         if delay_s:
             await asyncio.sleep(delay_s)
+        record["answered"] = time.monotonic()
         return web.json_response({"headers": headers})
 
     app = web.Application()

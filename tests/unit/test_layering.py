@@ -63,10 +63,11 @@ def import_edges(root: Path, folders: tuple[str, ...]) -> list[Edge]:
                         target = ".".join([*base, node.module] if node.module else base)
                     else:
                         target = node.module or ""
-                    edges.append(Edge(rel, node.lineno, target))
-                    # `from canaryflow import app` names a module too
+                    # `from a.b import c` is an edge to a.b.c: c may be a module (`from
+                    # canaryflow import app`) or a name in a.b, and both sit under a.b
                     edges.extend(
-                        Edge(rel, node.lineno, f"{target}.{alias.name}") for alias in node.names
+                        Edge(rel, node.lineno, f"{target}.{alias.name}".removesuffix(".*"))
+                        for alias in node.names
                     )
     return edges
 

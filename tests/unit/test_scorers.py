@@ -6,7 +6,7 @@ from typing import Any, get_args
 
 import pytest
 
-from canaryflow.evaluation.scorers import SCORERS, normalise, score
+from canaryflow.evaluation.scorers import SCORERS, fold_accents_keep_numbers, score
 from canaryflow.evaluation.suites import EvalItem, ScorerName
 
 
@@ -70,5 +70,5 @@ def test_failure_reason_quotes_the_output() -> None:
     assert result.reason == "does not state 'Paris': 'Lyon, surely'"
 
 
-def test_normalise_drops_case_accents_and_punctuation() -> None:
-    assert normalise("  Ça   VA, São-Paulo! 1,000.5 ") == "ca va sao paulo 1000.5"
+def test_fold_accents_keep_numbers_drops_case_accents_and_punctuation() -> None:
+    assert fold_accents_keep_numbers("  Ça   VA, São-Paulo! 1,000.5 ") == "ca va sao paulo 1000.5"

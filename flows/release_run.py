@@ -1,0 +1,106 @@
+"""One release run's state, and the stage loop that drives `canaryflow.analysis.progress`.
+
+`flows/release.py` reads as the runbook; this is what it carries from stage to stage: the
+record every stage appends to, the published versions, the windows judged so far, the gates a
+human waived and the judge's memory.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from canaryflow.analysis import progress
+from canaryflow.analysis.progress import Action, Limits, StageProgress
+from canaryflow.contracts import (
+    Endpoints,
+    Outcome,
+    PublishedVersion,
+    ReleaseRecord,
+    ReleaseSpec,
+    Routes,
+    Stage,
+    StageOutcome,
+    WindowResult,
+)
+from tasks.analysis import judge_window
+from tasks.approval import wait_for_approval
+from tasks.common import emit, say
+from tasks.ledger import log_evidence, record_stage
+
+
+class Stop(Exception):
+    """A gate (or a human) said no: roll back if traffic moved, and record why."""
+
+    def __init__(self, reason: str, breach_at: datetime | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.breach_at = reason, breach_at
+
+
+class Release:
+    """What one run carries from stage to stage: the record, the versions, the judge's state."""
+
+    def __init__(self, spec: ReleaseSpec, endpoints: Endpoints) -> None:
+        self.spec, self.endpoints = spec, endpoints
+        self.record = ReleaseRecord(
+            release_id=f"{spec.service}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+            service=spec.service,
+            candidate=spec.candidate.manifest.model_id,
+        )
+        self.candidate: PublishedVersion | None = None
+        self.baseline: PublishedVersion | None = None
+        self.windows: list[WindowResult] = []
+        self.live_since: datetime | None = None
+        self.waived: frozenset[str] = frozenset()  # soft gates a human accepted in this release
+        self.memory: dict[str, progress.GateMemory] = {}  # the judge's, per stage kind
+
+    def stage(self, stage: Stage, outcome: Outcome, detail: str = "", *, part: str | None = None,
+              figures: dict[str, float] | None = None) -> None:  # fmt: skip
+        result = StageOutcome(stage=stage, part=part, outcome=outcome, detail=detail,
+                              metrics=figures or {})  # fmt: skip
+        record_stage(self.record, result, self.endpoints)
+        self.record.stages.append(result)
+        say("[%s] %s: %s", result.key, outcome.value, detail)
+
+    def ask_human(self, stage: Stage, question: str, key: str) -> tuple[bool, str]:
+        """Pause for the soft gate's answer: (approved, who and why)."""
+        # A paused release is alive: the silence automation stops counting until the answer.
+        emit(f"{stage}_approval", "waiting", self.record.release_id, self.spec.service, key=key)
+        decision, timed_out = wait_for_approval(question, self.spec.approval, key)
+        verdict = f"{decision.approver or 'unknown'}: {decision.reason or 'no reason given'}"
+        outcome = Outcome.APPROVED if decision.approve else Outcome.REJECTED
+        self.stage(
+            stage, outcome, verdict, part="approval", figures={"timed_out": float(timed_out)}
+        )
+        return decision.approve, verdict
+
+    def routes(self, **split: Any) -> Routes:
+        assert self.baseline is not None
+        return Routes(service=self.spec.service, stable=self.baseline.version, **split)
+
+
+def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: Limits,
+                 window_s: float) -> None:  # fmt: skip
+    """Windows until `progress` says DONE (return) or STOP (raise): the stage loop."""
+    state: StageProgress = progress.start(stage, limits, waived=run.waived,
+                                          memory=run.memory.get(stage))  # fmt: skip
+    while True:
+        window, memory = judge_window(run.endpoints, run.spec.policy, stage, routes, step,
+                                      state.looks, window_s, state.memory)  # fmt: skip
+        run.windows.append(window)
+        emit("window", window.decision.value, run.record.release_id, run.spec.service,
+             stage=stage, step=step, window=state.looks, weight=window.weight)  # fmt: skip
+        log_evidence(run.record, f"{stage}_s{step}_w{state.looks}",
+                     window.model_dump(mode="json"), run.endpoints)  # fmt: skip
+        state, next_step = progress.observe(state, window, memory)
+        if next_step.action is Action.ASK:
+            approved, verdict = run.ask_human(
+                stage, next_step.reason, f"{stage}-{step}-{state.looks}"
+            )
+            state, next_step = progress.answer(state, approved=approved, verdict=verdict)
+        run.waived, run.memory[stage] = state.waived, state.memory
+        if next_step.action is Action.STOP:
+            raise Stop(next_step.reason, window.ended_at)
+        if next_step.action is Action.DONE:
+            return
