@@ -13,7 +13,6 @@ returns the run it already started.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from canaryflow.app.approvals import RETRY_DELAYS_S, RETRY_STATUSES
+from canaryflow import retries
 from canaryflow.deliveries import SeenDeliveries, verify_signature
 from canaryflow.errors import ConfigError, WebhookSignatureError
 from canaryflow.loading import spec_from_data
@@ -54,19 +53,15 @@ async def _call(
     client: httpx.AsyncClient, method: str, url: str, body: object = None
 ) -> httpx.Response:
     """Prefect answers 503 for errors a client may retry (a busy database): retry those."""
-    for delay in (*RETRY_DELAYS_S, None):
-        try:
-            response = await client.request(method, url, json=body)
-        except httpx.TransportError as exc:
-            problem = f"unreachable ({exc})"
-        else:
-            if response.status_code not in RETRY_STATUSES and response.status_code < 500:
-                return response
-            problem = f"answered {response.status_code}: {response.text[:200]}"
-        if delay is None:
-            raise PrefectUnavailable(f"the Prefect API {problem}; redeliver later, it is safe")
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+    try:
+        response = await retries.acall(lambda: client.request(method, url, json=body))
+    except httpx.TransportError as exc:
+        problem = f"is unreachable ({exc})"
+    else:
+        if not retries.is_retryable_status(response.status_code):
+            return response
+        problem = f"answered {response.status_code}: {response.text[:200]}"
+    raise PrefectUnavailable(f"the Prefect API {problem}; redeliver later, it is safe")
 
 
 async def _deployment_id(client: httpx.AsyncClient, config: WebhookConfig) -> str:

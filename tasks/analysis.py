@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from canaryflow import reports, runbook
 from canaryflow.analysis.gates import GateMemory
 from canaryflow.contracts import Endpoints, GatePolicy, Routes, WindowResult
-from tasks.common import artifact_key
+from tasks.common import artifact_key, step
 
 
-@task(task_run_name="judge-{stage}-step{step}-window{window}")
+@step(retries=0, task_run_name="judge-{stage}-step{step}-window{window}")
 def judge_window(
     endpoints: Endpoints,
     policy: GatePolicy,

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import Task
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
-from canaryflow.errors import RetryableError
+from canaryflow.retries import TASK_RETRY, is_retryable
 
-RETRY_DELAYS: list[float] = [1.0, 3.0, 9.0]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def step(**options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """`@task` with the one retry policy: a task is retried only when `retries.is_retryable`
+    says its error can succeed on a retry, after `TASK_RETRY`'s delays (`retries=0` for a
+    step that must not repeat). No cache: hashing every input of every call buys nothing here."""
+    settings: dict[str, Any] = {
+        "retries": len(TASK_RETRY.delays_s),
+        "retry_delay_seconds": list(TASK_RETRY.delays_s),
+        "retry_condition_fn": retry_if_transient,
+        "cache_policy": NO_CACHE,
+    }
+    return task(**{**settings, **options})  # type: ignore[no-any-return]
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Provider 429/5xx and registry outages are retried; bad input and failed gates are not."""
     try:
         state.result()
-    except RetryableError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_retryable(exc)
     return False
 
 
@@ -57,3 +71,11 @@ def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     raw = "-".join(parts).lower()
     return "".join(c if c.isalnum() else "-" for c in raw).strip("-")
+
+
+def say(message: str, *args: object) -> None:
+    """A line of the release's story: in the run's log (Prefect UI) and, marked with
+    `canaryflow_progress`, on the terminal of whoever started the run (`canaryflow.app`)."""
+    from prefect import get_run_logger
+
+    get_run_logger().info(message, *args, extra={"canaryflow_progress": True})

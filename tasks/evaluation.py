@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import connections, reports, runbook
 from canaryflow.contracts import Endpoints, EvalReport, PublishedVersion, ReleaseSpec
 from canaryflow.loading import load_policy
-from tasks.common import RETRY_DELAYS, artifact_key, retry_if_transient
+from tasks.common import artifact_key, step
 
 NIGHTLY_SUITES = ["golden", "regression", "safety"]
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "deployments" / "policies" / "default.yaml"
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def evaluate_candidate(
     spec: ReleaseSpec,
     candidate: PublishedVersion,
@@ -47,7 +46,7 @@ def evaluate_candidate(
     return report
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def evaluate_champion(
     champion: PublishedVersion, reference: PublishedVersion, endpoints: Endpoints
 ) -> EvalReport:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import task
-
 from canaryflow import connections, forensics
 from canaryflow.contracts import (
     Endpoints,
@@ -19,15 +17,15 @@ from canaryflow.contracts import (
 )
 from canaryflow.registry.ledger import NightlyRun
 from canaryflow.runbook import TrafficRollback
-from tasks.common import RETRY_DELAYS, emit, retry_if_transient
+from tasks.common import emit, step
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def open_ledger(record: ReleaseRecord, spec: ReleaseSpec, endpoints: Endpoints) -> str:
     return connections.ledger(endpoints.mlflow_uri).start(record, spec.model_dump(mode="json"))
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def record_stage(record: ReleaseRecord, outcome: StageOutcome, endpoints: Endpoints) -> None:
     """The caller keeps `record.stages`; tasks never mutate their arguments."""
     if record.ledger_run_id is not None:
@@ -42,20 +40,20 @@ def record_stage(record: ReleaseRecord, outcome: StageOutcome, endpoints: Endpoi
     )
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def log_evidence(record: ReleaseRecord, name: str, evidence: Any, endpoints: Endpoints) -> None:
     if record.ledger_run_id is not None:
         connections.ledger(endpoints.mlflow_uri).log_json(record.ledger_run_id, name, evidence)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def close_ledger(record: ReleaseRecord, endpoints: Endpoints) -> None:
     if record.ledger_run_id is not None:
         connections.ledger(endpoints.mlflow_uri).finish(record.ledger_run_id, record)
     emit("release", record.decision, record.release_id, record.service, reason=record.reason)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def keep_forensics(
     record: ReleaseRecord,
     endpoints: Endpoints,
@@ -81,7 +79,7 @@ def keep_forensics(
         connections.ledger(endpoints.mlflow_uri).log_json(record.ledger_run_id, "forensics", bundle)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def record_nightly(
     champion: PublishedVersion,
     reference: PublishedVersion,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec
-from tasks.common import RETRY_DELAYS, artifact_key, retry_if_transient
+from tasks.common import artifact_key, step
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def verify_candidate(spec: ReleaseSpec, endpoints: Endpoints) -> runbook.Preflight:
     """Signature, baseline, compatibility (tokenizer, embeddings, license, residency)."""
     result = runbook.preflight(spec, endpoints)

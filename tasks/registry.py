@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, PublishedVersion, ReleaseSpec, Status
 from canaryflow.errors import AliasNotFound
-from tasks.common import RETRY_DELAYS, retry_if_transient
+from tasks.common import step
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def publish_candidate(spec: ReleaseSpec, endpoints: Endpoints) -> PublishedVersion:
     """Idempotent on the manifest digest; the version becomes the `challenger`."""
     return runbook.publish(spec, endpoints)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def promote_candidate(service: str, version: str, endpoints: Endpoints) -> str | None:
     """`champion` moves to the candidate; the old champion stays as `last-stable`."""
     return connections.registry(endpoints.mlflow_uri).promote(service, version)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def mark_rolled_back(service: str, version: str, reason: str, endpoints: Endpoints) -> None:
     connections.registry(endpoints.mlflow_uri).rollback(service, version, reason)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def set_status(service: str, version: str, status: Status, endpoints: Endpoints) -> None:
     connections.registry(endpoints.mlflow_uri).set_status(service, version, status)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | None:
     """The candidate a silent canary left behind: marked rolled back, `challenger` removed.
     Returns its version, or None when no version is challenging."""
@@ -43,18 +41,18 @@ def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | 
     return challenger
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def resolve_version(service: str, alias: str, endpoints: Endpoints) -> PublishedVersion:
     return connections.registry(endpoints.mlflow_uri).resolve(service, alias)
 
 
-@task(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def restore_champion(service: str, target: str | None, reason: str, endpoints: Endpoints) -> str:
     """`champion` goes back to the target (default `last-stable`); returns its version."""
     return connections.registry(endpoints.mlflow_uri).rollback_to(service, target, reason)
 
 
-@task(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
+@step()
 def resolve_champion_and_reference(
     service: str, endpoints: Endpoints
 ) -> tuple[PublishedVersion, PublishedVersion]:

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import task
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import Flow
 
@@ -14,28 +13,28 @@ from canaryflow import runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
 from canaryflow.settings import Settings
-from tasks.common import emit, flush_events, retry_if_transient, say
+from tasks.common import emit, flush_events, say, step
 
 
-@task(retries=2, retry_delay_seconds=[1.0, 3.0])
+@step()
 def warm_up_candidate(version: str, endpoints: Endpoints) -> list[str]:
     """Each model service loads the candidate's manifest before any request is routed to it."""
     return runbook.warm_up(endpoints, version)
 
 
-@task(retries=2, retry_delay_seconds=[0.5, 1], retry_condition_fn=retry_if_transient)
+@step()
 def shift_traffic(routes: Routes, endpoints: Endpoints) -> Routes:
     """Returns only once Envoy reports the new routes live."""
     return runbook.set_routes(endpoints, routes)
 
 
-@task
+@step(retries=0)
 def roll_back_traffic(service: str, endpoints: Endpoints) -> runbook.TrafficRollback:
     """No retry: the controller confirms the stable-only routes are live, or raises at once."""
     return runbook.rollback_traffic(endpoints, service)
 
 
-@task
+@step(retries=0)
 def send_all_traffic_to(
     service: str, version: str, endpoints: Endpoints
 ) -> runbook.TrafficRollback:

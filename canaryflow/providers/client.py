@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from canaryflow import retries
 from canaryflow.contracts import ModelManifest
 from canaryflow.errors import (
     BudgetExceeded,
@@ -30,7 +30,6 @@ from canaryflow.providers.transports import AiohttpTransport
 if TYPE_CHECKING:
     from canaryflow.providers.cache import ResponseCache
 
-RETRY_AFTER_CAP_S = 60.0
 SNIPPET_CHARS = 200
 
 
@@ -157,6 +156,10 @@ class ProviderClient:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        # Exponential backoff, jittered so clients that failed together do not retry together.
+        self.retry_policy = retries.RetryPolicy(
+            delays_s=tuple(backoff_s * 2**n for n in range(max_retries)), jitter=0.5
+        )
         self.budget = budget
         self.cache = cache
         self._transport = transport
@@ -239,56 +242,41 @@ class ProviderClient:
     async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[int, bytes, float]:
         if self._http is None or self._semaphore is None:
             raise RuntimeError("use ProviderClient inside `async with` before calling complete()")
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            retry_after: float | None = None
-            async with self._semaphore:
+        http, semaphore = self._http, self._semaphore
+        latency_ms = 0.0
+
+        async def post() -> httpx.Response:
+            nonlocal latency_ms
+            async with semaphore:  # held per attempt, not while waiting to retry
                 started = time.perf_counter()
-                try:
-                    response = await self._http.post("/v1/chat/completions", json=payload)
-                except httpx.TimeoutException as exc:
-                    last = f"timed out after {self.timeout_s} s ({type(exc).__name__})"
-                except httpx.TransportError as exc:
-                    last = f"connection failed ({type(exc).__name__}: {exc})"
-                else:
-                    latency_ms = (time.perf_counter() - started) * 1000
-                    status = response.status_code
-                    if status == 429 or status >= 500:
-                        last = f"HTTP {status}: {_snippet(response.content)}"
-                        retry_after = _retry_after(response.headers.get("retry-after"))
-                    elif status >= 400:
-                        raise ProviderResponseError(
-                            f"{self.base_url} refused the request with HTTP {status}: "
-                            f"{_snippet(response.content)} (a retry will not help: check the "
-                            "model name and parameters in the manifest)"
-                        )
-                    else:
-                        return status, response.content, latency_ms
-            if attempt < self.max_retries:
-                await asyncio.sleep(self._delay(attempt, retry_after))
-        raise TransientProviderError(
+                response = await http.post("/v1/chat/completions", json=payload)
+                latency_ms = (time.perf_counter() - started) * 1000
+                return response
+
+        try:
+            response = await retries.acall(post, self.retry_policy)
+        except httpx.TimeoutException as exc:
+            raise self._still_failing(
+                f"timed out after {self.timeout_s} s ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise self._still_failing(f"connection failed ({type(exc).__name__}: {exc})") from exc
+        status = response.status_code
+        if retries.is_retryable_status(status):
+            raise self._still_failing(f"HTTP {status}: {_snippet(response.content)}")
+        if status >= 400:
+            raise ProviderResponseError(
+                f"{self.base_url} refused the request with HTTP {status}: "
+                f"{_snippet(response.content)} (a retry will not help: check the "
+                "model name and parameters in the manifest)"
+            )
+        return status, response.content, latency_ms
+
+    def _still_failing(self, last: str) -> TransientProviderError:
+        return TransientProviderError(
             f"{self.base_url} still failing after {self.max_retries + 1} attempts; last: {last}. "
             "Check the provider's health, or raise max_retries / timeout_s."
         )
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        # Jitter keeps a crowd of clients that failed together from retrying together.
-        return float(self.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header; HTTP dates are rare from LLM APIs and fall back."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return min(seconds, RETRY_AFTER_CAP_S)
 
 
 def _snippet(body: bytes) -> str:

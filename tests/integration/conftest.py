@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
 
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.stack import prefect_server, url_of
 from tests.integration.busy_prefect import BusyPrefect
 
 
@@ -43,12 +42,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server` (SQLite, no UI); yields its API URL."""
+    server = prefect_server(tmp_path_factory.mktemp("prefect"), ui=False)
+    server.start(timeout_s=120)
+    try:
+        yield f"{url_of(server)}/api"
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def busy_prefect() -> Iterator[str]:
-    """A fresh `BusyPrefect`; yields its API URL. Tests set `busy` and `ok` before calling."""
-    BusyPrefect.busy, BusyPrefect.ok, BusyPrefect.posts = 0, (200, {}), []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BusyPrefect)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api"
-    server.shutdown()
-    server.server_close()
+def busy_prefect(prefect_api: str) -> Iterator[BusyPrefect]:
+    """A fresh proxy in front of the real Prefect server, forwarding everything until a test
+    calls `fail(prefix, times)`; clients go to its `api_url`."""
+    proxy = BusyPrefect(prefect_api.removesuffix("/api"))
+    yield proxy
+    proxy.close()

@@ -1,28 +1,159 @@
-"""Answering a paused release survives the Prefect API's retryable answers (503 under load)."""
+"""Answering a paused release against a real Prefect server, through a proxy that makes it busy.
+
+A real flow run pauses for the Approval form (the soft gate's own `wait_for_approval`); the
+proxy answers Prefect's retryable 503 on the exact path the answer takes, so each test shows
+which call was made and that it reached Prefect in the end.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
 import pytest
+from prefect import flow
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from canaryflow.app.approvals import resume_with_approval
-from canaryflow.errors import CanaryflowError
+from canaryflow.app.approvals import paused_runs, resume_with_approval
+from canaryflow.contracts import ApprovalConfig, ApprovalDecision
+from canaryflow.errors import CanaryflowError, ConfigError
+from tasks.approval import wait_for_approval
 from tests.integration.busy_prefect import BusyPrefect
+from tests.waiting import wait_for
+
+FLOW = "approval-probe"
 
 
-def test_resume_retries_prefects_retryable_503(busy_prefect: str) -> None:
-    BusyPrefect.busy, BusyPrefect.ok = 2, (200, {"status": "ACCEPT"})
+@flow(name=FLOW)
+def ask() -> ApprovalDecision:
+    decision, _ = wait_for_approval("ship it?", ApprovalConfig(timeout_s=120, poll_s=1), "probe")
+    return decision
+
+
+@dataclass
+class PausedRun:
+    id: str
+    thread: threading.Thread
+    box: dict[str, object] = field(default_factory=dict)
+
+    def answer(self) -> object:
+        self.thread.join(30)
+        return self.box.get("answer", self.box.get("error"))
+
+
+@pytest.fixture
+def paused_run(prefect_api: str) -> Iterator[PausedRun]:
+    """A run of `ask` waiting for its form; rejected at the end if a test left it paused."""
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["answer"] = ask.with_options(flow_run_name=name)()
+        except BaseException as exc:
+            box["error"] = exc
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        context = contextvars.copy_context()  # the thread must carry the Prefect API URL
+    thread = threading.Thread(target=context.run, args=(run,), daemon=True)
+    thread.start()
+    run_id = wait_for(
+        f"flow run {name} to pause",
+        lambda: next((r["id"] for r in paused_runs(prefect_api, FLOW) if r["name"] == name), None),
+        timeout_s=60,
+        interval_s=0.2,
+    )
+    paused = PausedRun(str(run_id), thread, box)
+    yield paused
+    if any(r["id"] == paused.id for r in paused_runs(prefect_api, FLOW)):
+        resume_with_approval(prefect_api, paused.id, approve=False, reason="test over", approver="")
+    thread.join(30)
+    APILogWorker.drain_all(timeout=5, at_exit=False)  # not at exit, when the server is gone
+
+
+def test_resume_through_a_busy_api_reaches_prefect_and_the_run(
+    busy_prefect: BusyPrefect, paused_run: PausedRun
+) -> None:
+    resume = f"/api/flow_runs/{paused_run.id}/resume"
+    busy_prefect.fail(resume, times=2)
     status = resume_with_approval(
-        busy_prefect, "run-1", approve=True, reason="ok", approver="alice"
+        busy_prefect.api_url, paused_run.id, approve=True, reason="ok", approver="alice"
     )
     assert status == "ACCEPT"
-    assert len(BusyPrefect.posts) == 3
-    assert BusyPrefect.posts[-1] == {
+    assert [c[2] for c in busy_prefect.calls(resume)] == [503, 503, 201]
+    assert {c[:2] for c in busy_prefect.calls(resume)} == {("POST", resume)}
+    assert busy_prefect.bodies(resume)[-1] == {
         "run_input": {"approve": True, "reason": "ok", "approver": "alice"}
     }
+    assert paused_run.answer() == ApprovalDecision(approve=True, reason="ok", approver="alice")
 
 
-def test_resume_gives_up_after_the_retries_with_a_clear_error(busy_prefect: str) -> None:
-    BusyPrefect.busy = 100
-    with pytest.raises(CanaryflowError, match=r"answered 503 .* still paused: try again"):
-        resume_with_approval(busy_prefect, "run-1", approve=True, reason="ok", approver="alice")
-    assert len(BusyPrefect.posts) == 5
+def test_busy_past_the_retries_says_the_run_is_still_paused(
+    busy_prefect: BusyPrefect, paused_run: PausedRun, prefect_api: str
+) -> None:
+    resume = f"/api/flow_runs/{paused_run.id}/resume"
+    busy_prefect.fail(resume, times=100)
+    with (
+        temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 2}),
+        pytest.raises(CanaryflowError, match=r"answered 503 .* still paused: try again"),
+    ):
+        resume_with_approval(
+            busy_prefect.api_url, paused_run.id, approve=True, reason="ok", approver="alice"
+        )
+    assert busy_prefect.calls(resume) == [("POST", resume, 503)] * 3
+    assert paused_run.id in [r["id"] for r in paused_runs(prefect_api, FLOW)]
+
+
+def test_a_run_that_is_not_paused_is_refused_with_prefects_reason(
+    busy_prefect: BusyPrefect, paused_run: PausedRun, prefect_api: str
+) -> None:
+    resume_with_approval(prefect_api, paused_run.id, approve=False, reason="no", approver="bob")
+    resume = f"/api/flow_runs/{paused_run.id}/resume"
+    busy_prefect.fail(resume, times=2)
+    with pytest.raises(
+        CanaryflowError, match=r"refused to resume .*: Cannot resume a flow run that is not paused"
+    ):
+        resume_with_approval(
+            busy_prefect.api_url, paused_run.id, approve=True, reason="ok", approver="alice"
+        )
+    assert [c[2] for c in busy_prefect.calls(resume)] == [503, 503, 200]
+
+
+def test_an_invalid_form_is_refused_and_the_run_stays_paused(
+    busy_prefect: BusyPrefect, paused_run: PausedRun, prefect_api: str
+) -> None:
+    with pytest.raises(CanaryflowError, match=r"refused to resume .*'approve'"):
+        resume_with_approval(
+            busy_prefect.api_url,
+            paused_run.id,
+            approve="maybe",  # type: ignore[arg-type]
+            reason="ok",
+            approver="alice",
+        )
+    assert paused_run.id in [r["id"] for r in paused_runs(prefect_api, FLOW)]
+
+
+def test_an_unknown_run_is_a_config_error_and_nothing_is_resumed(
+    busy_prefect: BusyPrefect,
+) -> None:
+    run_id = str(uuid.uuid4())
+    with pytest.raises(ConfigError, match="check the id in the Prefect UI"):
+        resume_with_approval(busy_prefect.api_url, run_id, approve=True, reason="", approver="")
+    assert busy_prefect.calls("/api/flow_runs/") == [("GET", f"/api/flow_runs/{run_id}", 404)]
+
+
+def test_paused_runs_lists_the_waiting_run_through_prefects_filter(
+    busy_prefect: BusyPrefect, paused_run: PausedRun
+) -> None:
+    busy_prefect.fail("/api/flow_runs/filter", times=1)
+    runs = paused_runs(busy_prefect.api_url, FLOW)
+    assert [r["id"] for r in runs] == [paused_run.id]
+    assert runs[0]["state"]["type"] == "PAUSED"
+    assert busy_prefect.calls("/api/flow_runs/filter") == [
+        ("POST", "/api/flow_runs/filter", 503),
+        ("POST", "/api/flow_runs/filter", 200),
+    ]
