@@ -181,7 +181,7 @@ def service(
 @contextmanager
 def envoy(home: Path, primary: int, shadow: int, mirror: bool) -> Iterator[tuple[str, int]]:
     """Envoy with a 95/5 split (and a 100% mirror); yields its URL and pid."""
-    from canaryflow.dataplane.envoy import EnvoyProxy
+    from canaryflow.local.envoy import EnvoyProxy
 
     proxy = EnvoyProxy(
         home / f"envoy-{primary}-{'mirror' if mirror else 'split'}",

@@ -22,8 +22,8 @@ import aiohttp
 import httpx
 
 from canaryflow.contracts import Routes
-from canaryflow.dataplane.envoy import EnvoyProxy
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
+from canaryflow.local.envoy import EnvoyProxy
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,6 +42,7 @@ from canaryflow.dataplane.forwarder import (
     provider_payload,
 )
 from canaryflow.dataplane.metrics import CONTENT_TYPE, ServiceMetrics
+from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.resolver import (
     CachedResolver,
     load_manifest_file,
@@ -49,7 +50,6 @@ from canaryflow.dataplane.resolver import (
     mlflow_fetchers,
 )
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
-from canaryflow.quality.checkers import Pending, RecordWorker, StoreLike
 
 log = logging.getLogger("canaryflow.serve")
 CHAMPION = "champion"

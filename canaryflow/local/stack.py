@@ -205,8 +205,8 @@ class EmbeddedStack:
         self, service: str, stable_version: str, timeout_s: float = 60.0
     ) -> Endpoints:
         """Model services, Envoy in front of them, Prometheus scraping both: live traffic."""
-        from canaryflow.dataplane.envoy import EnvoyProxy
-        from canaryflow.dataplane.prometheus import PrometheusServer
+        from canaryflow.local.envoy import EnvoyProxy
+        from canaryflow.local.prometheus import PrometheusServer
 
         if self.endpoints is None:
             raise StackError("start the control plane first (EmbeddedStack.start)")

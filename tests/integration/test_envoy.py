@@ -30,10 +30,10 @@ from scipy.stats import binomtest
 
 from canaryflow.contracts import Endpoints, Routes
 from canaryflow.dataplane.controller import RouteChange, TrafficController
-from canaryflow.dataplane.envoy import EnvoyProxy
 from canaryflow.dataplane.envoy_config import read_route_file
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import ConfigError, StackError
+from canaryflow.local.envoy import EnvoyProxy
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from tests.waiting import wait_for
 

@@ -173,3 +173,44 @@ def test_cli_help_is_fast_to_load() -> None:
 def test_the_core_top_level_is_grouped() -> None:
     flat = sorted(p.name for p in Path(canaryflow.__file__).parent.glob("*.py"))
     assert len(flat) <= 14, flat
+
+
+def room_graph(root: Path) -> dict[str, set[str]]:
+    """Which rooms of the core (first-level packages and flat modules) import which."""
+    graph: dict[str, set[str]] = {}
+    for edge in import_edges(root, ("canaryflow",)):
+        parts = edge.source.split("/")
+        source = parts[1].removesuffix(".py")
+        target = edge.target.split(".")
+        if source in ("app", "data", "__init__") or target[0] != "canaryflow" or len(target) < 2:
+            continue
+        if target[1] != source:
+            graph.setdefault(source, set()).add(target[1])
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+
+    def walk(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                found.append([*path[path.index(nxt) :], nxt])
+            elif len(path) < len(graph) + 1:
+                walk(nxt, [*path, nxt])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    return found
+
+
+def test_the_core_rooms_import_each_other_one_way() -> None:
+    """e.g. dataplane may use quality's checkers, so quality must not reach into dataplane."""
+    assert cycles(room_graph(ROOT)) == []
+
+
+def test_a_planted_cycle_between_rooms_is_found(tmp_path: Path) -> None:
+    root = _plant(tmp_path, "canaryflow/analysis/x.py", "from canaryflow.stats import y\n")
+    (root / "canaryflow/stats").mkdir()
+    (root / "canaryflow/stats/y.py").write_text("def f():\n    from canaryflow.analysis import x\n")
+    assert ["analysis", "stats", "analysis"] in cycles(room_graph(root))

@@ -1,0 +1,161 @@
+"""The model service's record worker: checks, masks and stores each request off the hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from canaryflow.contracts import RequestRecord, Role
+from canaryflow.dataplane.metrics import ServiceMetrics
+from canaryflow.dataplane.store import row_of
+from canaryflow.quality.checkers import QualityChecks, QualityFlags
+
+log = logging.getLogger("canaryflow.serve")
+
+
+_SLICE = 16
+
+
+class StoreLike(Protocol):
+    def write_rows(self, rows: list[dict[str, Any]]) -> None: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the request path hands over: raw text, not yet masked, checked or validated."""
+
+    request_id: str
+    at: float
+    user: str | None = None
+    version: str = "unknown"
+    role: Role = Role.STABLE
+    status: int = 500
+    latency_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    prompt: str = ""
+    response: str = ""
+
+
+class RecordWorker:
+    """Turns pending requests into stored `RequestRecord`s, off the request path.
+
+    `submit` never waits: a full queue drops the record and counts it. The worker takes batches,
+    runs the sampled quality checks, masks PII, updates the quality metrics, and writes the batch
+    to the store in a thread (SQLite I/O must not block the event loop).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        metrics: ServiceMetrics,
+        store: StoreLike | None,
+        check_sample: float,
+        queue_size: int = 10_000,
+        flush_every_s: float = 0.2,
+        batch_size: int = 500,
+        checks: QualityChecks | None = None,
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.store = store
+        self.check_sample = check_sample
+        self.flush_every_s = flush_every_s
+        self.batch_size = batch_size
+        self._checks = checks
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
+        self._random = random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    def submit(self, pending: Pending) -> bool:
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            self.metrics.record_dropped()
+            return False
+        return True
+
+    def start(self) -> None:
+        if self._checks is None and self.check_sample > 0:
+            self._checks = QualityChecks()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            if self._queue.qsize() < self.batch_size:
+                await asyncio.sleep(self.flush_every_s)  # let a batch gather
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[Pending]) -> None:
+        # Checks, masking and building the rows run on the loop in slices of ~0.1-0.5 ms; the
+        # thread only runs the SQL. Python work in a thread holds the GIL for up to its 5 ms
+        # switch interval at a time, and that showed up in the users' p99.
+        rows = []
+        for i, pending in enumerate(batch, 1):
+            rows.append(row_of(self._record(pending)))
+            if i % _SLICE == 0:
+                await asyncio.sleep(0)
+        if self.store is not None:
+            await asyncio.to_thread(self._write, rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        assert self.store is not None
+        try:
+            self.store.write_rows(rows)
+            self.written += len(rows)
+        except Exception:
+            log.exception("writing %d request records failed; they are dropped", len(rows))
+            for _ in rows:
+                self.metrics.record_dropped()
+
+    def _record(self, p: Pending) -> RequestRecord:
+        flags = QualityFlags()
+        checked = p.status == 200 and self._random.random() < self.check_sample
+        if checked:
+            if self._checks is None:
+                self._checks = QualityChecks()
+            flags = self._checks.run(p.prompt, p.response)
+            self.metrics.observe_check(p.version, p.role.value, flags.raised())
+        return RequestRecord(
+            request_id=p.request_id,
+            at=datetime.fromtimestamp(p.at, UTC),
+            service=self.service,
+            version=p.version,
+            role=p.role,
+            user=p.user,
+            status=p.status,
+            latency_ms=p.latency_ms,
+            tokens_in=p.tokens_in,
+            tokens_out=p.tokens_out,
+            cost_usd=p.cost_usd,
+            prompt=p.prompt,  # `row_of` masks PII before anything reaches the store
+            response=p.response,
+            checked=checked,
+            hallucination=flags.hallucination,
+            unsafe=flags.unsafe,
+            injection_leak=flags.injection_leak,
+            refusal=flags.refusal,
+        )
+
+    async def aclose(self) -> None:
+        """Stop the worker, then write what is still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        rest: list[Pending] = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        if rest:
+            await self._process(rest)
