@@ -147,10 +147,6 @@ def warm_up(endpoints: Endpoints, version: str) -> list[str]:
     return answered
 
 
-def set_routes(endpoints: Endpoints, routes: Routes) -> Routes:
-    return connections.traffic_controller(endpoints, routes.service).set_routes(routes)
-
-
 @dataclass(frozen=True)
 class TrafficRollback:
     before: Routes | None

@@ -9,7 +9,7 @@ from typing import Any
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import Flow
 
-from canaryflow import runbook
+from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
 from canaryflow.settings import Settings
@@ -25,7 +25,7 @@ def warm_up_candidate(version: str, endpoints: Endpoints) -> list[str]:
 @step()
 def shift_traffic(routes: Routes, endpoints: Endpoints) -> Routes:
     """Returns only once Envoy reports the new routes live."""
-    return runbook.set_routes(endpoints, routes)
+    return connections.traffic_controller(endpoints, routes.service).set_routes(routes)
 
 
 @step(retries=0)
