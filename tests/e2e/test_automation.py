@@ -37,6 +37,7 @@ from canaryflow.local.stack import PYTHON
 from flows.rollback import rollback
 from tasks.common import emit, flush_events
 from tests.e2e.conftest import LiveStack, prefect_cli
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "canaryflow"
@@ -115,13 +116,15 @@ def test_silent_canary_runs_the_rollback_deployment(deployed: LiveStack) -> None
     with silence_automation(deployed, SILENCE_S):
         started = time.monotonic()
         _send("live.started", release_id, service, stable="1", candidate="2")
-        runs: list[dict[str, Any]] = []
-        while not runs and time.monotonic() - started < FIRE_DEADLINE_S:
-            time.sleep(0.5)
-            runs = _rollback_runs(deployed, service)
+        runs = wait_for(
+            f"a rollback run of {service}, silent since {release_id} started",
+            lambda: _rollback_runs(deployed, service),
+            FIRE_DEADLINE_S,
+            0.5,
+        )
         elapsed = time.monotonic() - started
     try:
-        assert len(runs) == 1, f"no rollback run {elapsed:.1f} s after the canary went silent"
+        assert len(runs) == 1, f"{len(runs)} rollback runs for one silent canary"
         assert elapsed >= SILENCE_S - 1, f"fired after {elapsed:.1f} s, before the silence ran out"
         parameters = runs[0]["parameters"]
         assert parameters["service"] == service
@@ -135,22 +138,39 @@ def test_silent_canary_runs_the_rollback_deployment(deployed: LiveStack) -> None
 def test_windows_approval_pauses_and_the_end_of_a_release_keep_it_quiet(
     deployed: LiveStack,
 ) -> None:
-    busy, paused = (f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("busy", "paused"))
-    with silence_automation(deployed, SILENCE_S):
-        _send("live.started", f"{busy}-r1", busy)
-        _send("live.started", f"{paused}-r1", paused)
-        _send("window.pass", f"{paused}-r1", paused)
-        _send("canary_approval.waiting", f"{paused}-r1", paused)
-        started = time.monotonic()
-        while time.monotonic() - started < SILENCE_S * 1.5:  # windows every 2 s
-            time.sleep(2)
-            _send("window.pass", f"{busy}-r1", busy)
-        _send("canary_approval.approved", f"{paused}-r1", paused)
-        _send("release.promoted", f"{busy}-r1", busy)
-        _send("release.rolled_back", f"{paused}-r1", paused)
-        time.sleep(SILENCE_S + 3)  # a bucket left open by mistake would have fired by now
-        fired = _rollback_runs(deployed, busy) + _rollback_runs(deployed, paused)
-    _delete_runs(deployed, fired)
+    busy, paused, control = (
+        f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("busy", "paused", "control")
+    )
+    try:
+        with silence_automation(deployed, SILENCE_S):
+            _send("live.started", f"{busy}-r1", busy)
+            _send("live.started", f"{paused}-r1", paused)
+            _send("window.pass", f"{paused}-r1", paused)
+            _send("canary_approval.waiting", f"{paused}-r1", paused)
+            started = time.monotonic()
+            # The scenario itself, on Prefect's clock: a busy release reports a window every
+            # 2 s for longer than the silence allowed, while the other waits for an approval.
+            while time.monotonic() - started < SILENCE_S * 1.5:
+                time.sleep(2)
+                _send("window.pass", f"{busy}-r1", busy)
+            _send("canary_approval.approved", f"{paused}-r1", paused)
+            _send("release.promoted", f"{busy}-r1", busy)
+            _send("release.rolled_back", f"{paused}-r1", paused)
+            # A control release goes silent after all of that: its bucket expires no earlier
+            # than one left open by mistake above, so once the control's rollback run exists,
+            # such a bucket has fired as well (and the automation is shown to be firing at all).
+            _send("live.started", f"{control}-r1", control)
+            wait_for(
+                f"the rollback run of the silent control release {control}",
+                lambda: _rollback_runs(deployed, control),
+                FIRE_DEADLINE_S,
+                0.5,
+            )
+            fired = _rollback_runs(deployed, busy) + _rollback_runs(deployed, paused)
+    finally:
+        _delete_runs(
+            deployed, [r for s in (busy, paused, control) for r in _rollback_runs(deployed, s)]
+        )
     assert fired == [], [r["parameters"] for r in fired]
 
 
@@ -180,15 +200,6 @@ def worker(
         yield process
     finally:
         process.stop()
-
-
-def _wait_for(what: str, check: Any, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 def test_cancelled_release_run_puts_all_traffic_back_on_stable(
@@ -230,8 +241,8 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
         return routes is not None and routes.canary is not None and routes.weight > 0
 
     try:
-        _wait_for("the canary to get traffic", canary_live, 150)
-    except AssertionError:
+        wait_for("the canary to get traffic", canary_live, 150, 0.5)
+    except pytest.fail.Exception:
         run = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()
         print(run["state"], worker.tail(60), sep="\n")
         raise
@@ -244,14 +255,14 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
         state = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()["state"]
         return str(state["type"]) if state["type"] in {"CANCELLED", "CRASHED"} else None
 
-    ended = _wait_for("the run to end", final_state, 90)
+    ended = wait_for("the run to end", final_state, 90, 0.5)
     routes = controller.current()
     assert routes is not None and routes.canary is None and routes.weight == 0
     assert routes.stable == stable.stable and routes.shadow is None
     # The body's `except BaseException` rolled back first; the hook (run by the worker after
     # it killed the flow's process) says so with its event.
-    hook_events = _wait_for("the on_cancellation hook's event", lambda: _events(
-        deployed, "canaryflow.release.cancelling", run_id), 30)  # fmt: skip
+    hook_events = wait_for("the on_cancellation hook's event", lambda: _events(
+        deployed, "canaryflow.release.cancelling", run_id), 30, 0.5)  # fmt: skip
     assert hook_events[0]["payload"]["stable"] == stable.stable
     assert ended == "CANCELLED"
 

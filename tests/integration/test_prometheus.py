@@ -6,7 +6,6 @@ import itertools
 import math
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,15 +24,23 @@ from canaryflow.analysis.sources import (
     expressions,
 )
 from canaryflow.dataplane.metrics import FLAGS, LATENCY_BUCKETS, ServiceMetrics
-from canaryflow.dataplane.prometheus import BINARY, PrometheusServer
 from canaryflow.errors import StackError
 from canaryflow.local.processes import free_port
+from canaryflow.local.prometheus import BINARY, INSTALL_HINT, PrometheusServer
+from tests.waiting import wait_for
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deployments" / "prometheus"
 SERVICE = "svc"
-pytestmark = pytest.mark.skipif(
-    not Path(BINARY).is_file(), reason="apt-get install -y --no-install-recommends prometheus"
-)
+
+
+def require_installed(path: str) -> None:
+    """`.ci/run` and `make test` install Debian's prometheus: missing, it fails, never skips."""
+    if not Path(path).is_file():
+        pytest.fail(
+            f"{path} is missing: run `{INSTALL_HINT}` (or `make prometheus`); "
+            "`.ci/run` and `make test` install it"
+        )
+
 
 # (version, role) -> what the app serves during the window
 TRUTH = {
@@ -102,6 +109,7 @@ def prepare_series(metrics: ServiceMetrics) -> None:
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+    require_installed(BINARY)
     metrics = ServiceMetrics(SERVICE)
     prepare_series(metrics)
     port = free_port()
@@ -116,15 +124,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         start = datetime.now(UTC) - timedelta(seconds=3)
         latencies = serve_requests(metrics)
         total = sum(t["n"] for t in TRUTH.values())
-        deadline = time.monotonic() + 20
         query = f'sum(canaryflow_requests_total{{service="{SERVICE}"}})'
-        while time.monotonic() < deadline:
+
+        def scraped_total() -> bool:
             rows = source.query(query)
-            if rows and float(rows[0]["value"][1]) == total:
-                break
-            time.sleep(0.25)
-        else:
-            pytest.fail("Prometheus never scraped the served requests")
+            return bool(rows) and float(rows[0]["value"][1]) == total
+
+        wait_for(f"Prometheus to scrape the {total} served requests", scraped_total, 20, 0.25)
         yield Scraped(prometheus, source, start, datetime.now(UTC), latencies, port)
     finally:
         prometheus.stop()
@@ -189,20 +195,40 @@ def test_recording_rules_are_loaded_and_evaluated(scraped: Scraped) -> None:
     rules = httpx.get(f"{scraped.prometheus.url}/api/v1/rules", timeout=5).json()["data"]
     names = {rule["name"] for group in rules["groups"] for rule in group["rules"]}
     assert names == set(RECORDING_RULES)
+    # Evaluated on the scraped series: the error ratio is the one each (version, role) served.
+    query = f'canaryflow:error_ratio:rate1m{{service="{SERVICE}"}}'
+
+    def ratios() -> dict[tuple[str, str], float]:
+        rows = scraped.source.query(query)
+        found = {(r["metric"]["version"], r["metric"]["role"]): float(r["value"][1]) for r in rows}
+        return found if set(found) == set(TRUTH) else {}
+
+    found = wait_for("the recording rules' first evaluation", ratios, 20, 0.25)
+    for key, truth in TRUTH.items():
+        assert found[key] == pytest.approx(truth["errors"] / truth["n"], rel=1e-6), key
 
 
 def test_reload_adds_a_scrape_job(scraped: Scraped) -> None:
     prometheus = scraped.prometheus
-    targets = {
-        "model": [f"127.0.0.1:{scraped.app_port}"],
-        "again": [f"127.0.0.1:{scraped.app_port}"],
-    }
-    prometheus.reload(targets)
-    prometheus.wait_for_targets(timeout_s=20)
-    assert (
-        "again"
-        in yaml.safe_load(prometheus.config_path.read_text())["scrape_configs"][0]["job_name"]
-    )
+    before = dict(prometheus.targets)
+    app = f"127.0.0.1:{scraped.app_port}"
+
+    def jobs() -> list[str]:
+        config = yaml.safe_load(prometheus.config_path.read_text())
+        return sorted(c["job_name"] for c in config["scrape_configs"])
+
+    def up(job: str) -> bool:
+        return bool(scraped.source.query(f'up{{job="{job}", instance="{app}"}} == 1'))
+
+    try:
+        prometheus.reload({**before, "again": [app]})
+        prometheus.wait_for_targets(timeout_s=20)
+        assert jobs() == ["again", "model"]
+        assert up("again") and up("model")
+    finally:
+        # The other tests share this server: leave it scraping what it scraped before.
+        prometheus.reload(before)
+    assert jobs() == ["model"]
 
 
 def test_a_bad_promql_is_a_stack_error_naming_the_query(scraped: Scraped) -> None:
@@ -224,6 +250,7 @@ def test_rules_file_records_exactly_the_source_expressions() -> None:
 
 def test_promtool_rules_test_passes() -> None:
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    require_installed(promtool)  # Debian's prometheus package ships promtool
     done = subprocess.run(
         [promtool, "test", "rules", "rules_test.yml"],
         cwd=RULES_DIR,

@@ -27,6 +27,7 @@ from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.errors import TransientRegistryError
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from tests.waiting import wait_for
 
 SERVICE = "my-assistant"
 FAST = "@latency_ms=0,sigma=0,error_rate=0"
@@ -188,23 +189,11 @@ def running(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 15
-        while not http_ok(f"http://127.0.0.1:{port}/health")():
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.05)
+        wait_for("the service's /health", http_ok(f"http://127.0.0.1:{port}/health"), 15)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def wait_for(check: Any, timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- tests
@@ -296,7 +285,7 @@ def test_records_are_written_with_pii_masked(service: ServiceUnderTest) -> None:
         records = service.store.records(SERVICE, since, datetime.now(UTC) + timedelta(seconds=1))
         return [rec for rec in records if rec.request_id == "req-pii"]
 
-    (record,) = wait_for(stored)
+    (record,) = wait_for("the record of req-pii in the store", stored, 5)
     assert "jane.doe@example.com" not in record.prompt
     assert "[EMAIL]" in record.prompt
     assert (record.version, record.role, record.user, record.status) == (
@@ -320,13 +309,14 @@ def test_hallucinating_version_gets_quality_flags(service: ServiceUnderTest) -> 
             q, {"x-canaryflow-role": "canary", "x-canaryflow-version": "3"}
         ).is_success
     labels = {"service": SERVICE, "version": "3", "role": "canary"}
-    flagged = wait_for(
+    wait_for(
+        f"{len(questions)} hallucination flags on version 3",
         lambda: (
             service.metric("canaryflow_quality_flags_total", flag="hallucination", **labels)
             >= len(questions)
-        )
+        ),
+        5,
     )
-    assert flagged
     assert service.metric("canaryflow_quality_checked_total", **labels) >= len(questions)
     records = service.store.records(
         SERVICE, since, datetime.now(UTC) + timedelta(seconds=1), version="3"
@@ -378,12 +368,20 @@ def test_registry_outage_after_warm_up_keeps_serving(service: ServiceUnderTest) 
     errors_before = service.metric("canaryflow_registry_errors_total")
     service.registry.down = True
     try:
-        time.sleep(0.3)  # past the ttl: every request now triggers a (failing) refresh
-        statuses = [
+        statuses: list[int] = []
+
+        def refresh_failed() -> bool:
+            # Each request past the ttl starts a background refresh; it fails while the
+            # registry is down, and the request is answered from the last good manifest.
+            statuses.append(service.chat("What is the capital of Italy?", headers).status_code)
+            return service.metric("canaryflow_registry_errors_total") > errors_before
+
+        wait_for("a failed registry refresh", refresh_failed, 5)
+        # After the failed refresh, too: fail-static.
+        statuses += [
             service.chat("What is the capital of Italy?", headers).status_code for _ in range(5)
         ]
-        assert statuses == [200] * 5
-        assert wait_for(lambda: service.metric("canaryflow_registry_errors_total") > errors_before)
+        assert statuses == [200] * len(statuses)
     finally:
         service.registry.down = False
 
