@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from canaryflow.settings import missing_mlflow_client_env
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results" / "latest.md"
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", default=[], metavar="NAME", help="e.g. bench_release"
     )
     args = parser.parse_args(argv)
+    os.environ.update(missing_mlflow_client_env(os.environ))  # an entry point, like the CLI
     names = discover()
     unknown = [n for n in args.only if n not in names]
     if unknown:

@@ -8,6 +8,7 @@ answer. A stack started by `canaryflow up` writes its endpoints to `<home>/stack
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field
@@ -17,6 +18,22 @@ from canaryflow.contracts import Endpoints
 from canaryflow.errors import StackError
 
 STACK_FILE = "stack.json"
+
+# MLflow's client retries a dead server for ~4 minutes (7 tries, backoff 2) and prints run URLs
+# on stdout. Our callers retry on their own (`retries.py`), so every entry point (the CLI, the
+# worker through prefect.yaml, the test session) starts with these unless the user chose values.
+# The library itself never writes the environment.
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def missing_mlflow_client_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What an entry point adds to its environment: the defaults the user did not set."""
+    return {key: value for key, value in MLFLOW_CLIENT_ENV.items() if key not in environ}
 
 
 class Settings(BaseSettings):

@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # MLflow prints a "View run" link to stdout for every run it ends; our summaries say where.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from canaryflow.settings import missing_mlflow_client_env
+
+    # An entry point: MLflow's client fails within seconds and prints no run links.
+    os.environ.update(missing_mlflow_client_env(os.environ))
     try:
         code: int = args.handler(args)
     except CanaryflowError as exc:

@@ -1,13 +1,13 @@
 """Talking to MLflow, whatever the purpose: the registry and the release ledger both need it.
 
-One lazily created client per connection, MLflow's own retries cut down so our callers' retries
-decide, and MLflow's exceptions translated into the error tree (transient vs refused).
+One lazily created client per connection, and MLflow's exceptions translated into the error tree
+(transient vs refused). How long MLflow's own client retries is set by the entry point
+(`settings.MLFLOW_CLIENT_ENV`), so our callers' retries decide.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -18,19 +18,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
-
-
-def configure_mlflow_client() -> None:
-    """MLflow's defaults retry a dead server for ~4 minutes (7 tries, backoff 2) and print run
-    URLs on stdout (where the CLI writes JSON).
-
-    Our callers (Prefect tasks) retry on their own, so fail within seconds instead, unless
-    the user chose values through MLflow's own environment variables.
-    """
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def error_code(exc: BaseException) -> str:
@@ -67,7 +54,6 @@ class MlflowConnection:
 
     @cached_property
     def client(self) -> MlflowClient:
-        configure_mlflow_client()
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)

@@ -309,7 +309,9 @@ def file_events(folder: Path) -> Iterator[Callable[[], list[tuple[str, str]]]]:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.inotify_init1(os.O_NONBLOCK)
     if fd < 0 or libc.inotify_add_watch(fd, bytes(folder), sum(_WATCHED)) < 0:
-        pytest.skip(f"inotify unavailable: {os.strerror(ctypes.get_errno())}")
+        pytest.fail(
+            f"inotify (Linux) is needed to count file reads: {os.strerror(ctypes.get_errno())}"
+        )
     seen: list[tuple[str, str]] = []
 
     def events() -> list[tuple[str, str]]:

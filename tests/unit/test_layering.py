@@ -214,3 +214,39 @@ def test_a_planted_cycle_between_rooms_is_found(tmp_path: Path) -> None:
     (root / "canaryflow/stats").mkdir()
     (root / "canaryflow/stats/y.py").write_text("def f():\n    from canaryflow.analysis import x\n")
     assert ["analysis", "stats", "analysis"] in cycles(room_graph(root))
+
+
+def environment_writes(root: Path) -> list[str]:
+    """Writes to os.environ in the core outside a process's own `main` (an entry point)."""
+    found: list[str] = []
+    for path in sorted((root / "canaryflow").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("canaryflow/app/"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        mains = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        in_main = {id(n) for m in mains for n in ast.walk(m)}
+        for node in ast.walk(tree):
+            if id(node) in in_main:
+                continue
+            text = ast.unparse(node) if isinstance(node, ast.Assign | ast.Call) else ""
+            writes = isinstance(node, ast.Assign) and any(
+                "os.environ[" in ast.unparse(t) for t in node.targets
+            )
+            calls = isinstance(node, ast.Call) and text.startswith(
+                ("os.environ.setdefault", "os.environ.update", "os.putenv", "os.environ.pop")
+            )
+            if writes or calls:
+                found.append(f"{rel}:{node.lineno} {text}")
+    return found
+
+
+def test_the_library_never_writes_the_environment() -> None:
+    assert environment_writes(ROOT) == []
+
+
+def test_a_planted_environment_write_is_found(tmp_path: Path) -> None:
+    root = _plant(
+        tmp_path, "canaryflow/analysis/x.py", "import os\n\ndef f():\n    os.environ['A'] = '1'\n"
+    )
+    assert len(environment_writes(root)) == 1
