@@ -72,6 +72,9 @@ class RecordWorker:
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
         self._random = random.Random()
         self._task: asyncio.Task[None] | None = None
+        # Taken off the queue but not yet handed to a write: `aclose` must still write these.
+        self._held: list[Pending] = []
+        self._writing: asyncio.Future[None] | None = None
         self.written = 0
 
     def submit(self, pending: Pending) -> bool:
@@ -89,12 +92,15 @@ class RecordWorker:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            self._held = [await self._queue.get()]
             if self._queue.qsize() < self.batch_size:
                 await asyncio.sleep(self.flush_every_s)  # let a batch gather
-            while len(batch) < self.batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._process(batch)
+            while len(self._held) < self.batch_size and not self._queue.empty():
+                self._held.append(self._queue.get_nowait())
+            batch, self._held = self._held, []
+            # Shielded: closing the worker stops it between batches, never halfway through one.
+            self._writing = asyncio.ensure_future(self._process(batch))
+            await asyncio.shield(self._writing)
 
     async def _process(self, batch: list[Pending]) -> None:
         # Checks, masking and building the rows run on the loop in slices of ~0.1-0.5 ms; the
@@ -148,13 +154,15 @@ class RecordWorker:
         )
 
     async def aclose(self) -> None:
-        """Stop the worker, then write what is still queued."""
+        """Stop the worker, then write what it held and what is still queued."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        rest: list[Pending] = []
+        if self._writing is not None:
+            await self._writing
+        rest, self._held = self._held, []
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
         if rest:

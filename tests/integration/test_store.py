@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import sqlite3
@@ -18,11 +17,9 @@ from typing import Any
 import pytest
 
 from canaryflow.contracts import RequestRecord, Role
-from canaryflow.dataplane.batching import BatchWriter
 from canaryflow.dataplane.store import COLUMNS, Store
 from canaryflow.errors import ConfigError
 from canaryflow.local.processes import free_port
-from tests.waiting import async_wait_for
 
 T0 = datetime(2026, 1, 12, 9, 0, tzinfo=UTC)
 
@@ -296,56 +293,3 @@ def test_an_unreachable_postgresql_is_a_clear_error() -> None:
     # `make test` installs the [postgres] extra: a missing driver fails here, it never skips.
     with pytest.raises(ConfigError, match="check the URL and that the database is up"):
         Store(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/postgres")
-
-
-# --------------------------------------------------------------------------- BatchWriter
-
-
-async def test_batch_writer_flushes_in_the_background(tmp_path: Path) -> None:
-    store = Store(tmp_path / "b.db")
-    writer = BatchWriter(store, flush_every_s=0.05)
-    task = asyncio.create_task(writer.run())
-    assert all(writer.submit(record(n)) for n in range(300))
-    await async_wait_for("300 records written", lambda: writer.written >= 300, 5)
-    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 300
-    await writer.aclose()
-    await task
-    assert writer.submit(record(999)) is False  # closed
-    store.close()
-
-
-async def test_batch_writer_drops_when_full_and_aclose_flushes_the_rest(tmp_path: Path) -> None:
-    store = Store(tmp_path / "b.db")
-    writer = BatchWriter(store, max_queue=10)
-    accepted = [writer.submit(record(n)) for n in range(15)]
-    assert accepted == [True] * 10 + [False] * 5
-    assert writer.dropped == 5
-    await writer.aclose()
-    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 10
-    store.close()
-
-
-async def test_a_locked_database_never_blocks_the_event_loop(tmp_path: Path) -> None:
-    path = tmp_path / "locked.db"
-    store = Store(path)
-    writer = BatchWriter(store, flush_every_s=0.02)
-    task = asyncio.create_task(writer.run())
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
-    assert all(writer.submit(record(n)) for n in range(40))
-    # The writer takes the batch off the queue and starts writing it. Were that write on the
-    # event loop, this coroutine could not run again until it ended (after sqlite's 30 s busy
-    # timeout, as a failure): seeing it still unfinished here shows the loop is free.
-    await async_wait_for("the writer to take the batch", lambda: writer.pending == 0, 5)
-    for n in range(40, 50):  # the hot path keeps queueing meanwhile
-        assert writer.submit(record(n))
-        await asyncio.sleep(0)
-    assert (writer.written, writer.failed) == (0, 0), "the write finished while the lock was held"
-    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 0
-    blocker.execute("COMMIT")
-    blocker.close()
-    await writer.aclose()
-    await task
-    assert (writer.written, writer.failed, writer.dropped) == (50, 0, 0)
-    assert store.count("svc", T0, T0 + timedelta(hours=1)) == 50
-    store.close()
