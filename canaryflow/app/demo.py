@@ -1,9 +1,10 @@
 """`canaryflow demo` and `canaryflow up`: the embedded stack with real releases on it.
 
-The demo publishes a champion, then runs three releases of the Gemini-docs adapter through the
+The demo publishes a champion, then runs four releases of the Gemini-docs adapter through the
 real DAG: a good candidate (promoted after shadow and canary), a candidate that hallucinates
-(rejected at the offline gate) and a slower one that passes offline but is caught in a canary
-window and rolled back. It ends with a summary and stops everything it started.
+(rejected at the offline gate), a slower one that passes offline but is caught in a canary window,
+and one that hallucinates only on topics the suites miss (caught in shadow). It ends with a
+summary and stops everything it started.
 """
 
 from __future__ import annotations

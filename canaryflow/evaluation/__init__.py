@@ -1,0 +1,1 @@
+"""Offline evaluation: suites, scorers, the harness, and the paired candidate-vs-baseline test."""
