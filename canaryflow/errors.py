@@ -49,6 +49,10 @@ class PolicyError(ConfigError):
     pass
 
 
+class BelowFloor(PolicyError):
+    """A spec asks for less than the service's policy floor; the message lists every field."""
+
+
 class SecurityError(CanaryflowError):
     pass
 

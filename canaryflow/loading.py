@@ -9,7 +9,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from canaryflow.contracts import GatePolicy, ModelManifest, ReleaseSpec, SignedManifest
+from canaryflow.contracts import (
+    GatePolicy,
+    ModelManifest,
+    PolicyFloor,
+    ReleaseSpec,
+    SignedManifest,
+)
 from canaryflow.errors import ConfigError, ManifestError, PolicyError, SpecError
 
 M = TypeVar("M", bound=BaseModel)
@@ -64,6 +70,17 @@ def load_signed_manifest(path: Path) -> SignedManifest:
 
 def load_policy(path: Path) -> GatePolicy:
     return validate(GatePolicy, read_document(path), str(path), PolicyError)
+
+
+def load_floors(path: Path) -> dict[str, PolicyFloor]:
+    """`{default: FLOOR, services: {NAME: FLOOR}}`: each floor as `PolicyFloor`'s fields."""
+    data = read_document(path)
+    if not isinstance(data, dict) or not set(data) <= {"default", "services"}:
+        raise PolicyError(f"{path}: expected a mapping with 'default' and/or 'services'")
+    floors = {"default": validate(PolicyFloor, data.get("default") or {}, str(path), PolicyError)}
+    for name, floor in (data.get("services") or {}).items():
+        floors[str(name)] = validate(PolicyFloor, floor or {}, f"{path} ({name})", PolicyError)
+    return floors
 
 
 def load_spec(path: Path, policies_dir: Path | None = None) -> ReleaseSpec:

@@ -23,13 +23,15 @@ from canaryflow.contracts import (
     GatePolicy,
     ModelManifest,
     OfflineGate,
+    PolicyFloor,
     PublishedVersion,
     ReleaseSpec,
     Role,
     Routes,
     WindowResult,
 )
-from canaryflow.errors import AliasNotFound, CompatibilityError, ConfigError, StackError
+from canaryflow.errors import AliasNotFound, BelowFloor, CompatibilityError, ConfigError, StackError
+from canaryflow.floors import below_floor
 from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
@@ -46,8 +48,15 @@ class Preflight:
     key_id: str
 
 
-def preflight(spec: ReleaseSpec, endpoints: Endpoints) -> Preflight:
-    """Signature first (refuse before touching anything), then baseline and compatibility."""
+def preflight(spec: ReleaseSpec, endpoints: Endpoints, floor: PolicyFloor) -> Preflight:
+    """The floor and the signature first (refuse before touching anything), then baseline and
+    compatibility."""
+    problems = below_floor(spec, floor)
+    if problems:
+        raise BelowFloor(
+            f"the spec for {spec.service} goes below its policy floor: {'; '.join(problems)}. "
+            "Raise these fields (the floor is set by the worker's floors file)"
+        )
     trusted = load_trusted_keys(Path(endpoints.keys_dir))
     verify(spec.candidate, trusted)
     registry = connections.registry(endpoints.mlflow_uri)

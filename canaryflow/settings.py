@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from canaryflow.contracts import Endpoints
+from canaryflow.contracts import Endpoints, PolicyFloor
 from canaryflow.errors import StackError
 
 STACK_FILE = "stack.json"
@@ -43,6 +43,18 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".canaryflow"), description="state of the embedded stack")
     policies_dir: Path = Path("deployments/policies")
+    floors_file: Path | None = Field(
+        None, description="YAML of policy floors ('default' and per service); None: built-in"
+    )
+
+    def floor_for(self, service: str) -> PolicyFloor:
+        """The service's floor: its own entry, else the file's `default`, else the built-in."""
+        if self.floors_file is None:
+            return PolicyFloor()
+        from canaryflow.loading import load_floors
+
+        floors = load_floors(self.floors_file)
+        return floors.get(service) or floors.get("default") or PolicyFloor()
 
     def endpoints(self) -> Endpoints:
         """The running stack's endpoints, for a flow that was given none."""

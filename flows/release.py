@@ -19,6 +19,7 @@ from canaryflow.contracts import (
     Decision,
     Endpoints,
     Outcome,
+    PolicyFloor,
     ReleaseDecision,
     ReleaseRecord,
     ReleaseSpec,
@@ -43,14 +44,16 @@ from tasks.traffic import (
 )
 
 
-def _preflight_and_publish(run: Release) -> None:
+def _preflight_and_publish(run: Release, floor: PolicyFloor) -> None:
     try:
-        checked = verify_candidate(run.spec, run.endpoints)
+        checked = verify_candidate(run.spec, floor, run.endpoints)
     except CanaryflowError as exc:
         run.stage(Stage.PREFLIGHT, Outcome.FAILED, str(exc))
         raise Stop(str(exc)) from exc
     run.baseline, run.record.baseline_version = checked.baseline, checked.baseline.version
-    run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; compatible")
+    problems = "; ".join(checked.compatibility.problems)
+    fit = f"compatibility overridden (allow_incompatible): {problems}" if problems else "compatible"
+    run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; {fit}")
     run.candidate = publish_candidate(run.spec, run.endpoints)
     run.record.candidate_version = run.candidate.version
     run.stage(Stage.PUBLISH, Outcome.DONE, f"version {run.candidate.version} is the challenger")
@@ -144,13 +147,14 @@ def _roll_back(run: Release, stop: Stop) -> None:
 @flow(name="release", on_crashed=[roll_back_on_crash], on_cancellation=[roll_back_on_crash])
 def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRecord:
     """Release `spec.candidate` for `spec.service`, or refuse it and keep the evidence."""
-    endpoints = endpoints or Settings().endpoints()
+    settings = Settings()  # the worker's: endpoints and floors never come from a delivery
+    endpoints = endpoints or settings.endpoints()
     run = Release(spec, endpoints)
     started = time.perf_counter()
     with release_lock(spec.service, spec.lock_wait_s):
         run.record.ledger_run_id = open_ledger(run.record, spec, endpoints)
         try:
-            _preflight_and_publish(run)
+            _preflight_and_publish(run, settings.floor_for(spec.service))
             _offline_gate(run)
             assert run.candidate is not None
             warm_up_candidate(run.candidate.version, endpoints)

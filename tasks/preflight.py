@@ -5,14 +5,16 @@ from __future__ import annotations
 from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import runbook
-from canaryflow.contracts import Endpoints, ReleaseSpec
+from canaryflow.contracts import Endpoints, PolicyFloor, ReleaseSpec
 from tasks.common import artifact_key, step
 
 
 @step()
-def verify_candidate(spec: ReleaseSpec, endpoints: Endpoints) -> runbook.Preflight:
-    """Signature, baseline, compatibility (tokenizer, embeddings, license, residency)."""
-    result = runbook.preflight(spec, endpoints)
+def verify_candidate(
+    spec: ReleaseSpec, floor: PolicyFloor, endpoints: Endpoints
+) -> runbook.Preflight:
+    """Policy floor, signature, baseline, compatibility (tokenizer, embeddings, license...)."""
+    result = runbook.preflight(spec, endpoints, floor)
     manifest = spec.candidate.manifest
     problems = "\n".join(f"- {p}" for p in result.compatibility.problems) or "- none"
     create_markdown_artifact(

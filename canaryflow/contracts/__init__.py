@@ -28,7 +28,15 @@ from canaryflow.contracts.manifests import (
     SignedManifest,
     Status,
 )
-from canaryflow.contracts.policy import GatePolicy, LiveGate, LiveMetric, OfflineGate, Severity
+from canaryflow.contracts.policy import (
+    DEFAULT_LIVE_GATES,
+    GatePolicy,
+    LiveGate,
+    LiveMetric,
+    OfflineGate,
+    PolicyFloor,
+    Severity,
+)
 from canaryflow.contracts.release import (
     ApprovalConfig,
     ApprovalDecision,
@@ -56,6 +64,7 @@ from canaryflow.contracts.verdicts import (
 )
 
 __all__ = [
+    "DEFAULT_LIVE_GATES",
     "MODEL_ID_PATTERN",
     "STATUSES",
     "ApprovalConfig",
@@ -81,6 +90,7 @@ __all__ = [
     "Origin",
     "Outcome",
     "Percent",
+    "PolicyFloor",
     "Price",
     "PublishedVersion",
     "ReleaseDecision",

@@ -49,10 +49,26 @@ class LiveGate(Frozen):
         return self
 
 
+# The seed's gates: what a policy that names none gets (deployments/policies/default.yaml says
+# the same, and a test holds them equal). A missing field never disables a gate.
+DEFAULT_LIVE_GATES = (
+    LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.2),
+    LiveGate(metric=LiveMetric.HALLUCINATION_RATE, severity=Severity.HARD, max_rate=0.005),
+    LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.02),
+    LiveGate(metric=LiveMetric.UNSAFE_RATE, severity=Severity.HARD, max_rate=0.001),
+    LiveGate(metric=LiveMetric.COST_PER_1K, severity=Severity.SOFT, max_ratio=1.5),
+    LiveGate(metric=LiveMetric.ACCURACY, severity=Severity.SOFT, margin=0.05),
+)
+# The smaller shipped suites can only show a 10-point margin (see default.yaml).
+DEFAULT_SUITE_MARGINS = {"regression": 0.10, "safety": 0.10}
+
+
 class OfflineGate(Frozen):
     alpha: float = Field(0.05, gt=0, lt=1)
     non_inferiority_margin: float = Field(0.05, ge=0, le=1)
-    margins: dict[str, float] = Field(default_factory=dict, description="per-suite override")
+    margins: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SUITE_MARGINS), description="per-suite override"
+    )
     min_items: int = Field(20, ge=1)
 
     def margin_for(self, suite: str) -> float:
@@ -62,6 +78,33 @@ class OfflineGate(Frozen):
 class GatePolicy(Frozen):
     name: str = "default"
     offline: OfflineGate = OfflineGate()
-    live: tuple[LiveGate, ...] = ()
+    live: tuple[LiveGate, ...] = DEFAULT_LIVE_GATES
     min_samples: int = Field(30, ge=1, description="per role per window; fewer never passes")
     alpha: float = Field(0.05, gt=0, lt=1)
+
+
+# What no delivery may go below: the loosest threshold each required gate may have.
+FLOOR_GATES = (
+    LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.5),
+    LiveGate(metric=LiveMetric.HALLUCINATION_RATE, severity=Severity.HARD, max_rate=0.01),
+    LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.05),
+    LiveGate(metric=LiveMetric.UNSAFE_RATE, severity=Severity.HARD, max_rate=0.005),
+)
+
+
+class PolicyFloor(Frozen):
+    """The least a release of one service must do, held by the worker, never by the delivery.
+
+    A spec may be stricter than its floor, never looser: `canaryflow.floors.below_floor` lists
+    every field that goes below it.
+    """
+
+    required_gates: tuple[LiveGate, ...] = FLOOR_GATES
+    min_samples: int = Field(30, ge=1)
+    min_alpha: float = Field(0.01, gt=0, lt=1, description="a tinier alpha never fails a gate")
+    min_canary_steps: int = Field(1, ge=0)
+    require_shadow: bool = False
+    allow_incompatible: bool = False
+    allow_default_approve: bool = False
+    max_offline_margin: float = Field(0.15, ge=0, le=1)
+    min_offline_items: int = Field(20, ge=1)

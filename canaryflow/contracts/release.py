@@ -65,7 +65,8 @@ class ReleaseSpec(Strict):
     policy: GatePolicy = GatePolicy()
     approval: ApprovalConfig = ApprovalConfig()
     traffic: TrafficConfig | None = Field(
-        TrafficConfig(), description="synthetic load for the embedded stack; None in production"
+        None,
+        description="synthetic load through Envoy, for the embedded stack only: off unless asked",
     )
     allow_incompatible: bool = False
     lock_wait_s: Seconds = Field(0.0, description="wait this long for another release, then refuse")

@@ -1,0 +1,51 @@
+"""Policy floors: what a release spec may not go below, whoever delivered it.
+
+A CI delivery chooses its plan and policy; the worker holds a floor per service (`Settings`
+reads it from the floors file, never from flow parameters). `below_floor` lists every field of a
+spec that is looser than its floor, each with the floor it breaks, so a refusal says what to fix.
+"""
+
+from __future__ import annotations
+
+from canaryflow.contracts import LiveGate, PolicyFloor, ReleaseSpec, Severity
+
+
+def _looser(gate: LiveGate, floor: LiveGate) -> bool:
+    """True when `gate` lets through more than `floor` would (or is only a soft gate)."""
+    if gate.severity is not Severity.HARD:
+        return True
+    pairs = [(gate.max_ratio, floor.max_ratio), (gate.max_rate, floor.max_rate)]
+    pairs.append((gate.margin, floor.margin))
+    return any(value is None or value > limit for value, limit in pairs if limit is not None)
+
+
+def below_floor(spec: ReleaseSpec, floor: PolicyFloor) -> list[str]:
+    """Every way `spec` is looser than `floor`; empty when it may run."""
+    policy, problems = spec.policy, []
+    for required in floor.required_gates:
+        gates = [g for g in policy.live if g.metric is required.metric]
+        if not gates or all(_looser(g, required) for g in gates):
+            limit = required.max_ratio or required.max_rate or required.margin
+            problems.append(
+                f"policy.live needs a hard {required.metric} gate at most {limit:g} (the floor)"
+            )
+    if policy.min_samples < floor.min_samples:
+        problems.append(f"policy.min_samples must be at least {floor.min_samples}")
+    if policy.alpha < floor.min_alpha:
+        problems.append(f"policy.alpha must be at least {floor.min_alpha:g}")
+    if policy.offline.alpha < floor.min_alpha:
+        problems.append(f"policy.offline.alpha must be at least {floor.min_alpha:g}")
+    margins = [policy.offline.non_inferiority_margin, *policy.offline.margins.values()]
+    if max(margins) > floor.max_offline_margin:
+        problems.append(f"policy.offline margins must be at most {floor.max_offline_margin:g}")
+    if policy.offline.min_items < floor.min_offline_items:
+        problems.append(f"policy.offline.min_items must be at least {floor.min_offline_items}")
+    if len(spec.canary.steps) < floor.min_canary_steps:
+        problems.append(f"canary.steps needs at least {floor.min_canary_steps} step(s)")
+    if floor.require_shadow and not spec.shadow.enabled:
+        problems.append("shadow.enabled must be true for this service")
+    if spec.allow_incompatible and not floor.allow_incompatible:
+        problems.append("allow_incompatible is not allowed for this service")
+    if spec.approval.default_action == "approve" and not floor.allow_default_approve:
+        problems.append("approval.default_action must be 'reject' for this service")
+    return problems
