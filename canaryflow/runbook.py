@@ -221,3 +221,26 @@ def route_all_to(endpoints: Endpoints, service: str, version: str) -> TrafficRol
     started = time.perf_counter()
     after = controller.set_routes(Routes(service=service, stable=version))
     return TrafficRollback(before, after, (time.perf_counter() - started) * 1000)
+
+
+def retire_challenger(endpoints: Endpoints, service: str, reason: str) -> str | None:
+    """The candidate a dead or silent release left behind: marked rolled back, `challenger`
+    removed. Returns its version, or None when no version is challenging."""
+    registry = connections.registry(endpoints.mlflow_uri)
+    challenger = registry.aliases(service).get("challenger")
+    if challenger is not None:
+        registry.rollback(service, challenger, reason)
+    return challenger
+
+
+def candidate_is_live(endpoints: Endpoints, spec: ReleaseSpec) -> bool:
+    """Whether the live routes send any traffic to this spec's candidate (its digest is the
+    `challenger`'s and that version is the canary or the shadow)."""
+    registry = connections.registry(endpoints.mlflow_uri)
+    challenger = registry.aliases(spec.service).get("challenger")
+    if challenger is None:
+        return False
+    if registry.get(spec.service, challenger).digest != spec.candidate.manifest.digest():
+        return False
+    routes = connections.traffic_controller(endpoints, spec.service).current()
+    return routes is not None and challenger in (routes.canary, routes.shadow)

@@ -29,7 +29,7 @@ from canaryflow.contracts import (
 from canaryflow.errors import CanaryflowError
 from canaryflow.settings import Settings
 from flows.release_run import Release, Stop, judge_stage
-from tasks.common import emit, flush_events
+from tasks.common import artifact_key, emit, flush_events
 from tasks.evaluation import evaluate_candidate
 from tasks.ledger import close_ledger, keep_forensics, open_ledger
 from tasks.lock import release_lock
@@ -70,9 +70,11 @@ def _offline_gate(run: Release) -> None:
         raise Stop(f"offline gate failed: {summary}")
     if report.decision is not Decision.PASS:
         run.stage(Stage.OFFLINE_EVAL, Outcome.REVIEW, summary, figures=metrics)
+        reviewing = tuple(s.suite for s in report.suites if s.result.label.value != "pass")
         approved, verdict = run.ask_human(
-            Stage.OFFLINE_EVAL, f"offline evaluation needs review: {summary}", "offline"
-        )
+            Stage.OFFLINE_EVAL, f"offline evaluation needs review: {summary}", "offline",
+            artifact_key("offline-eval", run.spec.service), reviewing,
+        )  # fmt: skip
         if not approved:
             raise Stop(f"offline_eval review rejected by {verdict}")
         return
@@ -118,7 +120,14 @@ def _promote(run: Release) -> None:
     assert run.candidate is not None
     shift_traffic(Routes(service=run.spec.service, stable=run.candidate.version), run.endpoints)
     previous = promote_candidate(run.spec.service, run.candidate.version, run.endpoints)
-    run.record.decision, run.record.reason = ReleaseDecision.PROMOTED, "every gate passed"
+    waivers = run.record.waivers
+    run.record.decision = ReleaseDecision.PROMOTED
+    run.record.reason = (
+        f"promoted with {len(waivers)} waived gate finding(s): "
+        + "; ".join(w.describe() for w in waivers)
+        if waivers
+        else "every gate passed"
+    )
     run.stage(Stage.PROMOTE, Outcome.DONE,
               f"champion v{run.candidate.version}; last-stable v{previous}")  # fmt: skip
 
@@ -144,7 +153,8 @@ def _roll_back(run: Release, stop: Stop) -> None:
     mark_rolled_back(run.spec.service, run.candidate.version, stop.reason, run.endpoints)
 
 
-@flow(name="release", on_crashed=[roll_back_on_crash], on_cancellation=[roll_back_on_crash])
+@flow(name="release", on_crashed=[roll_back_on_crash], on_cancellation=[roll_back_on_crash],
+      on_failure=[roll_back_on_crash])  # fmt: skip
 def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRecord:
     """Release `spec.candidate` for `spec.service`, or refuse it and keep the evidence."""
     settings = Settings()  # the worker's: endpoints and floors never come from a delivery

@@ -22,11 +22,12 @@ from canaryflow.contracts import (
     Routes,
     Stage,
     StageOutcome,
+    Waiver,
     WindowResult,
 )
 from tasks.analysis import judge_window
 from tasks.approval import wait_for_approval
-from tasks.common import emit, say
+from tasks.common import artifact_key, emit, say
 from tasks.ledger import log_evidence, record_stage
 
 
@@ -63,16 +64,23 @@ class Release:
         self.record.stages.append(result)
         say("[%s] %s: %s", result.key, outcome.value, detail)
 
-    def ask_human(self, stage: Stage, question: str, key: str) -> tuple[bool, str]:
-        """Pause for the soft gate's answer: (approved, who and why)."""
+    def ask_human(
+        self, stage: Stage, question: str, key: str, evidence_key: str, gates: tuple[str, ...]
+    ) -> tuple[bool, str]:
+        """Pause for the soft gate's answer: (approved, who and why). An approval waives
+        `gates` for the rest of the release, and the record keeps who did it and why."""
         # A paused release is alive: the silence automation stops counting until the answer.
         emit(f"{stage}_approval", "waiting", self.record.release_id, self.spec.service, key=key)
-        decision, timed_out = wait_for_approval(question, self.spec.approval, key)
+        decision, timed_out = wait_for_approval(question, self.spec.approval, key, evidence_key)
         verdict = f"{decision.approver or 'unknown'}: {decision.reason or 'no reason given'}"
         outcome = Outcome.APPROVED if decision.approve else Outcome.REJECTED
         self.stage(
             stage, outcome, verdict, part="approval", figures={"timed_out": float(timed_out)}
         )
+        if decision.approve:
+            waiver = Waiver(stage=stage, gates=gates, approver=decision.approver,
+                            reason=decision.reason)  # fmt: skip
+            self.record.waivers.append(waiver)
         return decision.approve, verdict
 
     def routes(self, **split: Any) -> Routes:
@@ -96,8 +104,9 @@ def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: L
         state, next_step = progress.observe(state, window, memory)
         if next_step.action is Action.ASK:
             approved, verdict = run.ask_human(
-                stage, next_step.reason, f"{stage}-{step}-{state.looks}"
-            )
+                stage, next_step.reason, f"{stage}-{step}-{state.looks}",
+                artifact_key(stage, run.spec.service, "gates"), tuple(sorted(state.asking)),
+            )  # fmt: skip
             state, next_step = progress.answer(state, approved=approved, verdict=verdict)
         run.waived, run.memory[stage] = state.waived, state.memory
         if next_step.action is Action.STOP:

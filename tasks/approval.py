@@ -2,32 +2,47 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.settings import PREFECT_UI_URL
+from pydantic import Field
 
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
 from tasks.common import say
 
 
 class Approval(RunInput):
-    """The form the Prefect UI shows on the paused run."""
+    """The form the Prefect UI shows on the paused run.
 
-    approve: bool = False
-    reason: str = ""
-    approver: str = ""
+    No field has a default: a reviewer must pick a decision and give a reason. (With a boolean
+    defaulting to off, typing a reason and submitting rejected the release.)
+    """
+
+    decision: Literal["approve", "reject"]
+    reason: str = Field(min_length=1, description="why: goes to the release ledger")
+    approver: str = Field(min_length=1, description="who answers")
+
+
+def evidence_link(artifact_key: str) -> str:
+    """Where the gate's evidence is in the Prefect UI, for the reviewer to read first."""
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/artifacts/key/{artifact_key}" if ui else f"artifact {artifact_key}"
 
 
 def wait_for_approval(
-    question: str, config: ApprovalConfig, key: str
+    question: str, config: ApprovalConfig, key: str, evidence_key: str
 ) -> tuple[ApprovalDecision, bool]:
     """Returns (decision, timed_out). On timeout the policy's default applies, and says so."""
     from prefect.exceptions import FlowPauseTimeout
 
-    say("waiting for approval: %s", question)
+    evidence = evidence_link(evidence_key)
+    say("waiting for approval: %s (evidence: %s)", question, evidence)
     try:
         answer = pause_flow_run(
             wait_for_input=Approval.with_initial_data(
-                description=question, approve=False, reason="", approver=""
+                description=f"{question}\n\nEvidence: {evidence}"
             ),
             timeout=max(1, int(config.timeout_s)),
             poll_interval=int(config.poll_s),
@@ -39,7 +54,7 @@ def wait_for_approval(
             f"no answer within {config.timeout_s:g} s: policy default '{config.default_action}'"
         )
         return ApprovalDecision(approve=approve, reason=reason, approver="policy-default"), True
-    return (
-        ApprovalDecision(approve=answer.approve, reason=answer.reason, approver=answer.approver),
-        False,
+    decision = ApprovalDecision(
+        approve=answer.decision == "approve", reason=answer.reason, approver=answer.approver
     )
+    return decision, False

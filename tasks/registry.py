@@ -34,11 +34,7 @@ def set_status(service: str, version: str, status: Status, endpoints: Endpoints)
 def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | None:
     """The candidate a silent canary left behind: marked rolled back, `challenger` removed.
     Returns its version, or None when no version is challenging."""
-    registry = connections.registry(endpoints.mlflow_uri)
-    challenger = registry.aliases(service).get("challenger")
-    if challenger is not None:
-        registry.rollback(service, challenger, reason)
-    return challenger
+    return runbook.retire_challenger(endpoints, service, reason)
 
 
 @step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,9 +12,12 @@ from prefect.flows import Flow
 
 from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
+from canaryflow.errors import ReleaseBusy
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
 from canaryflow.settings import Settings
 from tasks.common import emit, flush_events, say, step
+
+log = logging.getLogger("canaryflow.release")
 
 
 @step()
@@ -43,11 +47,33 @@ def send_all_traffic_to(
 
 
 def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
-    """A flow hook: a crashed or cancelled release returns all traffic to stable at once."""
+    """A flow hook: a crashed, cancelled or failed release returns all traffic to stable at
+    once (traffic first), then retires its challenger like every other rollback.
+
+    Only its own traffic: a run refused at the lock, or whose candidate is not on the live
+    routes, leaves the service alone (another release may own it). When that cannot be told
+    (the registry is down), it rolls back: moving traffic to stable is the safe side.
+    """
     spec = ReleaseSpec.model_validate(flow_run.parameters["spec"])
     raw = flow_run.parameters.get("endpoints")
     endpoints = Endpoints.model_validate(raw) if raw else Settings().endpoints()
+    if isinstance(state.result(raise_on_failure=False), ReleaseBusy):
+        return
+    try:
+        ours = runbook.candidate_is_live(endpoints, spec)
+    except Exception as exc:
+        log.warning(
+            "cannot tell whether %s's candidate is live (%s): rolling back", spec.service, exc
+        )
+        ours = True
+    if not ours:
+        log.info("%s: this run's candidate has no live traffic; routes left alone", spec.service)
+        return
     result = runbook.rollback_traffic(endpoints, spec.service)
+    try:
+        runbook.retire_challenger(endpoints, spec.service, f"release ended {state.name}")
+    except Exception as exc:  # traffic is safe already; the registry can be fixed by hand
+        log.warning("could not retire the challenger of %s: %s", spec.service, exc)
     # Evidence for on-call, and the end of the release for the silence automation.
     emit("release", state.type.value.lower(), f"{spec.service}-{flow_run.name}", spec.service,
          flow_run_id=str(flow_run.id), state=state.name, stable=result.after.stable,

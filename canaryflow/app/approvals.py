@@ -52,7 +52,8 @@ def resume_with_approval(
         raise ConfigError(
             f"{run_id!r} is not a flow run id: copy its UUID from the Prefect UI"
         ) from None
-    run_input = {"approve": approve, "reason": reason, "approver": approver}
+    decision = "approve" if approve is True else "reject" if approve is False else approve
+    run_input = {"decision": decision, "reason": reason, "approver": approver}
     try:
         with prefect_client(api_url) as client:
             client.read_flow_run(flow_run_id)  # resuming an unknown id is a 500, not a 404

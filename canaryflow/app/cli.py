@@ -149,13 +149,23 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """On-call's rollback. A release still in flight is cancelled first and traffic goes back
+    to that release's stable (its baseline), not to last-stable two versions back."""
     from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
     from flows.rollback import rollback
 
     with _flows_of(endpoints):
-        rollback(service=args.service, to_version=args.to, reason=args.reason, endpoints=endpoints)
+        from canaryflow.app.summaries import print_progress
+        from tasks.lock import cancel_releases_in_flight
+
+        cancelled = cancel_releases_in_flight(args.service, args.reason)
+        for line in cancelled:
+            print_progress(f"cancelled release {line}")
+        alias = "champion" if cancelled else "last-stable"
+        rollback(service=args.service, to_version=args.to, reason=args.reason,
+                 endpoints=endpoints, to_alias=alias)  # fmt: skip
     return 0
 
 
@@ -182,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from canaryflow import runbook
     from canaryflow.app.summaries import print_eval
     from canaryflow.contracts import GatePolicy
-    from canaryflow.loading import load_signed_manifest
+    from canaryflow.loading import load_policy, load_signed_manifest
     from canaryflow.settings import load_endpoints
 
     endpoints = load_endpoints(_home(args))
@@ -190,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_signed_manifest(Path(args.candidate)).manifest,
         load_signed_manifest(Path(args.baseline)).manifest,
         args.suites,
-        GatePolicy().offline,
+        (load_policy(Path(args.policy)) if args.policy else GatePolicy()).offline,
         endpoints,
         sample_per_suite=args.sample,
     )
@@ -264,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--reject", action="store_true")
     rollback = add("rollback", cmd_rollback, "roll a service back to last-stable or a version")
     rollback.add_argument("service")
-    rollback.add_argument("--to", default=None, help="version (default: last-stable)")
+    rollback.add_argument(
+        "--to", default=None, help="version (default: last-stable, or a running release's stable)"
+    )
     rollback.add_argument("--reason", default="manual rollback")
     status = add("status", cmd_status, "aliases, versions and live routes of a service")
     status.add_argument("service")
@@ -273,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("baseline")
     evaluate.add_argument("--suites", nargs="+", default=["golden", "regression", "safety"])
     evaluate.add_argument("--sample", type=int, default=None)
+    evaluate.add_argument(
+        "--policy", help="policy file whose offline margins apply (default: seed's)"
+    )
     traffic = add("traffic", cmd_traffic, "replay a prompt corpus at a set rate")
     traffic.add_argument("url")
     traffic.add_argument("--corpus", default="live")

@@ -50,6 +50,7 @@ from canaryflow.contracts.release import (
     Stage,
     StageOutcome,
     TrafficConfig,
+    Waiver,
 )
 from canaryflow.contracts.verdicts import (
     Decision,
@@ -110,6 +111,7 @@ __all__ = [
     "Strict",
     "SuiteComparison",
     "TrafficConfig",
+    "Waiver",
     "WindowResult",
     "canonical_json",
     "combine",

@@ -137,6 +137,18 @@ class StageOutcome(Frozen):
         return f"{self.stage.value}_{self.part}" if self.part else self.stage.value
 
 
+class Waiver(Frozen):
+    """A human accepted these gates' findings for the rest of the release."""
+
+    stage: Stage
+    gates: tuple[str, ...]
+    approver: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{', '.join(self.gates)} ({self.approver}: {self.reason})"
+
+
 class ReleaseRecord(Strict):
     release_id: str
     service: str
@@ -148,3 +160,4 @@ class ReleaseRecord(Strict):
     stages: list[StageOutcome] = Field(default_factory=list)
     ledger_run_id: str | None = None
     breach_to_stable_ms: float | None = None
+    waivers: list[Waiver] = Field(default_factory=list)

@@ -30,7 +30,8 @@ FLOW = "approval-probe"
 
 @flow(name=FLOW)
 def ask() -> ApprovalDecision:
-    decision, _ = wait_for_approval("ship it?", ApprovalConfig(timeout_s=120, poll_s=1), "probe")
+    config = ApprovalConfig(timeout_s=120, poll_s=1)
+    decision, _ = wait_for_approval("ship it?", config, "probe", "canary-probe-gates")
     return decision
 
 
@@ -70,7 +71,9 @@ def paused_run(prefect_api: str) -> Iterator[PausedRun]:
     paused = PausedRun(str(run_id), thread, box)
     yield paused
     if any(r["id"] == paused.id for r in paused_runs(prefect_api, FLOW)):
-        resume_with_approval(prefect_api, paused.id, approve=False, reason="test over", approver="")
+        resume_with_approval(
+            prefect_api, paused.id, approve=False, reason="test over", approver="pytest"
+        )
     thread.join(30)
     APILogWorker.drain_all(timeout=5, at_exit=False)  # not at exit, when the server is gone
 
@@ -87,7 +90,7 @@ def test_resume_through_a_busy_api_reaches_prefect_and_the_run(
     assert [c[2] for c in busy_prefect.calls(resume)] == [503, 503, 201]
     assert {c[:2] for c in busy_prefect.calls(resume)} == {("POST", resume)}
     assert busy_prefect.bodies(resume)[-1] == {
-        "run_input": {"approve": True, "reason": "ok", "approver": "alice"}
+        "run_input": {"decision": "approve", "reason": "ok", "approver": "alice"}
     }
     assert paused_run.answer() == ApprovalDecision(approve=True, reason="ok", approver="alice")
 
@@ -126,7 +129,7 @@ def test_a_run_that_is_not_paused_is_refused_with_prefects_reason(
 def test_an_invalid_form_is_refused_and_the_run_stays_paused(
     busy_prefect: BusyPrefect, paused_run: PausedRun, prefect_api: str
 ) -> None:
-    with pytest.raises(CanaryflowError, match=r"refused to resume .*'approve'"):
+    with pytest.raises(CanaryflowError, match=r"refused to resume .*decision"):
         resume_with_approval(
             busy_prefect.api_url,
             paused_run.id,
@@ -157,3 +160,14 @@ def test_paused_runs_lists_the_waiting_run_through_prefects_filter(
         ("POST", "/api/flow_runs/filter", 503),
         ("POST", "/api/flow_runs/filter", 200),
     ]
+
+
+@pytest.mark.parametrize("missing", ["reason", "approver"])
+def test_the_form_needs_a_reason_and_an_approver(
+    paused_run: PausedRun, prefect_api: str, missing: str
+) -> None:
+    """No field has a default: typing nothing and submitting never decides a release."""
+    answer = {"reason": "ok", "approver": "alice", missing: ""}
+    with pytest.raises(CanaryflowError, match=rf"refused to resume .*{missing}"):
+        resume_with_approval(prefect_api, paused_run.id, approve=True, **answer)
+    assert paused_run.id in [r["id"] for r in paused_runs(prefect_api, FLOW)]
