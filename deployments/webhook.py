@@ -5,9 +5,24 @@ spec (a bad spec is answered 422 with the field and the reason, before anything 
 Prefect's REST API `create_flow_run` with the delivery id as idempotency key: a retried delivery
 returns the run it already started.
 
-    python -m deployments.webhook --port 8088 --prefect-api http://127.0.0.1:4200/api
+Hostile input fails safe, in this order, and no 4xx answer echoes a submitted value:
+- 413 for a body over `max_body_bytes` (1 MiB): a larger Content-Length is refused before a byte
+  of the body is read, a chunked body is read up to the limit and no further; the connection is
+  closed.
+- 400 for a missing or malformed X-Canaryflow-Delivery.
+- 401 unless the HMAC over `timestamp.delivery.body` matches and the timestamp is finite unix
+  seconds within the tolerance; checked before the body is parsed.
+- A replay (same signature) of a delivery accepted in the last 2x tolerance, remembered on disk
+  across restarts (`--state-dir`), is answered 200 with the run it started (`replayed: true`):
+  idempotent, never a second run. So is a known delivery id (in memory, then Prefect's
+  idempotency key).
+- 400 for a body that is not JSON; 422 for a bad spec, naming each field and the rule.
+- 503 (redeliver later, it is safe) when Prefect stays busy through the retries.
+
+    python -m deployments.webhook --port 8088 --prefect-api http://127.0.0.1:4200/api \
+        --state-dir .canaryflow/webhook
     (secret from CANARYFLOW_WEBHOOK_SECRET, or from the file given with --secret-file;
-    `canaryflow up` starts it this way on a free port, see canaryflow/stack.py)
+    `canaryflow up` starts it this way on a free port, see canaryflow/local/stack.py)
 """
 
 from __future__ import annotations
@@ -25,11 +40,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from canaryflow import retries
-from canaryflow.deliveries import SeenDeliveries, verify_signature
+from canaryflow.deliveries import (
+    DELIVERY_ID_RULE,
+    ReplayMemory,
+    SeenDeliveries,
+    valid_delivery_id,
+    verify_signature,
+)
 from canaryflow.errors import ConfigError, WebhookSignatureError
 from canaryflow.loading import spec_from_data
 
 POLICIES = Path(__file__).resolve().parent / "policies"
+MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_STATE_DIR = Path(".canaryflow") / "webhook"
 
 
 @dataclass
@@ -39,10 +62,47 @@ class WebhookConfig:
     deployment: str = "release/release"
     policies_dir: Path = POLICIES
     seen: SeenDeliveries = field(default_factory=SeenDeliveries)
+    # In memory unless given one on disk: `main` always does (`--state-dir`).
+    replays: ReplayMemory = field(default_factory=ReplayMemory)
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
+    headers = {"connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (`BodyTooLarge`) as soon as it is known to pass `limit` bytes: from
+    Content-Length before anything is read, else once the chunks read so far pass it."""
+    announced = request.headers.get("content-length")
+    if announced is not None and not (
+        announced.isascii() and announced.isdigit() and int(announced) <= limit
+    ):
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(body: bytes) -> object:
+    """JSON, or ValueError with a message that quotes nothing of the body."""
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise ValueError(f"body is not JSON: {exc.msg} ({where})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError("body is not JSON: not UTF-8 text, or nested too deeply") from exc
 
 
 class PrefectUnavailable(Exception):
@@ -77,29 +137,39 @@ async def _deployment_id(client: httpx.AsyncClient, config: WebhookConfig) -> st
 
 def build_app(config: WebhookConfig) -> Starlette:
     async def release(request: Request) -> JSONResponse:
-        body = await request.body()
+        limit = config.max_body_bytes
         try:
-            verify_signature(
+            body = await _read_body(request, limit)
+        except BodyTooLarge:
+            return _error(413, f"body over the limit of {limit} bytes: refused", close=True)
+        delivery = request.headers.get("x-canaryflow-delivery")
+        if delivery is None or not valid_delivery_id(delivery):
+            return _error(400, f"{DELIVERY_ID_RULE}: give every delivery a unique id")
+        signature = request.headers.get("x-canaryflow-signature") or ""
+        try:
+            timestamp = verify_signature(
                 config.secret,
                 timestamp=request.headers.get("x-canaryflow-timestamp"),
-                signature=request.headers.get("x-canaryflow-signature"),
+                delivery=delivery,
+                signature=signature,
                 body=body,
             )
         except WebhookSignatureError as exc:
             return _error(401, str(exc))
-        delivery = request.headers.get("x-canaryflow-delivery")
-        if not delivery:
-            return _error(400, "missing X-Canaryflow-Delivery: give every delivery a unique id")
+        if (known := config.replays.answered(signature)) is not None:
+            return JSONResponse({"flow_run_id": known, "replayed": True}, status_code=200)
         if (known := config.seen.get(delivery)) is not None:
             return JSONResponse({"flow_run_id": known, "replayed": True}, status_code=200)
         try:
-            payload = json.loads(body)
+            payload = _parse(body)
             raw = payload.get("spec") if isinstance(payload, dict) else None
-            spec = spec_from_data(raw, "the delivery's spec", None, config.policies_dir)
-        except json.JSONDecodeError as exc:
-            return _error(400, f"body is not JSON: {exc}")
+            spec = spec_from_data(
+                raw, "the delivery's spec", None, config.policies_dir, untrusted=True
+            )
         except ConfigError as exc:
             return _error(422, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
         async with httpx.AsyncClient(base_url=config.prefect_api_url, timeout=10) as client:
             try:
                 deployment_id = await _deployment_id(client, config)
@@ -118,6 +188,9 @@ def build_app(config: WebhookConfig) -> Starlette:
             response.raise_for_status()
         run_id = str(response.json()["id"])
         config.seen.remember(delivery, run_id)
+        config.replays.remember(
+            signature=signature, timestamp=timestamp, delivery=delivery, run_id=run_id
+        )
         return JSONResponse({"flow_run_id": run_id, "replayed": False}, status_code=202)
 
     async def health(_: Request) -> JSONResponse:
@@ -154,13 +227,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefect-api", required=True)
     parser.add_argument("--deployment", default="release/release")
     parser.add_argument("--secret-file", type=Path, default=None)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="folder for the replay memory (an owner-only SQLite file); keep it across restarts",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="larger deliveries are refused with 413 before their body is read",
+    )
     args = parser.parse_args(argv)
+    if args.max_body_bytes < 1:
+        parser.error("--max-body-bytes must be at least 1")
     try:
         secret = read_secret(args.secret_file)
+        replays = ReplayMemory.in_folder(args.state_dir)
     except ConfigError as exc:
         parser.error(str(exc))
     config = WebhookConfig(
-        secret=secret, prefect_api_url=args.prefect_api, deployment=args.deployment
+        secret=secret,
+        prefect_api_url=args.prefect_api,
+        deployment=args.deployment,
+        replays=replays,
+        max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(build_app(config), host=args.host, port=args.port, access_log=False)
 

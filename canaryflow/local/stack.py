@@ -139,6 +139,7 @@ def webhook_receiver(home: Path, prefect_api_url: str) -> ManagedProcess | None:
         "--host", "127.0.0.1",
         "--port", str(port),
         "--prefect-api", prefect_api_url,
+        "--state-dir", str(home / "webhook"),  # replay memory: survives a restart of the receiver
     ]  # fmt: skip
     if secret_file is not None:
         command += ["--secret-file", str(secret_file)]

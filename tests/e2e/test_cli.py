@@ -87,13 +87,14 @@ def test_approve_on_a_run_that_is_not_paused_fails_with_a_clear_error(live: Live
 
 def _deliver(url: str, body: bytes, secret: str) -> httpx.Response:
     stamp = str(int(time.time()))
+    delivery = f"cli-test-{uuid.uuid4()}"
     return httpx.post(
         url,
         content=body,
         headers={
             "x-canaryflow-timestamp": stamp,
-            "x-canaryflow-delivery": f"cli-test-{uuid.uuid4()}",
-            "x-canaryflow-signature": sign_payload(secret, stamp, body),
+            "x-canaryflow-delivery": delivery,
+            "x-canaryflow-signature": sign_payload(secret, stamp, delivery, body),
         },
         timeout=10,
     )

@@ -44,7 +44,7 @@ def _deliver(client: TestClient, body: bytes, delivery: str, *, secret: str = SE
         headers={
             "x-canaryflow-timestamp": stamp,
             "x-canaryflow-delivery": delivery,
-            "x-canaryflow-signature": sign_payload(secret, stamp, body),
+            "x-canaryflow-signature": sign_payload(secret, stamp, delivery, body),
         },
     )
 

@@ -43,10 +43,11 @@ def _delivery(tmp_path: Path) -> tuple[bytes, dict[str, str]]:
     spec = {"service": examples.SERVICE, "candidate": signed.model_dump(mode="json")}
     body = json.dumps({"spec": spec}).encode()
     stamp = str(int(time.time()))
+    delivery = f"delivery-{uuid.uuid4().hex[:8]}"
     return body, {
         "x-canaryflow-timestamp": stamp,
-        "x-canaryflow-delivery": f"delivery-{uuid.uuid4().hex[:8]}",
-        "x-canaryflow-signature": sign_payload(SECRET, stamp, body),
+        "x-canaryflow-delivery": delivery,
+        "x-canaryflow-signature": sign_payload(SECRET, stamp, delivery, body),
     }
 
 
