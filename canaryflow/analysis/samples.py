@@ -16,7 +16,13 @@ import numpy.typing as npt
 
 from canaryflow.contracts import RequestRecord
 
-ERROR_STATUS = 500  # 5xx is the service's fault; a 4xx is the client's
+# What a user sees fail: a 5xx, a provider's 429 passed on, a timeout. Other 4xx are the
+# client's own mistakes. The Prometheus rules use the same set (deployments/prometheus).
+USER_VISIBLE_FAILURES = frozenset({408, 429})
+
+
+def counts_as_error(status: int) -> bool:
+    return status >= 500 or status in USER_VISIBLE_FAILURES
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class RoleSample:
         latencies: list[float] = []
         for r in records:
             n += 1
-            errors += r.status >= ERROR_STATUS
+            errors += counts_as_error(r.status)
             latencies.append(r.latency_ms)
             tokens_in += r.tokens_in
             tokens_out += r.tokens_out

@@ -99,7 +99,7 @@ def expressions(selector: str = "", window: str = "1m", fn: str = "increase") ->
         return f"sum by ({by}) ({fn}({metric}{_matchers(selector, *extra)}[{window}]))"
 
     requests = total("canaryflow_requests_total")
-    errors = total("canaryflow_requests_total", 'status=~"5.."')
+    errors = total("canaryflow_requests_total", 'status=~"5..|429|408"')
     tokens = total("canaryflow_tokens_total", by=f"{BY}, direction")
     cost = total("canaryflow_cost_usd_total")
     checked = total("canaryflow_quality_checked_total")
