@@ -19,8 +19,9 @@ from prefect.runtime import flow_run
 
 from canaryflow.errors import ReleaseBusy
 
-# The slot's lease is renewed while the release lives; a killed release frees it within this.
-LEASE_S = 30.0
+# The slot's lease is renewed while the release lives; a killed release frees it within this
+# (Prefect refuses leases under 60 s).
+LEASE_S = 60.0
 
 
 def lock_name(service: str) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import threading
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from canaryflow import connections
+from canaryflow.analysis.sources import PrometheusSource
 from canaryflow.app.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import (
     ApprovalConfig,
@@ -20,8 +22,10 @@ from canaryflow.contracts import (
     CanaryStep,
     GatePolicy,
     ModelManifest,
+    PolicyFloor,
     ReleaseRecord,
     ReleaseSpec,
+    Routes,
     ShadowConfig,
     SignedManifest,
     TrafficConfig,
@@ -29,15 +33,22 @@ from canaryflow.contracts import (
 from canaryflow.errors import ReleaseBusy
 from canaryflow.loading import load_policy
 from canaryflow.local import examples
+from canaryflow.local.loadgen import TrafficRunner, load_corpus
 from flows.release import release
 from flows.rollback import rollback
 from tests.e2e.conftest import LiveStack
+from tests.waiting import wait_for
 
 POLICY = load_policy(Path(__file__).resolve().parents[2] / "deployments/policies/default.yaml")
-# The approval tests need a window whose only finding is the soft cost gate.
+# The approval tests need a window whose only finding is the soft cost gate: the hard gates of
+# the worker's floor, which every release must carry (the verbose adapter is as fast and as
+# accurate as its baseline), and the soft cost gate.
 COST_ONLY = POLICY.model_copy(
     update={
-        "live": tuple(g for g in POLICY.live if g.metric.value in {"cost_per_1k", "error_rate"})
+        "live": (
+            *PolicyFloor().required_gates,
+            *(g for g in POLICY.live if g.metric.value == "cost_per_1k"),
+        )
     }
 )
 
@@ -97,8 +108,8 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
     )
 
     assert record.decision == "promoted", record.reason
-    names = [s.key for s in record.stages]
-    for expected in (
+    stages = [s.key for s in record.stages]
+    for key in (
         "preflight",
         "publish",
         "offline_eval",
@@ -107,7 +118,7 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
         "canary_25pct",
         "promote",
     ):
-        assert expected in names
+        assert key in stages
     registry = connections.registry(live.endpoints.mlflow_uri)
     aliases = registry.aliases(examples.SERVICE)
     assert aliases["champion"] == record.candidate_version
@@ -134,8 +145,8 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
         "canaryflow.shadow.passed",
         "canaryflow.canary_10pct.passed",
     }
-    names: set[str] = set()
-    for _ in range(40):  # events are sent and stored asynchronously
+
+    def stored() -> set[str] | None:  # events are sent and stored asynchronously
         events = httpx.post(
             f"{live.endpoints.prefect_api_url}/events/filter",
             json={
@@ -147,10 +158,9 @@ def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -
             },
         ).json()["events"]
         names = {e["event"] for e in events}
-        if expected <= names:
-            break
-        time.sleep(0.5)
-    assert expected <= names
+        return names if expected <= names else None
+
+    wait_for(f"the release's events {sorted(expected)} in Prefect", stored, 20, 0.5)
 
 
 def test_hallucinating_candidate_is_rejected_at_the_offline_gate(live: LiveStack) -> None:
@@ -181,7 +191,13 @@ def test_slow_candidate_is_caught_in_a_canary_window_and_rolled_back(live: LiveS
     assert record.decision == "rolled_back", record.reason
     assert "latency_p95" in record.reason
     assert stage(record, "offline_eval").outcome == "passed"
-    assert record.breach_to_stable_ms is not None and record.breach_to_stable_ms < 5000
+    # Recorded and consistent; how fast it is belongs to benchmarks/, not to a threshold here.
+    breach_ms = record.breach_to_stable_ms
+    assert breach_ms is not None and math.isfinite(breach_ms) and breach_ms > 0
+    figures = stage(record, "rollback").metrics
+    assert figures["breach_to_stable_ms"] == breach_ms
+    # The breach came first, then the one rollback call: it is part of breach-to-stable.
+    assert 0 < figures["rollback_ms"] <= breach_ms
     routes = connections.traffic_controller(live.endpoints, examples.SERVICE).current()
     assert routes is not None and routes.canary is None and routes.stable == before
     assert roles_through_envoy(live, 40) == {"stable": 40}
@@ -235,13 +251,20 @@ def _in_background(fn: Callable[[], ReleaseRecord]) -> tuple[threading.Thread, d
 
 
 def _wait_for_pause(live: LiveStack, thread: threading.Thread, timeout_s: float = 90) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and thread.is_alive():
+    """The id of the flow run paused for approval, once there is one; fails at once if the
+    release in `thread` ends without pausing."""
+
+    def paused() -> str | None:
         runs = paused_runs(str(live.endpoints.prefect_api_url))
         if runs:
             return str(runs[0]["id"])
-        time.sleep(0.5)
-    raise AssertionError("the release never paused for approval")
+        if not thread.is_alive():  # looked after the query: it ended without ever pausing
+            pytest.fail("the release ended without pausing for approval")
+        return None
+
+    run_id = wait_for("the release to pause for approval", paused, timeout_s, 0.5)
+    assert run_id is not None  # wait_for returns only a truthy answer
+    return run_id
 
 
 def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
@@ -258,6 +281,7 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     )
     assert status == "ACCEPT"
     thread.join(120)
+    assert not thread.is_alive(), "the approved release did not finish"
     assert "error" not in box, box.get("error")
     record: ReleaseRecord = box["record"]
     approval = next(s for s in record.stages if s.key.endswith("_approval"))
@@ -270,8 +294,8 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
 def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.8", "sandbox-verbose"))
-    approval = ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
-    spec = spec_for(live, signed, policy=COST_ONLY, approval=approval)
+    unanswered = ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
+    spec = spec_for(live, signed, policy=COST_ONLY, approval=unanswered)
     record = release(spec=spec, endpoints=live.endpoints)
     approval = next(s for s in record.stages if s.key.endswith("_approval"))
     assert approval.outcome == "rejected"
@@ -297,6 +321,8 @@ def test_one_release_per_service_at_a_time(live: LiveStack) -> None:
         approver="test",
     )
     thread.join(120)
+    assert not thread.is_alive(), "the rejected release did not finish"
+    assert "error" not in box, box.get("error")
     assert box["record"].decision == "rolled_back"
 
 
@@ -316,26 +342,61 @@ def test_rollback_flow_restores_last_stable(live: LiveStack) -> None:
     assert routes is not None and routes.stable == previous
 
 
+def role_totals(source: PrometheusSource) -> dict[str, float]:
+    """Requests each role of the service has served so far: raw counters, exact (no
+    extrapolation as in increase()), so the rise over a test is what that test sent."""
+    promql = f'sum by (role) (canaryflow_requests_total{{service="{examples.SERVICE}"}})'
+    return {row["metric"].get("role", ""): float(row["value"][1]) for row in source.query(promql)}
+
+
 def test_live_metrics_are_queryable_with_promql(live: LiveStack) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from canaryflow.analysis.sources import PrometheusSource
-
+    """Its own traffic, whatever ran before: a canary split and a full mirror for a burst of
+    synthetic requests, then PromQL over the series since the test began."""
     source = PrometheusSource(str(live.endpoints.prometheus_url))
+    controller = connections.traffic_controller(live.endpoints, examples.SERVICE)
+    previous = controller.current()
+    assert previous is not None, "the stack starts with stable routes"
+    version = previous.stable  # serving already; the series differ by role, which is queried
+    roles = ("stable", "canary", "shadow")
+    began = datetime.now(UTC)
+    before = role_totals(source)
+
+    def since_began() -> dict[str, Any]:
+        seen = source.summaries(examples.SERVICE, began, datetime.now(UTC))
+        found = {role: seen.get((version, role)) for role in roles}
+        return found if all(found.values()) else {}
+
+    split = Routes(service=examples.SERVICE, stable=version, canary=version, weight=50,
+                   shadow=version, mirror_percent=100)  # fmt: skip
+    try:
+        controller.set_routes(split)
+        url = str(live.endpoints.envoy_url)
+        with TrafficRunner(url, load_corpus("live"), rate_rps=50) as runner:
+            # Traffic flows until Prometheus has scraped each role's series over several samples.
+            wait_for("stable, canary and shadow series since the test began", since_began, 60, 0.5)
+            report = runner.stop()
+    finally:
+        controller.set_routes(previous)
+
+    assert report.ok > 0
+    # What the client saw: the split, and never a shadow's answer (mirror answers are dropped).
+    assert set(report.roles) == {"stable", "canary"}, report.roles
+    served = sum(report.roles.values())
+    # Every answered request was counted under the role that answered it, and mirrored once.
+    sent = {**report.roles, "shadow": served}
+
+    def counted() -> dict[str, float]:
+        totals = role_totals(source)
+        rise = {role: totals.get(role, 0.0) - before.get(role, 0.0) for role in roles}
+        return rise if all(rise[role] >= sent[role] for role in roles) else {}
+
+    wait_for(f"Prometheus to count at least {sent} requests by role", counted, 30, 0.5)
+
     assert source.series_present(examples.SERVICE)
-    end = datetime.now(UTC)
-    seen = source.summaries(examples.SERVICE, end - timedelta(minutes=10), end)
-    roles = {role for _, role in seen}
-    assert {"stable", "canary", "shadow"} <= roles, seen.keys()
-    stable = max((s for (_, role), s in seen.items() if role == "stable"), key=lambda s: s.requests)
-    assert stable.requests > 100 and 10 < stable.p95_ms < 2000
-    assert 0 < stable.cost_per_1k < 1
-
-
-def test_nightly_evaluation_compares_champion_with_last_stable(live: LiveStack) -> None:
-    from flows.nightly_eval import nightly_eval
-
-    report = nightly_eval(service=examples.SERVICE, endpoints=live.endpoints)
-    assert {s.suite for s in report.suites} == {"golden", "regression", "safety"}
-    assert sum(s.n for s in report.suites) >= 200
-    assert report.decision.value in {"pass", "review"}
+    summaries = since_began()
+    assert summaries, "the series since the test began are still there"
+    for role, summary in summaries.items():
+        assert summary.requests > 0, role
+        assert math.isfinite(summary.p95_ms) and summary.p95_ms > 0, (role, summary)
+        assert summary.p50_ms <= summary.p95_ms <= summary.p99_ms, (role, summary)
+    assert 0 < summaries["stable"].cost_per_1k < 1

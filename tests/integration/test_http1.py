@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from canaryflow.dataplane.forwarder import ForwarderKind, make_forwarder
 from canaryflow.dataplane.http1 import Http1Client
 from canaryflow.errors import ConfigError, TransientProviderError
+from tests.waiting import async_wait_for
 
 BODY = b'{"choices": [{"message": {"content": "Paris"}}]}'
 
@@ -46,7 +47,7 @@ def _answer(path: bytes) -> tuple[bytes, bool]:
         )
     if path == b"/garbage":
         return b"NOT HTTP AT ALL\r\n\r\n", True
-    if path == b"/drop-later":  # answers, then drops the idle connection without a word
+    if path == b"/drop-later":  # answers, then drops the idle connection (see data_received)
         return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(BODY), BODY), True
     return b"", False  # /silent: never answers
 
@@ -80,7 +81,11 @@ class _Server(asyncio.Protocol):
             self.hang_up_next = path == b"/hang-up-next"
             reply, close = _answer(b"/ok" if self.hang_up_next else path)
             self.transport.write(reply)  # type: ignore[attr-defined]
-            if close:
+            if close and path == b"/drop-later":
+                # Our FIN without a word; `closed` counts it once the client has seen the drop
+                # and closed its side (our default eof_received closes the transport then).
+                self.transport.write_eof()  # type: ignore[attr-defined]
+            elif close:
                 self.transport.close()
 
 
@@ -113,7 +118,9 @@ def url(server: RawServer, path: str) -> str:
     return f"http://127.0.0.1:{server.port}{path}"
 
 
-async def test_keeps_one_connection_alive_across_calls(server: RawServer, client: Http1Client):
+async def test_keeps_one_connection_alive_across_calls(
+    server: RawServer, client: Http1Client
+) -> None:
     for i in range(5):
         reply = await client.post(url(server, "/ok"), b'{"n": %d}' % i, 5.0)
         assert (reply.status, reply.body) == (200, BODY)
@@ -121,7 +128,9 @@ async def test_keeps_one_connection_alive_across_calls(server: RawServer, client
     assert server.bodies == [b'{"n": %d}' % i for i in range(5)]
 
 
-async def test_concurrent_calls_open_their_own_connections(server: RawServer, client: Http1Client):
+async def test_concurrent_calls_open_their_own_connections(
+    server: RawServer, client: Http1Client
+) -> None:
     replies = await asyncio.gather(*(client.post(url(server, "/ok"), b"{}", 5.0) for _ in range(8)))
     assert all(r.body == BODY for r in replies)
     assert 1 < server.connections <= 8
@@ -146,7 +155,8 @@ async def test_connection_dropped_while_idle_is_replaced_without_an_error(
     server: RawServer, client: Http1Client
 ) -> None:
     await client.post(url(server, "/drop-later"), b"{}", 5.0)
-    await asyncio.sleep(0.05)  # the server has closed the pooled connection by now
+    # The client has seen the drop and closed its end: the pooled connection is dead, not racing.
+    await async_wait_for("both ends of the dropped connection closed", lambda: server.closed == 1)
     reply = await client.post(url(server, "/ok"), b"{}", 5.0)
     assert reply.body == BODY
     assert server.connections == 2
@@ -166,8 +176,9 @@ async def test_silent_provider_times_out_and_the_next_call_still_works(
 ) -> None:
     with pytest.raises(TransientProviderError, match=r"did not answer in 0\.2 s"):
         await client.post(url(server, "/silent"), b"{}", 0.2)
-    await asyncio.sleep(0.05)
-    assert server.closed == 1  # the abandoned connection is not left open, nor reused
+    # The abandoned connection is closed by the client (the server sees its end), not left open.
+    await async_wait_for("the server to see the abandoned connection closed", lambda: server.closed)
+    assert server.closed == 1
     assert (await client.post(url(server, "/ok"), b"{}", 5.0)).body == BODY
     assert server.connections == 2
 
@@ -235,7 +246,9 @@ async def test_https_provider_is_called_over_verified_tls(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("kind", ["http1", "aiohttp", "httpx"])
-async def test_every_forwarder_keeps_the_same_contract(server: RawServer, kind: ForwarderKind):
+async def test_every_forwarder_keeps_the_same_contract(
+    server: RawServer, kind: ForwarderKind
+) -> None:
     """The benchmark swaps forwarders: each must map answers and failures alike."""
     forwarder = make_forwarder(kind)
     await forwarder.start()
