@@ -17,12 +17,20 @@
     │   └── ProviderResponseError    garbage or a 4xx: a retry will not help
     ├── BudgetExceeded               a token or cost budget ran out: raise the budget or sample less
     ├── ReleaseBusy                  another release of the same service holds the lock
-    └── StackError                   an embedded component did not start
+    └── StackError                   a running part (Envoy, a model service...) failed us
+        ├── RoutesChanged            someone else moved the routes (a rollback): stop
+        ├── RoutesBusy               the routes lock is held too long (RetryableError)
+        └── RollbackUnconfirmed      stable-only routes are written, not yet confirmed live
 
 Retryable errors derive from `RetryableError` too, so the Prefect layer can retry exactly those.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from canaryflow.dataplane.controller import RouteChange
 
 
 class CanaryflowError(Exception):
@@ -107,3 +115,26 @@ class ReleaseBusy(CanaryflowError):
 
 class StackError(CanaryflowError):
     pass
+
+
+class RoutesChanged(StackError):
+    """Refused before anything was written: the routes moved since the writer's basis.
+
+    Either the caller's `expected_version` is stale (another writer wrote since), or a
+    rollback this writer has not seen took traffic off a version this write would give traffic
+    to again. Not retried: read the routes again and decide (a release stops).
+    """
+
+
+class RoutesBusy(StackError, RetryableError):
+    """Another writer held the routes lock longer than this write may wait; worth a retry."""
+
+
+class RollbackUnconfirmed(StackError):
+    """A retreat's routes ARE written (the data plane's source of truth) and nothing was put
+    back, but the data plane did not confirm them live before the deadline."""
+
+    def __init__(self, message: str, *, change: RouteChange, version: int) -> None:
+        super().__init__(message)
+        self.change = change
+        self.version = version

@@ -30,7 +30,14 @@ from canaryflow.contracts import (
     Routes,
     WindowResult,
 )
-from canaryflow.errors import AliasNotFound, BelowFloor, CompatibilityError, ConfigError, StackError
+from canaryflow.errors import (
+    AliasNotFound,
+    BelowFloor,
+    CompatibilityError,
+    ConfigError,
+    RollbackUnconfirmed,
+    StackError,
+)
 from canaryflow.floors import below_floor
 from canaryflow.registry.signing import load_trusted_keys, verify
 
@@ -161,13 +168,27 @@ class TrafficRollback:
     before: Routes | None
     after: Routes
     rollback_ms: float
+    confirmed: bool = True  # False: stable-only routes are written, Envoy has not said so yet
+
+    def describe(self) -> str:
+        if self.confirmed:
+            return "all traffic on stable"
+        return "stable-only routes written (the data plane's source of truth), not yet confirmed"
 
 
 def rollback_traffic(endpoints: Endpoints, service: str) -> TrafficRollback:
-    """Traffic first: one call to the controller, timed until Envoy confirms stable-only."""
+    """Traffic first: one call to the controller, timed until Envoy confirms stable-only.
+
+    An unconfirmed rollback is still a rollback (the routes file holds stable-only, Envoy
+    loads it by itself): it is reported, not raised, so forensics and the registry follow.
+    """
     controller = connections.traffic_controller(endpoints, service)
     started = time.perf_counter()
-    change = controller.rollback()  # reads what was live and replaces it in one step
+    try:
+        change = controller.rollback()  # reads what was live and replaces it in one step
+    except RollbackUnconfirmed as exc:
+        elapsed = (time.perf_counter() - started) * 1000
+        return TrafficRollback(exc.change.before, exc.change.after, elapsed, confirmed=False)
     return TrafficRollback(change.before, change.after, (time.perf_counter() - started) * 1000)
 
 
@@ -219,7 +240,11 @@ def route_all_to(endpoints: Endpoints, service: str, version: str) -> TrafficRol
     controller = connections.traffic_controller(endpoints, service)
     before = controller.current()
     started = time.perf_counter()
-    after = controller.set_routes(Routes(service=service, stable=version))
+    target = Routes(service=service, stable=version)
+    try:
+        after = controller.set_routes(target)
+    except RollbackUnconfirmed:
+        return TrafficRollback(before, target, (time.perf_counter() - started) * 1000, False)
     return TrafficRollback(before, after, (time.perf_counter() - started) * 1000)
 
 

@@ -26,7 +26,7 @@ from canaryflow.contracts import (
     Routes,
     Stage,
 )
-from canaryflow.errors import CanaryflowError
+from canaryflow.errors import CanaryflowError, RoutesChanged
 from canaryflow.settings import Settings
 from flows.release_run import Release, Stop, judge_stage
 from tasks.common import artifact_key, emit, flush_events
@@ -146,7 +146,7 @@ def _roll_back(run: Release, stop: Stop) -> None:
             ).total_seconds() * 1e3
         figures = {"rollback_ms": change.rollback_ms,
                    "breach_to_stable_ms": run.record.breach_to_stable_ms or 0.0}  # fmt: skip
-        run.stage(Stage.ROLLBACK, Outcome.DONE, "all traffic on stable", figures=figures)
+        run.stage(Stage.ROLLBACK, Outcome.DONE, change.describe(), figures=figures)
         run.record.decision = ReleaseDecision.ROLLED_BACK
         keep_forensics(run.record, run.endpoints, since=run.live_since, change=change,
                        windows=run.windows)  # fmt: skip
@@ -179,6 +179,8 @@ def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRec
             _promote(run)
         except Stop as stop:
             _roll_back(run, stop)
+        except RoutesChanged as exc:  # someone else (on-call) rolled back: stop, never re-apply
+            _roll_back(run, Stop(f"the routes were changed outside this release: {exc}"))
         except BaseException as exc:
             _roll_back(run, Stop(f"release crashed: {type(exc).__name__}: {exc}"))
             close_ledger(run.record, endpoints)

@@ -34,7 +34,8 @@ def shift_traffic(routes: Routes, endpoints: Endpoints) -> Routes:
 
 @step(retries=0)
 def roll_back_traffic(service: str, endpoints: Endpoints) -> runbook.TrafficRollback:
-    """No retry: the controller confirms the stable-only routes are live, or raises at once."""
+    """No retry: the controller keeps confirming the stable-only routes until its deadline,
+    and never puts older routes back; an unconfirmed rollback comes back marked so."""
     return runbook.rollback_traffic(endpoints, service)
 
 

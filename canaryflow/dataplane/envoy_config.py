@@ -18,6 +18,7 @@ import os
 import string
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ SHADOW_VERSION_HEADER = "x-canaryflow-shadow-version"
 CLUSTERS = ("stable", "canary", "shadow")
 # Inside an Envoy's home: Envoy watches the route file's own folder, so it gets one to itself.
 ROUTE_FILE = Path("routes") / "routes.yaml"
+# Beside the route file: the writers' lock (held for read, write and confirm) and the flag a
+# waiting rollback holds so that no new forward write starts before it. Envoy reloads on a
+# rename into the folder only; creating or locking these files does not touch its routes.
+LOCK_FILE = Path("routes") / "routes.yaml.lock"
+ROLLBACK_FLAG_FILE = Path("routes") / "routes.yaml.rollback"
 LOG_FILE = Path("envoy.log")
 _ROUTES_MARK = "# canaryflow-routes: "
 _BASIS = 10_000  # weights in hundredths of a percent
@@ -54,8 +60,37 @@ def _cluster_weight(role: str, version: str, weight: int) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Fence:
+    """The latest move of traffic away from candidate versions (a rollback, or a `set_routes`
+    that lowers a candidate's share), written at routes version `version` by `by`.
+
+    A writer that has not seen that move (its own last write is older) may not give any of
+    `versions` more traffic again: a rollback wins over a canary step that raced it. Forward
+    writes carry the fence on until one gives traffic to a version it does not name (a new
+    release took over).
+    """
+
+    version: int
+    versions: tuple[str, ...]
+    by: str = ""
+
+
+@dataclass(frozen=True)
+class RouteMark:
+    """What a route file says about itself: its version, the routes and the fence."""
+
+    version: int
+    routes: Routes | None
+    fence: Fence | None = None
+
+
 def render_route_config(
-    routes: Routes | None, *, version: int, route_timeout_s: float = 300.0
+    routes: Routes | None,
+    *,
+    version: int,
+    route_timeout_s: float = 300.0,
+    fence: Fence | None = None,
 ) -> str:
     """The RDS file for `routes` (None: answer 503 until the first routes are set)."""
     route: dict[str, Any] = {"match": {"prefix": "/"}}
@@ -109,7 +144,12 @@ def render_route_config(
     }
     # JSON is valid YAML and far cheaper to write than PyYAML's emitter; the comment line carries
     # what the file was rendered from, so reading it back needs no YAML parse either.
-    mark = {"version": version, "routes": routes.model_dump(mode="json") if routes else None}
+    mark: dict[str, Any] = {
+        "version": version,
+        "routes": routes.model_dump(mode="json") if routes else None,
+    }
+    if fence is not None:
+        mark["fence"] = {"version": fence.version, "versions": list(fence.versions), "by": fence.by}
     return f"{_ROUTES_MARK}{json.dumps(mark)}\n{json.dumps(document, indent=1)}\n"
 
 
@@ -119,12 +159,30 @@ def read_route_file(path: Path) -> tuple[int, Routes | None]:
 
 
 def parse_route_file(text: str, *, source: Path | str = "route file") -> tuple[int, Routes | None]:
+    mark = parse_route_mark(text, source=source)
+    return mark.version, mark.routes
+
+
+def parse_route_mark(text: str, *, source: Path | str = "route file") -> RouteMark:
+    """The mark line of a route file; a StackError (never a parse error) for anything else."""
     first = text.split("\n", 1)[0]
     if not first.startswith(_ROUTES_MARK):
         raise StackError(f"{source} was not written by canaryflow; delete it to start afresh")
-    mark = json.loads(first[len(_ROUTES_MARK) :])
-    routes = Routes.model_validate(mark["routes"]) if mark["routes"] else None
-    return int(mark["version"]), routes
+    try:
+        mark = json.loads(first[len(_ROUTES_MARK) :])
+        routes = Routes.model_validate(mark["routes"]) if mark["routes"] else None
+        raw = mark.get("fence")
+        fence = (
+            Fence(int(raw["version"]), tuple(str(v) for v in raw["versions"]), str(raw["by"]))
+            if raw
+            else None
+        )
+        return RouteMark(int(mark["version"]), routes, fence)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # pydantic: ValueError
+        raise StackError(
+            f"{source} has a damaged canaryflow mark ({type(exc).__name__}: {exc}); route all "
+            "traffic to a named version (`canaryflow rollback SERVICE --to VERSION`) to rewrite it"
+        ) from exc
 
 
 def write_atomically(path: Path, text: str) -> None:

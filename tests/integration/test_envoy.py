@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import os
 import socket
 import struct
@@ -29,10 +30,10 @@ import yaml
 from scipy.stats import binomtest
 
 from canaryflow.contracts import Endpoints, Routes
-from canaryflow.dataplane.controller import RouteChange, TrafficController
+from canaryflow.dataplane.controller import RouteChange, TrafficController, is_retreat
 from canaryflow.dataplane.envoy_config import read_route_file
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
-from canaryflow.errors import ConfigError, StackError
+from canaryflow.errors import ConfigError, RoutesBusy, RoutesChanged, StackError
 from canaryflow.local.envoy import EnvoyProxy
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from tests.waiting import wait_for
@@ -287,11 +288,19 @@ def test_refused_update_raises_and_old_routes_keep_serving(
 ) -> None:
     good = Routes(service=SERVICE, stable="1", canary="2", weight=100)
     controller.set_routes(good)
-    with pytest.raises(StackError, match=r"refused routes .*HeaderValueValidationError"):
-        controller.set_routes(Routes(service=SERVICE, stable="1\nbroken"))
-    assert controller.current() == good
-    assert read_route_file(proxy.route_path)[1] == good  # the file again matches what is live
-    assert roles(client, 20) == Counter(canary=20)
+    # A forward move and a retreat (all to another version) that Envoy refuses: both can never
+    # go live, so the previous routes, still serving, are written back with a newer version.
+    for refused in (
+        Routes(service=SERVICE, stable="1", canary="2\nbroken", weight=50),
+        Routes(service=SERVICE, stable="1\nbroken"),
+    ):
+        before = read_route_file(proxy.route_path)[0]
+        with pytest.raises(StackError, match=r"refused routes .*HeaderValueValidationError"):
+            controller.set_routes(refused)
+        assert controller.current() == good
+        version, routes = read_route_file(proxy.route_path)
+        assert routes == good and version == before + 2  # the refused one, then good again
+        assert roles(client, 20) == Counter(canary=20)
     # The next valid change still goes through, and starts from what is live.
     assert controller.rollback() == RouteChange(good, Routes(service=SERVICE, stable="1"))
 
@@ -448,6 +457,104 @@ def test_admin_listens_on_loopback_only(proxy: EnvoyProxy) -> None:
     if outward != "127.0.0.1":
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://{outward}:{proxy.admin_port}/ready", timeout=1.0)
+
+
+def test_which_writes_are_retreats() -> None:
+    canary = Routes(service=SERVICE, stable="1", canary="2", weight=25, shadow="3",
+                    mirror_percent=50)  # fmt: skip
+    stable = Routes(service=SERVICE, stable="1")
+    assert is_retreat(canary, stable)
+    assert is_retreat(canary, canary.model_copy(update={"weight": 5}))
+    assert is_retreat(canary, canary.model_copy(update={"mirror_percent": 10}))
+    assert is_retreat(canary, Routes(service=SERVICE, stable="0"))  # on-call: all to v0
+    assert is_retreat(canary, canary)
+    assert not is_retreat(canary, canary.model_copy(update={"weight": 50}))
+    assert not is_retreat(canary, canary.model_copy(update={"canary": "4"}))
+    assert not is_retreat(canary, Routes(service=SERVICE, stable="2"))  # promotion
+    assert not is_retreat(canary, Routes(service=SERVICE, stable="3"))  # the shadow promoted
+    assert not is_retreat(stable, canary)
+    assert not is_retreat(None, stable)
+
+
+def test_a_canary_step_after_a_rollback_it_did_not_see_is_refused(proxy: EnvoyProxy) -> None:
+    release = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    on_call = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    release.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=5))
+    on_call.rollback()
+    rolled_back = read_route_file(proxy.route_path)
+    with pytest.raises(RoutesChanged, match="a rollback wins"):
+        release.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=25))
+    with pytest.raises(RoutesChanged):
+        release.set_routes(Routes(service=SERVICE, stable="2"))  # nor promote it
+    assert read_route_file(proxy.route_path) == rolled_back  # nothing written
+    # Less traffic is always allowed; a new release (another version, or a controller that
+    # saw the rollback) may start.
+    release.set_routes(Routes(service=SERVICE, stable="1"))
+    fresh = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    fresh.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=5))
+    on_call.set_routes(Routes(service=SERVICE, stable="1", canary="9", weight=5))
+    release.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=5))
+    assert on_call.rollback().after == Routes(service=SERVICE, stable="1")
+    for routes in (release, on_call, fresh):
+        routes.close()
+
+
+def test_compare_and_swap_refuses_a_write_based_on_a_stale_version(
+    controller: EnvoyRoutes, proxy: EnvoyProxy
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1"))
+    seen = controller.current_version()
+    assert seen is not None and seen == controller.last_version
+    other = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    other.set_routes(Routes(service=SERVICE, stable="1", canary="7", weight=10))
+    with pytest.raises(RoutesChanged, match=f"not {seen}"):
+        controller.set_routes(Routes(service=SERVICE, stable="1"), expected_version=seen)
+    assert read_route_file(proxy.route_path)[1] == other.current()
+    now = controller.current_version()
+    assert now is not None
+    assert controller.set_routes(Routes(service=SERVICE, stable="1"), expected_version=now)
+    assert controller.current_version() == now + 1
+    other.close()
+
+
+def test_a_held_lock_blocks_a_forward_write_but_not_a_rollback(
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=50))
+    impatient = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE, lock_timeout_s=0.3)
+    lock = os.open(controller.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a writer that hangs while holding it
+        os.write(lock, b"pid 1 (hung writer)")
+        with pytest.raises(RoutesBusy, match=r"pid 1 \(hung writer\)"):
+            impatient.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=100))
+        # A rollback waits lock_timeout_s, then writes anyway: a hung writer cannot keep
+        # traffic on the canary.
+        change = impatient.rollback()
+    finally:
+        os.close(lock)
+    assert change.after == Routes(service=SERVICE, stable="1") == controller.current()
+    assert roles(client, 20) == Counter(stable=20)
+    impatient.close()
+
+
+def test_a_damaged_route_file_is_refused_until_all_traffic_goes_to_one_version(
+    proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    controller = EnvoyRoutes(proxy.home, proxy.admin_url, service=SERVICE)
+    controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=50))
+    body = proxy.route_path.read_text().split("\n", 1)[1]
+    damaged = proxy.route_path.with_name("damaged.tmp")
+    damaged.write_text('# canaryflow-routes: {"version": "x"}\n' + body)
+    os.rename(damaged, proxy.route_path)
+    with pytest.raises(StackError, match="damaged canaryflow mark"):
+        controller.rollback()
+    with pytest.raises(StackError, match="damaged canaryflow mark"):
+        controller.set_routes(Routes(service=SERVICE, stable="1", canary="2", weight=5))
+    controller.set_routes(Routes(service=SERVICE, stable="1"))  # what on-call's --to does
+    assert controller.current() == Routes(service=SERVICE, stable="1")
+    assert roles(client, 20) == Counter(stable=20)
+    controller.close()
 
 
 def test_routes_survive_an_envoy_restart(tmp_path: Path, upstreams: dict[str, Upstream]) -> None:
