@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.settings import PREFECT_UI_URL
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
 from tasks.common import say
+
+# Checked by the Prefect server against the form schema: blank is no answer.
+Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 
 
 class Approval(RunInput):
@@ -21,8 +24,8 @@ class Approval(RunInput):
     """
 
     decision: Literal["approve", "reject"]
-    reason: str = Field(min_length=1, description="why: goes to the release ledger")
-    approver: str = Field(min_length=1, description="who answers")
+    reason: Text = Field(description="why: goes to the release ledger")
+    approver: Text = Field(description="who answers")
 
 
 def evidence_link(artifact_key: str) -> str:

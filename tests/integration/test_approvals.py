@@ -162,12 +162,14 @@ def test_paused_runs_lists_the_waiting_run_through_prefects_filter(
     ]
 
 
-@pytest.mark.parametrize("missing", ["reason", "approver"])
+@pytest.mark.parametrize(
+    ("missing", "blank"), [("reason", ""), ("approver", ""), ("reason", "   ")]
+)
 def test_the_form_needs_a_reason_and_an_approver(
-    paused_run: PausedRun, prefect_api: str, missing: str
+    paused_run: PausedRun, prefect_api: str, missing: str, blank: str
 ) -> None:
     """No field has a default: typing nothing and submitting never decides a release."""
-    answer = {"reason": "ok", "approver": "alice", missing: ""}
+    answer = {"reason": "ok", "approver": "alice", missing: blank}
     with pytest.raises(CanaryflowError, match=rf"refused to resume .*{missing}"):
         resume_with_approval(prefect_api, paused_run.id, approve=True, **answer)
     assert paused_run.id in [r["id"] for r in paused_runs(prefect_api, FLOW)]
