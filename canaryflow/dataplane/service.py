@@ -77,6 +77,9 @@ class ServiceConfig:
     warmup_s: float = 15.0
     manifests: Mapping[str, Path] = field(default_factory=dict)
     """version -> manifest file served without a registry (local runs, benchmarks)."""
+    user_salt: Path | None = None
+    """File with the salt user ids are hashed with (made 0600 if missing); None: the store's
+    default (`user-salt` beside a SQLite file; a PostgreSQL store needs one)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.check_sample <= 1.0:
@@ -304,9 +307,20 @@ def build_app(
     if store is None and config.store is not None:
         from canaryflow.dataplane.store import Store
 
-        store = owned_store = Store(config.store)
+        store = owned_store = Store(config.store, salt_path=config.user_salt)
+    salt = None
+    if config.user_salt is not None:
+        from canaryflow.dataplane.store import load_salt
+
+        salt = load_salt(config.user_salt)
     worker = RecordWorker(
-        config.service, metrics, store, config.check_sample, config.queue_size, config.flush_every_s
+        config.service,
+        metrics,
+        store,
+        config.check_sample,
+        config.queue_size,
+        config.flush_every_s,
+        salt=salt,
     )
     service = ModelService(config, resolver, metrics, worker)
 

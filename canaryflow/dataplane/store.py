@@ -5,11 +5,23 @@ readers never share a cursor; a `postgresql://` URL goes through SQLAlchemy when
 write. Both speak the same SQL (named `:params`, `ON CONFLICT` upsert), so one set of queries serves
 both. A record is keyed by (request_id, role, service): writing it again replaces it, which makes a
 retried batch harmless.
+
+Nothing raw is stored: `row_of` masks the text (`pii.mask_pii`) and replaces the user id with
+`u_` + the first 16 hex digits of HMAC-SHA256(salt, id). The salt is made once per install, in a
+file only its owner can read (`user-salt` next to a SQLite database, or the path given with
+`salt_path` / `canaryflow serve --user-salt`); the same user always maps to the same hash, so
+sticky analysis still works, and the salt never goes into the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,7 +32,7 @@ from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.pii import mask_pii
 from canaryflow.errors import ConfigError
 
-__all__ = ["COLUMNS", "Store", "mask_pii"]
+__all__ = ["COLUMNS", "SALT_FILE", "Store", "hash_user", "load_salt", "mask_pii"]
 
 TABLE = "request_records"
 COLUMNS = tuple(RequestRecord.model_fields)  # the schema below lists each, in this order
@@ -59,6 +71,45 @@ _UPSERT = (
     + ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS if c not in _KEY)
 )
 _WINDOW = "service = :service AND at >= :since AND at < :until"
+SALT_FILE = "user-salt"
+_SALT_HEX = 64  # 32 random bytes, written as hex
+
+
+def load_salt(path: str | Path) -> bytes:
+    """The install's salt for user ids: read from `path`, made there first if missing (0600).
+
+    Two services starting at once race safely: each writes a private temporary file and links
+    it into place; whoever loses the race reads the winner's salt.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # 0600
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as file:
+                file.write(secrets.token_hex(_SALT_HEX // 2) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # owner-only, whoever made it
+        salt = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the user-id salt {path}: {exc}") from exc
+    if len(salt) < 32:
+        raise ConfigError(f"the user-id salt {path} is too short: remove it to make a new one")
+    return salt.encode("ascii")
+
+
+def hash_user(user: str | None, salt: bytes) -> str | None:
+    """`u_` + 16 hex digits of HMAC-SHA256(salt, user); no user (None or empty) stays None."""
+    if not user:
+        return None
+    return "u_" + hmac.new(salt, user.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
 class _Backend(Protocol):
@@ -178,6 +229,15 @@ def _redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
+def _sqlite_path(url: str) -> str | None:
+    """The database file of a SQLite store URL; None for any other kind."""
+    if url.startswith(("postgresql", "postgres://")):
+        return None
+    if url.startswith("sqlite:///"):
+        return url.removeprefix("sqlite:///")
+    return None if "://" in url else url
+
+
 def _open(url: str) -> _Backend:
     if url.startswith(("postgresql", "postgres://")):
         return _SqlAlchemyBackend(url)
@@ -205,13 +265,16 @@ def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 
 
-def row_of(record: RequestRecord) -> dict[str, Any]:
-    """The stored form of a record: text masked (again), flags as integers."""
+def row_of(record: RequestRecord, *, salt: bytes, masked: bool = False) -> dict[str, Any]:
+    """The stored form of a record: text masked (again, unless the caller says it ran
+    `mask_pii` on both texts already), user id hashed, flags as integers."""
     row = record.model_dump()
     row["at"] = _epoch(record.at)
     row["role"] = record.role.value
-    row["prompt"] = mask_pii(record.prompt)
-    row["response"] = mask_pii(record.response)
+    row["user"] = hash_user(record.user, salt)
+    if not masked:
+        row["prompt"] = mask_pii(record.prompt)
+        row["response"] = mask_pii(record.response)
     for flag in _FLAGS:
         if row[flag] is not None:
             row[flag] = int(row[flag])
@@ -230,10 +293,33 @@ def _record(values: Sequence[Any]) -> RequestRecord:
 class Store:
     """Write request records in batches; read them back by service and time window."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, *, salt_path: str | Path | None = None) -> None:
         self.url = str(url)
         self._backend = _open(self.url)
         self._backend.create_schema(_SCHEMA)
+        self._salt_path = Path(salt_path) if salt_path is not None else None
+        self._salt: bytes | None = None
+
+    @property
+    def salt_path(self) -> Path:
+        """Where the user-id salt lives: the path given, else `user-salt` beside a SQLite file."""
+        if self._salt_path is not None:
+            return self._salt_path
+        database = _sqlite_path(self.url)
+        if database is None:
+            raise ConfigError(
+                f"the store {_redact(self.url)} needs a salt file for user ids "
+                "(Store(url, salt_path=...), canaryflow serve --user-salt PATH): the same file "
+                "for every service writing to it, so a user hashes the same everywhere"
+            )
+        return Path(database).parent / SALT_FILE
+
+    @property
+    def user_salt(self) -> bytes:
+        """The install's salt (made on first use, owner-only); readers never need it."""
+        if self._salt is None:
+            self._salt = load_salt(self.salt_path)
+        return self._salt
 
     def __enter__(self) -> Store:
         return self
@@ -245,8 +331,9 @@ class Store:
         return f"Store({_redact(self.url)!r})"
 
     def write(self, records: Sequence[RequestRecord]) -> None:
-        """One transaction per batch; text is masked again here, whatever the caller did."""
-        self.write_rows([row_of(r) for r in records])
+        """One transaction per batch; text is masked and user ids hashed here, from raw records."""
+        salt = self.user_salt
+        self.write_rows([row_of(r, salt=salt) for r in records])
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for rows made by `row_of` (the model service makes them on its event

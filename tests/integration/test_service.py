@@ -25,6 +25,7 @@ import uvicorn
 from canaryflow.contracts import DecodingParameters, ModelManifest, Origin, Price
 from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
+from canaryflow.dataplane.store import hash_user
 from canaryflow.errors import TransientRegistryError
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from tests.waiting import wait_for
@@ -291,7 +292,7 @@ def test_records_are_written_with_pii_masked(service: ServiceUnderTest) -> None:
     assert (record.version, record.role, record.user, record.status) == (
         "1",
         "stable",
-        "user-7",
+        hash_user("user-7", service.store.user_salt),  # never the raw id
         200,
     )
     assert record.tokens_in > 0 and record.latency_ms > 0
@@ -461,10 +462,11 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
 def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(
     mlflow_server: str, sandbox: str, tmp_path: Path
 ) -> None:
+    from canaryflow.dataplane.resolver import default_resolver
     from canaryflow.registry.signing import generate_keypair, sign
     from canaryflow.registry.versions import MlflowRegistry
 
-    key = generate_keypair(tmp_path, "release")
+    key = generate_keypair(tmp_path, "release", [SERVICE])
     registry = MlflowRegistry(mlflow_server)
     published = registry.publish(sign(MANIFESTS["2"], key.private_path))
     registry.set_alias(SERVICE, "champion", published.version)
@@ -474,7 +476,9 @@ def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(
         registry_uri=mlflow_server,
         check_sample=0.0,
     )
-    with running(build_app(config)) as url:
+    # As `canaryflow serve --keys-dir` builds it: registry manifests verified before serving.
+    resolver = default_resolver(mlflow_server, {}, config.registry_ttl_s, tmp_path)
+    with running(build_app(config, resolver=resolver)) as url:
         client = ServiceUnderTest(url, Registry(), None)
         r = client.chat("What is the capital of France?")
         assert r.status_code == 200, r.text

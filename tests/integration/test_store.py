@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from canaryflow.contracts import RequestRecord, Role
-from canaryflow.dataplane.store import COLUMNS, Store
+from canaryflow.dataplane.store import COLUMNS, SALT_FILE, Store, hash_user, load_salt
 from canaryflow.errors import ConfigError
 from canaryflow.local.processes import free_port
 
@@ -94,8 +95,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with Store(store_url) as opened:
+def salt_path(store_url: str, tmp_path: Path) -> Path | None:
+    """SQLite keeps its salt beside the database; a PostgreSQL store is told where it is."""
+    return None if store_url.startswith("sqlite") else tmp_path / "user-salt"
+
+
+@pytest.fixture
+def store(store_url: str, salt_path: Path | None) -> Iterator[Store]:
+    with Store(store_url, salt_path=salt_path) as opened:
         yield opened
 
 
@@ -135,7 +142,7 @@ def test_records_round_trip_every_field(store: Store, service: str) -> None:
     )
     store.write([original])
     (back,) = store.records(service, T0, T0 + timedelta(minutes=1))
-    assert back == original
+    assert back == original.model_copy(update={"user": hash_user("user-3", store.user_salt)})
 
 
 def test_window_is_half_open_and_filters_by_role_and_version(store: Store, service: str) -> None:
@@ -220,11 +227,70 @@ def test_sample_draws_at_most_n_from_the_window(store: Store, service: str) -> N
     assert len(store.sample(service, T0, T0 + timedelta(seconds=3), 10)) == 3
 
 
-def test_reopening_keeps_the_schema_and_the_data(store_url: str, service: str) -> None:
-    with Store(store_url) as first:
+def test_reopening_keeps_the_schema_and_the_data(
+    store_url: str, salt_path: Path | None, service: str
+) -> None:
+    with Store(store_url, salt_path=salt_path) as first:
         first.write([record(1, service=service)])
-    with Store(store_url) as second:
+    with Store(store_url) as second:  # a reader needs no salt
         assert second.count(service, T0, T0 + timedelta(minutes=1)) == 1
+
+
+def test_user_ids_are_stored_hashed_and_the_same_user_hashes_the_same(
+    store_url: str, salt_path: Path | None, service: str
+) -> None:
+    with Store(store_url, salt_path=salt_path) as first:
+        first.write([record(1, service=service, user="alice@corp"), record(2, service=service)])
+    with Store(store_url, salt_path=salt_path) as second:  # reopened: same salt, same hash
+        second.write([record(3, service=service, user="alice@corp")])
+        second.write([record(4, service=service, user="bob")])
+        users = [r.user for r in second.records(service, T0, T0 + timedelta(minutes=1))]
+    alice, nobody, again, bob = users
+    assert alice is not None and re.fullmatch(r"u_[0-9a-f]{16}", alice)
+    assert (nobody, again) == (None, alice)
+    assert bob != alice and bob is not None and bob.startswith("u_")
+    assert not any("alice" in str(u) or u == "bob" for u in users)
+
+
+def test_the_salt_is_made_once_owner_only_beside_a_sqlite_store(tmp_path: Path) -> None:
+    with Store(tmp_path / "records.db") as first:
+        first.write([record(1, user="user-9")])
+        salt = first.user_salt
+    path = tmp_path / SALT_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    with Store(f"sqlite:///{tmp_path / 'records.db'}") as second:
+        assert second.user_salt == salt  # read back, not made again
+        (back,) = second.records("svc", T0, T0 + timedelta(minutes=1))
+    assert back.user == hash_user("user-9", salt)
+    assert b"user-9" not in (tmp_path / "records.db").read_bytes()
+    assert salt.decode() not in (tmp_path / "records.db").read_bytes().decode("latin-1")
+
+
+def test_a_salt_file_left_readable_by_others_is_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "salt"
+    path.write_text("f" * 64)
+    path.chmod(0o644)
+    assert load_salt(path) == b"f" * 64
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_services_starting_at_once_share_one_salt(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "user-salt"
+    salts: list[bytes] = []
+    threads = [threading.Thread(target=lambda: salts.append(load_salt(path))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(salts) == 8 and len(set(salts)) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["user-salt"]  # no temporary left
+
+
+def test_a_postgresql_store_without_a_salt_path_refuses_to_write(postgres_url: str) -> None:
+    with Store(postgres_url) as store:
+        assert store.count("nobody", T0, T0 + timedelta(minutes=1)) == 0  # reading is fine
+        with pytest.raises(ConfigError, match="salt file for user ids"):
+            store.write([record(1, service=f"svc-{uuid.uuid4().hex[:8]}", user="u")])
 
 
 def test_a_writer_thread_and_a_reader_thread_share_the_store(store: Store, service: str) -> None:
