@@ -21,6 +21,8 @@ from canaryflow.contracts import (
     Endpoints,
     EvalReport,
     GatePolicy,
+    GateResult,
+    Label,
     ModelManifest,
     OfflineGate,
     PolicyFloor,
@@ -28,7 +30,9 @@ from canaryflow.contracts import (
     ReleaseSpec,
     Role,
     Routes,
+    Severity,
     WindowResult,
+    combine,
 )
 from canaryflow.errors import (
     AliasNotFound,
@@ -44,8 +48,10 @@ from canaryflow.registry.signing import load_trusted_keys, verify
 if TYPE_CHECKING:
     from canaryflow.analysis.gates import GateMemory
 
-# Records reach the store in batches; wait this long after a window closes before reading it.
-STORE_FLUSH_S = 0.6
+# Records reach the store in batches, after they complete. A window is read once every record
+# writer has stored what completed before its end (the watermark), or after this long: then the
+# window is judged incomplete, which is never a pass.
+WATERMARK_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -212,15 +218,27 @@ def observe_window(
     started = datetime.now(UTC)
     time.sleep(window_s)
     ended = datetime.now(UTC)
-    time.sleep(STORE_FLUSH_S)
+    store = connections.store(endpoints.store_url)
+    complete = store.watermarks.wait_until(
+        routes.service, ended.timestamp(), alive_since=started.timestamp(),
+        timeout_s=WATERMARK_WAIT_S,
+    )  # fmt: skip
     role = Role.SHADOW if stage == "shadow" else Role.CANARY
     candidate_version = routes.shadow if role is Role.SHADOW else routes.canary
     if candidate_version is None:
         raise ConfigError(f"{stage} window without a {role.value} version in the routes")
-    sample = StoreSource(connections.store(endpoints.store_url)).window(
+    sample = StoreSource(store).window(
         routes.service, routes.stable, candidate_version, started, ended, candidate_role=role
     )
     gates, decision, memory = judge_sample(policy, sample, memory)
+    if not complete:
+        late = GateResult(
+            gate="watermark", severity=Severity.OBSERVABILITY, label=Label.NODATA,
+            reason=f"records of the window were not all stored within {WATERMARK_WAIT_S:g} s "
+            "of its end (a record writer is behind or gone): judged incomplete",
+        )  # fmt: skip
+        gates = (*gates, late)
+        decision = combine(gates)
     result = WindowResult(
         stage="shadow" if role is Role.SHADOW else "canary",
         step=step,

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.metrics import ServiceMetrics
 from canaryflow.dataplane.pii import ASYNC_THRESHOLD, mask_pii_async
 from canaryflow.dataplane.store import row_of
+from canaryflow.dataplane.watermarks import writer_id
 from canaryflow.quality.checkers import QualityChecks, QualityFlags
 
 log = logging.getLogger("canaryflow.serve")
@@ -85,6 +87,8 @@ class RecordWorker:
         self._held: list[Pending] = []
         self._writing: asyncio.Future[None] | None = None
         self.written = 0
+        self.writer = writer_id(service)
+        self.idle_mark_s = max(flush_every_s, 0.2)  # the watermark's heartbeat while idle
 
     def submit(self, pending: Pending) -> bool:
         try:
@@ -101,7 +105,12 @@ class RecordWorker:
 
     async def _run(self) -> None:
         while True:
-            self._held = [await self._queue.get()]
+            try:
+                first = await asyncio.wait_for(self._queue.get(), self.idle_mark_s)
+            except TimeoutError:  # idle: everything submitted so far is stored
+                await self._mark()
+                continue
+            self._held = [first]
             if self._queue.qsize() < self.batch_size:
                 await asyncio.sleep(self.flush_every_s)  # let a batch gather
             while len(self._held) < self.batch_size and not self._queue.empty():
@@ -110,6 +119,19 @@ class RecordWorker:
             # Shielded: closing the worker stops it between batches, never halfway through one.
             self._writing = asyncio.ensure_future(self._process(batch))
             await asyncio.shield(self._writing)
+            if self._queue.empty():
+                await self._mark()
+
+    async def _mark(self) -> None:
+        """The queue is empty now: every record completed before this moment is stored."""
+        watermarks = getattr(self.store, "watermarks", None)
+        if watermarks is None or not self._queue.empty():
+            return
+        at = time.time()  # read with no await since the check: nothing was submitted between
+        try:
+            await asyncio.to_thread(watermarks.mark, self.writer, self.service, at)
+        except Exception:
+            log.exception("moving the records watermark failed; windows will wait for it")
 
     async def _process(self, batch: list[Pending]) -> None:
         # Checks, masking and building the rows run on the loop in slices of ~0.1-0.5 ms; the

@@ -195,6 +195,9 @@ class ModelService:
             answer = ServiceError(500, f"internal error: {exc!r}", "internal_error").body(out)
         latency = time.perf_counter() - started
         pending.latency_ms = latency * 1000
+        # A record's time is its completion: a request slower than a window (a hang, a provider
+        # timeout answered 504) counts in the window it ended in, never in one already judged.
+        pending.at = time.time()
         self.metrics.observe_request(
             pending.version,
             pending.role.value,

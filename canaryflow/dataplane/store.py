@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.pii import mask_pii
+from canaryflow.dataplane.watermarks import Watermarks
 from canaryflow.errors import ConfigError
 
 __all__ = ["COLUMNS", "SALT_FILE", "Store", "hash_user", "load_salt", "mask_pii"]
@@ -297,6 +298,7 @@ class Store:
         self.url = str(url)
         self._backend = _open(self.url)
         self._backend.create_schema(_SCHEMA)
+        self.watermarks = Watermarks(self._backend)
         self._salt_path = Path(salt_path) if salt_path is not None else None
         self._salt: bytes | None = None
 
