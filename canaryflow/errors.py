@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from canaryflow.dataplane.controller import RouteChange
+    from canaryflow.contracts import RouteChange
 
 
 class CanaryflowError(Exception):

@@ -14,7 +14,7 @@ from canaryflow.contracts.base import (
     canonical_json,
     sha256_hex,
 )
-from canaryflow.contracts.dataplane import Endpoints, RequestRecord, Role, Routes
+from canaryflow.contracts.dataplane import Endpoints, RequestRecord, Role, RouteChange, Routes
 from canaryflow.contracts.manifests import (
     STATUSES,
     CompatibilityReport,
@@ -99,6 +99,7 @@ __all__ = [
     "ReleaseSpec",
     "RequestRecord",
     "Role",
+    "RouteChange",
     "Routes",
     "Seconds",
     "Severity",

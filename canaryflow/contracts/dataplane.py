@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
@@ -78,3 +79,11 @@ class Endpoints(Strict):
     webhook_url: str | None = Field(
         default=None, description="the CI webhook receiver; deliveries go to POST /hooks/release"
     )
+
+
+@dataclass(frozen=True)
+class RouteChange:
+    """What a rollback moved: the routes live before it (None: none set yet) and after it."""
+
+    before: Routes | None
+    after: Routes

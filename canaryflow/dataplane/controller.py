@@ -30,18 +30,9 @@ confirm it (`is_retreat`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from canaryflow.contracts import Routes
-
-
-@dataclass(frozen=True)
-class RouteChange:
-    """What a rollback moved: the routes live before it (None: none set yet) and after it."""
-
-    before: Routes | None
-    after: Routes
+from canaryflow.contracts import RouteChange, Routes
 
 
 @runtime_checkable

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from canaryflow.contracts import Routes
-from canaryflow.dataplane.controller import RouteChange, gains, is_retreat, losses
+from canaryflow.contracts import RouteChange, Routes
+from canaryflow.dataplane.controller import gains, is_retreat, losses
 from canaryflow.dataplane.envoy_config import (
     LOCK_FILE,
     LOG_FILE,

@@ -32,8 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from canaryflow.contracts import Routes
-from canaryflow.dataplane.controller import RouteChange
+from canaryflow.contracts import RouteChange, Routes
 from canaryflow.dataplane.envoy_config import parse_route_mark, read_route_file
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import RollbackUnconfirmed, RoutesChanged, StackError

@@ -29,8 +29,8 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from canaryflow.contracts import Endpoints, Routes
-from canaryflow.dataplane.controller import RouteChange, TrafficController, is_retreat
+from canaryflow.contracts import Endpoints, RouteChange, Routes
+from canaryflow.dataplane.controller import TrafficController, is_retreat
 from canaryflow.dataplane.envoy_config import read_route_file
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import ConfigError, RoutesBusy, RoutesChanged, StackError
