@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             endpoints = stack.start()
             startup_s = time.perf_counter() - t0
-            keys = generate_keypair(Path(endpoints.keys_dir), "bench")
+            keys = generate_keypair(Path(endpoints.keys_dir), "bench", [examples.SERVICE])
             registry = connections.registry(endpoints.mlflow_uri)
             champion = registry.publish(
                 sign(examples.manifest("1.1", CHAMPION_MODEL), keys.private_path)

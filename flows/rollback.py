@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from canaryflow.contracts import Endpoints
 from canaryflow.settings import Settings
 from tasks.common import artifact_key, emit, say
-from tasks.registry import resolve_version, restore_champion, retire_challenger
+from tasks.registry import resolve_version, restore_champion, retire_challenger, verify_version
 from tasks.traffic import send_all_traffic_to
 
 
@@ -25,9 +25,17 @@ def rollback(
     `to_alias="champion"` takes traffic off a canary nobody owns any more (the silence
     automation): an unpromoted candidate never moved the champion, so `champion` stays and the
     challenger is marked rolled back.
+
+    The target's signature is verified with the worker's trusted keys before any traffic
+    moves: a tampered or wrongly signed target stops the flow with the error, routes and aliases
+    untouched. Not for `to_alias="champion"` without a version: that is a retreat to the
+    version stable traffic already has (a refusal would leave traffic on the abandoned canary),
+    and the model services serve only a verified copy of it anyway.
     """
     endpoints = endpoints or Settings().endpoints()
     target = to_version or resolve_version(service, to_alias, endpoints).version
+    if to_version is not None or to_alias != "champion":
+        verify_version(service, target, endpoints)
     change = None
     if endpoints.envoy_admin_url is not None:  # a registry-only stack has no traffic to move
         change = send_all_traffic_to(service, target, endpoints)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, PublishedVersion, ReleaseSpec, Status
 from canaryflow.errors import AliasNotFound
+from canaryflow.registry.signing import load_trusted_keys
 from tasks.common import step
 
 
@@ -40,6 +43,15 @@ def retire_challenger(service: str, reason: str, endpoints: Endpoints) -> str | 
 @step()
 def resolve_version(service: str, alias: str, endpoints: Endpoints) -> PublishedVersion:
     return connections.registry(endpoints.mlflow_uri).resolve(service, alias)
+
+
+@step()
+def verify_version(service: str, version: str, endpoints: Endpoints) -> PublishedVersion:
+    """The version as stored, refused (SignatureError, UnknownKeyError) unless its manifest is
+    unchanged since publishing, signed by a key the worker trusts (`endpoints.keys_dir`) and
+    that key is bound to the service. Not retried: a bad signature stays bad."""
+    trusted = load_trusted_keys(Path(endpoints.keys_dir))
+    return connections.registry(endpoints.mlflow_uri).get(service, version, verify_with=trusted)
 
 
 @step()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,16 +48,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from canaryflow.app.demo import keep_stack_up
+    from canaryflow.errors import ConfigError
 
-    return keep_stack_up(_home(args), service=args.service)
+    tools: dict[str, str] = {}
+    for name, url in args.tool:
+        if name in tools:
+            raise ConfigError(f"--tool {name} given twice")
+        tools[name] = url
+    if tools and args.service is None:
+        raise ConfigError("--tool needs --service: tools are called by the service's data plane")
+    return keep_stack_up(_home(args), service=args.service, tool_urls=tools)
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tool(value: str) -> tuple[str, str]:
+    """`NAME=URL` of `up --tool`: an OpenAI function name and an http(s) URL."""
+    name, sep, url = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=URL")
+    if not TOOL_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected NAME=URL, NAME of letters, digits, _ or - (at most 64)"
+        )
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise argparse.ArgumentTypeError(f"{value!r}: the URL must be http:// or https://")
+    return name, url
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from canaryflow.registry.signing import generate_keypair
 
-    pair = generate_keypair(Path(args.dir), args.name)
+    pair = generate_keypair(Path(args.dir), args.name, args.service)
     print(f"private key {pair.private_path} (keep it in CI secrets)")
-    print(f"public key  {pair.public_path} (key id {pair.key_id}): copy it to the trusted keys")
+    print(f"public key  {pair.public_path} (key id {pair.key_id})")
+    print(f"binding     {pair.services_path}: may sign for {', '.join(args.service)}")
+    print("copy the public key and its binding to the trusted keys folder of the workers")
     return 0
 
 
@@ -236,8 +264,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from canaryflow.sandbox.server import main as sandbox
 
-    sandbox(args.rest)
+    sandbox(args.rest, prog="canaryflow sandbox")
     return 0
+
+
+# Commands whose options belong to a module's own parser (`python -m canaryflow.dataplane.serve`,
+# `python -m canaryflow.sandbox`): everything after the command's name, `--help` included, is
+# handed to that parser unread, so the two entry points accept exactly the same options and
+# `canaryflow --help` still imports neither module.
+PASS_THROUGH = ("serve", "sandbox")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,9 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="shorter windows")
     up = add("up", cmd_up, "start the embedded stack and keep it running for the UIs")
     up.add_argument("--service", default=None, help="also start the data plane for it")
+    up.add_argument(
+        "--tool",
+        type=_tool,
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="where the model services POST the arguments of a call to tool NAME (repeat for "
+        "more; the shadow service never calls them)",
+    )
+    up.add_argument("--home", default=argparse.SUPPRESS, help="same as canaryflow --home")
     keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")
     keys.add_argument("--dir", default=".canaryflow/keys")
     keys.add_argument("--name", default="ci")
+    keys.add_argument(
+        "--service",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a service the key may sign for (repeat for more); '*' for every service",
+    )
     sign = add("sign", cmd_sign, "sign a model manifest")
     sign.add_argument("manifest")
     sign.add_argument("--key", required=True)
@@ -295,15 +347,26 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--duration", type=float, default=10.0)
     traffic.add_argument("--users", type=int, default=50)
     for name, handler, text in (
-        ("serve", cmd_serve, "run the model service (see `canaryflow serve -- --help`)"),
-        ("sandbox", cmd_sandbox, "run the sandbox LLM provider"),
+        ("serve", cmd_serve, "run one model service (its options: serve --help)"),
+        ("sandbox", cmd_sandbox, "run the sandbox LLM provider (its options: sandbox --help)"),
     ):
-        add(name, handler, text).add_argument("rest", nargs=argparse.REMAINDER)
+        command = sub.add_parser(name, help=text, description=text, add_help=False)
+        command.set_defaults(handler=handler)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command not in PASS_THROUGH and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # `canaryflow serve -- --port ...` (the old spelling) still works.
+    args.rest = rest[1:] if rest[:1] == ["--"] else rest
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from canaryflow.settings import missing_mlflow_client_env
 
     # An entry point: MLflow's client fails within seconds and prints no run links.

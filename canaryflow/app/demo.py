@@ -5,16 +5,25 @@ real DAG: a good candidate (promoted after shadow and canary), a candidate that 
 (rejected at the offline gate), a slower one that passes offline but is caught in a canary window,
 and one that hallucinates only on topics the suites miss (caught in shadow). It ends with a
 summary and stops everything it started.
+
+Both commands stop every process they started on SIGTERM, SIGINT (Ctrl-C) or SIGHUP, whatever
+they are doing, and exit with 128 + the signal's number (`StopSignals`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
 
 from rich.table import Table
 
@@ -66,7 +75,7 @@ def _bootstrap_champion(endpoints: Endpoints) -> tuple[str, Path]:
     """Keys for CI, and v1 (the current production adapter) as the champion."""
     from canaryflow.registry.signing import generate_keypair, sign
 
-    keys = generate_keypair(Path(endpoints.keys_dir), "ci")
+    keys = generate_keypair(Path(endpoints.keys_dir), "ci", [examples.SERVICE])
     signed = sign(examples.manifest("1.1", "sandbox-base"), keys.private_path)
     registry = connections.registry(endpoints.mlflow_uri)
     published = registry.publish(signed)
@@ -99,12 +108,100 @@ def _summary(results: list[tuple[Scenario, ReleaseRecord, float]]) -> Table:
     return table
 
 
+def _say(line: str) -> None:
+    console.print(f"  {line}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """What the first stop signal raises in the main thread."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP end the command, whatever its main thread is doing.
+
+    The first one raises `Interrupted` in the main thread, so the stack's `with` stops every
+    child; later ones are only noted, so the stopping itself is never cut short. `cancelled`
+    only reads an attribute: the stack's worker threads poll it to give up a start. On leaving,
+    an exception that followed a signal is swallowed (the caller returns `exit_code()`) and the
+    previous handlers come back. A SIGHUP ignored when the command started (`nohup`) stays
+    ignored; SIGINT is handled even when ignored at start (a script's background job), since
+    `kill -INT` from a script is a way to ask for a stop. Only the main thread can install
+    handlers: elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
+
+    def cancelled(self) -> bool:
+        return self.received is not None
+
+    def exit_code(self) -> int:
+        return 0 if self.received is None else 128 + self.received
+
+    def name(self) -> str:
+        return "" if self.received is None else signal.Signals(self.received).name
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+            raise Interrupted(signum)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        for signum, handler in self._previous.items():
+            # None: a handler not set from Python; the default is the closest to it.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+        return self.received is not None and exc is not None
+
+    def report(self) -> None:
+        """One line once the stack is down; a closed terminal (SIGHUP) is no error."""
+        with contextlib.suppress(OSError, ValueError):
+            console.print(f"stopped by {self.name()}: every process of the stack has ended")
+
+
 def run_demo(home: Path, quick: bool = False) -> int:
+    with StopSignals() as signals:
+        code = _run_demo(home, quick, signals)
+    if signals.received is not None:
+        signals.report()
+        # Every child is down. Left to itself, the interpreter would now run Prefect's exit
+        # hook, which drains the crashed runs' events and logs to the Prefect server just
+        # stopped, and waits on it without end: end at once, as the signal would have.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(signals.exit_code())
+    return code
+
+
+def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
     shutil.rmtree(home, ignore_errors=True)
     started = time.perf_counter()
     console.rule("[bold]canaryflow demo")
     results: list[tuple[Scenario, ReleaseRecord, float]] = []
-    with EmbeddedStack(home, progress=lambda line: console.print(f"  {line}")) as stack:
+    with EmbeddedStack(home, progress=_say, cancelled=signals.cancelled) as stack:
         assert stack.endpoints is not None
         champion, key = _bootstrap_champion(stack.endpoints)
         console.print(f"  champion {examples.SERVICE} v{champion} published and signed")
@@ -139,33 +236,49 @@ def run_demo(home: Path, quick: bool = False) -> int:
     return 0 if all(r.decision == s.expect for s, r, _ in results) else 1
 
 
-def keep_stack_up(home: Path, service: str | None = None) -> int:
+def keep_stack_up(
+    home: Path, service: str | None = None, tool_urls: Mapping[str, str] | None = None
+) -> int:
     """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs.
 
     With `--service`, the data plane starts as soon as the service has a champion: at once if it
-    has one, else when `canaryflow publish ... --champion` makes one.
+    has one, else when `canaryflow publish ... --champion` makes one. `tool_urls` (tool name ->
+    URL) go to its model services. SIGTERM, SIGINT or SIGHUP, while starting, waiting for a
+    champion or idle, stop every process and return 128 + the signal's number.
     """
-    with EmbeddedStack(home, progress=lambda line: console.print(f"  {line}")) as stack:
+    with StopSignals() as signals:
+        _keep_stack_up(home, service, tool_urls or {}, signals)
+    if signals.received is not None:
+        signals.report()
+    return signals.exit_code()
+
+
+def _keep_stack_up(
+    home: Path, service: str | None, tool_urls: Mapping[str, str], signals: StopSignals
+) -> None:
+    with EmbeddedStack(home, progress=_say, cancelled=signals.cancelled) as stack:
         assert stack.endpoints is not None
         endpoints = stack.endpoints
         console.print(f"Prefect UI  {str(endpoints.prefect_api_url).removesuffix('/api')}")
         console.print(f"MLflow UI   {endpoints.mlflow_uri}")
-        console.print("Ctrl-C stops everything.")
+        console.print("Ctrl-C (or SIGTERM, SIGHUP) stops everything.")
         waiting = service is not None
         if waiting:
             console.print(f"  the data plane of {service} starts once it has a champion")
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                if waiting and service is not None:
-                    waiting = not _start_dataplane_if_ready(stack, service)
-                if waiting:
-                    time.sleep(2.0)
-                else:
-                    signal.pause()
-    return 0
+        # The first signal raises out of any of these waits; the check covers a library that
+        # caught that exception on its way out.
+        while not signals.cancelled():
+            if waiting and service is not None:
+                waiting = not _start_dataplane_if_ready(stack, service, tool_urls)
+            if waiting:
+                time.sleep(2.0)
+            elif not signals.cancelled():
+                signal.pause()
 
 
-def _start_dataplane_if_ready(stack: EmbeddedStack, service: str) -> bool:
+def _start_dataplane_if_ready(
+    stack: EmbeddedStack, service: str, tool_urls: Mapping[str, str]
+) -> bool:
     from canaryflow.errors import AliasNotFound
 
     assert stack.endpoints is not None
@@ -173,6 +286,6 @@ def _start_dataplane_if_ready(stack: EmbeddedStack, service: str) -> bool:
         champion = connections.registry(stack.endpoints.mlflow_uri).resolve(service, "champion")
     except AliasNotFound:
         return False
-    endpoints = stack.start_dataplane(service, champion.version)
+    endpoints = stack.start_dataplane(service, champion.version, tool_urls=tool_urls)
     console.print(f"Envoy       {endpoints.envoy_url}  (OpenAI requests for {service} go here)")
     return True

@@ -5,6 +5,13 @@ version runs its fetch in a thread (concurrent callers share that one fetch), la
 answered from memory, a stale entry is refreshed in the background while the old value keeps
 serving, and a failed refresh keeps the last good value (fail-static). Only a version never seen
 while the registry is unreachable is an error.
+
+A manifest from the registry is served only once its signature verifies with the trusted keys
+(`--keys-dir`) and its key is bound to the service: once per version load, never per request. A
+version that fails is an error for its requests (never served, never cached as good) and is
+fetched and checked again after `retry_s`, so a version published again with a good signature
+is served without a restart. A failed refresh of a version already verified keeps the verified
+copy, as for an outage.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from canaryflow.contracts import ModelManifest
-from canaryflow.errors import RegistryError
+from canaryflow.errors import ConfigError, RegistryError, SecurityError
 from canaryflow.loading import load_manifest, load_signed_manifest, read_document
 
 Fetch = Callable[[str, str], ModelManifest]
@@ -119,6 +126,13 @@ class _TtlCache(Generic[T]):
 
     def _unavailable(self, key: tuple[str, str], exc: BaseException) -> RegistryError:
         service, name = key
+        if isinstance(exc, SecurityError):
+            return RegistryError(
+                f"refusing to serve {self._what} {name!r} of service {service!r}: its manifest "
+                f"failed verification ({type(exc).__name__}: {exc}). A manifest is never served "
+                "unverified: publish it again from its signed file, or fix the trusted keys "
+                "(--keys-dir)."
+            )
         return RegistryError(
             f"cannot resolve {self._what} {name!r} of service {service!r}: the registry failed "
             f"({type(exc).__name__}: {exc}) and no copy is cached. Check that the version exists "
@@ -180,8 +194,14 @@ def _no_aliases(service: str, alias: str) -> str:
     )
 
 
-def mlflow_fetchers(tracking_uri: str) -> tuple[Fetch, AliasFetch]:
-    """Fetchers over the MLflow registry client; mlflow is imported on first use only."""
+def mlflow_fetchers(tracking_uri: str, keys_dir: Path | None = None) -> tuple[Fetch, AliasFetch]:
+    """Fetchers over the MLflow registry client; mlflow is imported on first use only.
+
+    `fetch` returns a manifest only when its signature verifies with the trusted keys in
+    `keys_dir` and the key is bound to the service; without `keys_dir` it returns none (fail
+    closed). The keys folder is read at each load, so a key added or removed counts from the
+    next version load on.
+    """
     registry: Any = None
 
     def client() -> Any:
@@ -193,7 +213,16 @@ def mlflow_fetchers(tracking_uri: str) -> tuple[Fetch, AliasFetch]:
         return registry
 
     def fetch(service: str, version: str) -> ModelManifest:
-        manifest: ModelManifest = client().get(service, version).signed.manifest
+        from canaryflow.registry.signing import load_trusted_keys
+
+        if keys_dir is None:
+            raise SecurityError(
+                "this model service has no trusted keys, so it serves no manifest from the "
+                "registry: start it with --keys-dir DIR (the folder of trusted .pub and "
+                ".services files)"
+            )
+        trusted = load_trusted_keys(keys_dir)
+        manifest: ModelManifest = client().get(service, version, trusted).signed.manifest
         return manifest
 
     def alias_fetch(service: str, alias: str) -> str:
@@ -201,6 +230,27 @@ def mlflow_fetchers(tracking_uri: str) -> tuple[Fetch, AliasFetch]:
         return version
 
     return fetch, alias_fetch
+
+
+def default_resolver(
+    registry_uri: str | None,
+    manifests: Mapping[str, Path],
+    ttl_s: float,
+    keys_dir: Path | None,
+) -> CachedResolver:
+    """The service's resolver: local manifest files first, then the registry, whose manifests
+    are verified with the trusted keys in `keys_dir` (see `mlflow_fetchers`)."""
+    if registry_uri is None and not manifests:
+        raise ConfigError("the service needs --registry-uri or --manifest VERSION=PATH")
+    fetch: Fetch | None = None
+    alias_fetch: AliasFetch | None = None
+    if registry_uri is not None:
+        fetch, alias_fetch = mlflow_fetchers(registry_uri, keys_dir)
+    if manifests:
+        local = {v: load_manifest_file(p) for v, p in manifests.items()}
+        fetch = local_fetch(local, fallback=fetch)
+    assert fetch is not None
+    return CachedResolver(fetch, ttl_s, alias_fetch=alias_fetch)
 
 
 def load_manifest_file(path: Path) -> ModelManifest:

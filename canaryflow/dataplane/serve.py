@@ -32,6 +32,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, i
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--registry-uri", help="MLflow tracking URI of the model registry")
     p.add_argument(
+        "--keys-dir",
+        metavar="DIR",
+        help="trusted keys (.pub, each with its .services binding): a registry manifest is "
+        "served only once its signature verifies; without it, none is",
+    )
+    p.add_argument(
         "--manifest",
         action="append",
         default=[],
@@ -40,6 +46,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, i
     )
     p.add_argument("--provider-url", action="append", default=[], metavar="NAME=URL")
     p.add_argument("--store", help="SQLite path or database URL for request records")
+    p.add_argument(
+        "--user-salt",
+        metavar="PATH",
+        help="file with the salt user ids are hashed with, made owner-only if missing "
+        "(default: user-salt beside a SQLite store; needed with PostgreSQL)",
+    )
     p.add_argument("--default-version", help="version for requests without role headers")
     p.add_argument("--check-sample", type=float, default=0.25)
     p.add_argument("--tool-url", action="append", default=[], metavar="TOOL=URL")
@@ -59,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, i
         timeout_s=a.timeout,
         shadow_timeout_s=a.shadow_timeout,
         manifests={v: Path(p) for v, p in _pairs(a.manifest, "--manifest").items()},
+        user_salt=Path(a.user_salt) if a.user_salt else None,
+        keys_dir=Path(a.keys_dir) if a.keys_dir else None,
     )
     return config, a.host, a.port
 

@@ -43,12 +43,7 @@ from canaryflow.dataplane.forwarder import (
 )
 from canaryflow.dataplane.metrics import CONTENT_TYPE, ServiceMetrics
 from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
-from canaryflow.dataplane.resolver import (
-    CachedResolver,
-    load_manifest_file,
-    local_fetch,
-    mlflow_fetchers,
-)
+from canaryflow.dataplane.resolver import CachedResolver, default_resolver
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
 
 log = logging.getLogger("canaryflow.serve")
@@ -80,6 +75,9 @@ class ServiceConfig:
     user_salt: Path | None = None
     """File with the salt user ids are hashed with (made 0600 if missing); None: the store's
     default (`user-salt` beside a SQLite file; a PostgreSQL store needs one)."""
+    keys_dir: Path | None = None
+    """Trusted keys: a registry manifest is served only once its signature verifies with one
+    bound to the service. None: no registry manifest is served."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.check_sample <= 1.0:
@@ -393,13 +391,6 @@ class HotPath:
 
 
 def _default_resolver(config: ServiceConfig) -> CachedResolver:
-    if config.registry_uri is None and not config.manifests:
-        raise ConfigError("the service needs --registry-uri or --manifest VERSION=PATH")
-    fetch, alias_fetch = (None, None)
-    if config.registry_uri is not None:
-        fetch, alias_fetch = mlflow_fetchers(config.registry_uri)
-    if config.manifests:
-        local = {v: load_manifest_file(p) for v, p in config.manifests.items()}
-        fetch = local_fetch(local, fallback=fetch)
-    assert fetch is not None
-    return CachedResolver(fetch, config.registry_ttl_s, alias_fetch=alias_fetch)
+    return default_resolver(
+        config.registry_uri, config.manifests, config.registry_ttl_s, config.keys_dir
+    )

@@ -2,9 +2,15 @@
 receiver, and the data plane.
 
 Everything listens on 127.0.0.1 on ports the OS chose, keeps its state under one home folder
-(`.canaryflow/` by default), and is stopped by `EmbeddedStack.stop()` in reverse start order.
-The control plane starts first (parallel, since Prefect and MLflow each take seconds); the data
-plane starts once a service has a champion to route to.
+(`.canaryflow/` by default), and is stopped by `EmbeddedStack.stop()`: every process group at
+once, SIGTERM then SIGKILL. The control plane starts first (parallel, since Prefect and MLflow
+each take seconds); the data plane starts once a service has a champion to route to.
+
+Servers are started from worker threads, never from the caller's thread: a signal handler that
+raises in the main thread (`canaryflow up` on SIGTERM) can interrupt only a wait, never a fork
+half done. Once the caller's `cancelled()` is true (or a part failed, or `stop()` began), parts
+still starting give up within 0.1 s and stop what they started. `local/processes.py` describes
+what happens to the children when this process is killed outright.
 """
 
 from __future__ import annotations
@@ -12,16 +18,16 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from canaryflow.contracts import Endpoints
 from canaryflow.deliveries import WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
 from canaryflow.errors import StackError
-from canaryflow.local.processes import ManagedProcess, free_port, http_ok
+from canaryflow.local.processes import ManagedProcess, cancelled_when, free_port, http_ok
 from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
@@ -33,8 +39,19 @@ class Stoppable(Protocol):
     def stop(self) -> None: ...
 
 
+class Startable(Stoppable, Protocol):
+    def start(self, timeout_s: float) -> object: ...
+
+
+Part = TypeVar("Part", bound=Startable)
+
+
 def _quiet(_: str) -> None:
     pass
+
+
+def _never() -> bool:
+    return False
 
 
 def prefect_server(home: Path, ui: bool = True) -> ManagedProcess:
@@ -92,18 +109,30 @@ def sandbox_server(home: Path) -> ManagedProcess:
     )
 
 
-def model_service(home: Path, name: str, service: str, endpoints: Endpoints) -> ManagedProcess:
-    """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one."""
+def model_service(
+    home: Path,
+    name: str,
+    service: str,
+    endpoints: Endpoints,
+    tool_urls: Mapping[str, str] | None = None,
+) -> ManagedProcess:
+    """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one.
+
+    `tool_urls` (tool name -> URL) is where the service POSTs a tool call's arguments; a shadow
+    is told them too but never calls them (a dry run only counts the calls it skipped)."""
     port = free_port()
     providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
+    tools = [f"--tool-url={tool}={url}" for tool, url in (tool_urls or {}).items()]
     command = [
         PYTHON, "-m", "canaryflow.dataplane.serve",
         "--service", service,
         "--port", str(port),
         "--registry-uri", endpoints.mlflow_uri,
+        "--keys-dir", endpoints.keys_dir,  # registry manifests are verified before serving
         "--store", str(endpoints.store_url),
         "--check-sample", "1.0",
         *providers,
+        *tools,
     ]  # fmt: skip
     return ManagedProcess(
         name=f"model-service-{name}",
@@ -162,16 +191,55 @@ class EmbeddedStack:
     """Start what a release needs on this machine; stop all of it, whatever happened."""
 
     def __init__(
-        self, home: Path, *, ui: bool = True, webhook: bool = True, progress: Progress = _quiet
+        self,
+        home: Path,
+        *,
+        ui: bool = True,
+        webhook: bool = True,
+        progress: Progress = _quiet,
+        cancelled: Callable[[], bool] = _never,
     ) -> None:
+        """`cancelled` is polled while parts start (from worker threads, so it must only read
+        a flag): once true, the start gives up and stops what it started."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
         self.progress = progress
+        self.cancelled = cancelled
         self.processes: list[ManagedProcess | Stoppable] = []
         self.endpoints: Endpoints | None = None
+        self._stopping = False
+
+    def _start_together(self, parts: Sequence[Part], timeout_s: float) -> list[Part]:
+        """Start `parts` in worker threads (each registered for `stop()` first), wait for all.
+        On any failure or exception in this thread (a signal), the others give up at once."""
+        self.processes.extend(parts)
+        failed: list[BaseException] = []
+
+        def giving_up() -> bool:
+            return bool(failed) or self._stopping or self.cancelled()
+
+        def start(part: Part) -> Part:
+            with cancelled_when(giving_up):
+                try:
+                    part.start(timeout_s)
+                except BaseException as exc:
+                    failed.append(exc)
+                    raise
+            return part
+
+        pool = ThreadPoolExecutor(len(parts))
+        try:
+            futures = [pool.submit(start, part) for part in parts]
+            return [future.result() for future in futures]
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     def start(self, timeout_s: float = 120.0) -> Endpoints:
+        self._stopping = False
         self.home.mkdir(parents=True, exist_ok=True)
         prefect = prefect_server(self.home, ui=self.ui)
         parts = [prefect, mlflow_server(self.home), sandbox_server(self.home)]
@@ -179,11 +247,9 @@ class EmbeddedStack:
         receiver = webhook_receiver(self.home, f"{url_of(prefect)}/api") if self.webhook else None
         if receiver is not None:
             parts.append(receiver)
-        self.processes.extend(parts)
         try:
-            with ThreadPoolExecutor(len(parts)) as pool:
-                for started in pool.map(lambda p: p.start(timeout_s), parts):
-                    self.progress(f"{started.name} ready at {url_of(started)}")
+            for started in self._start_together(parts, timeout_s):
+                self.progress(f"{started.name} ready at {url_of(started)}")
         except BaseException:
             self.stop()
             raise
@@ -203,21 +269,24 @@ class EmbeddedStack:
         return self.endpoints
 
     def start_dataplane(
-        self, service: str, stable_version: str, timeout_s: float = 60.0
+        self,
+        service: str,
+        stable_version: str,
+        timeout_s: float = 60.0,
+        tool_urls: Mapping[str, str] | None = None,
     ) -> Endpoints:
-        """Model services, Envoy in front of them, Prometheus scraping both: live traffic."""
+        """Model services, Envoy in front of them, Prometheus scraping both: live traffic.
+        `tool_urls` (tool name -> URL) go to both model services (`--tool-url`)."""
         from canaryflow.local.envoy import EnvoyProxy
         from canaryflow.local.prometheus import PrometheusServer
 
         if self.endpoints is None:
             raise StackError("start the control plane first (EmbeddedStack.start)")
         services = [
-            model_service(self.home, "primary", service, self.endpoints),
-            model_service(self.home, "shadow", service, self.endpoints),
+            model_service(self.home, "primary", service, self.endpoints, tool_urls),
+            model_service(self.home, "shadow", service, self.endpoints, tool_urls),
         ]
-        self.processes.extend(services)
-        with ThreadPoolExecutor(len(services)) as pool:
-            list(pool.map(lambda p: p.start(timeout_s), services))
+        self._start_together(services, timeout_s)
         primary, shadow = (("127.0.0.1", int(url_of(p).rsplit(":", 1)[1])) for p in services)
         envoy = EnvoyProxy(
             self.home / "envoy",
@@ -227,15 +296,13 @@ class EmbeddedStack:
             upstreams={"stable": primary, "canary": primary, "shadow": shadow},
             initial_stable=stable_version,
         )
-        self.processes.append(envoy)
-        envoy.start(timeout_s)
+        self._start_together([envoy], timeout_s)
         self.progress(f"envoy ready at {envoy.url} (admin {envoy.admin_url})")
         prometheus = PrometheusServer(
             self.home / "prometheus",
             targets={"model-service": [f"{h}:{p}" for h, p in (primary, shadow)]},
         )
-        self.processes.append(prometheus)
-        prometheus.start(timeout_s)
+        self._start_together([prometheus], timeout_s)
         self.progress(f"prometheus ready at {prometheus.url}")
         self.endpoints = self.endpoints.model_copy(
             update={
@@ -254,10 +321,25 @@ class EmbeddedStack:
             save_endpoints(self.endpoints, self.home)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+        """Stop every part at once (each: its group SIGTERM, SIGKILL after its grace period)."""
+        self._stopping = True
+
+        def stop(process: ManagedProcess | Stoppable) -> Exception | None:
+            try:
+                process.stop()
+            except Exception as exc:  # the others are stopped all the same; raised below
+                return exc
+            return None
+
+        errors: list[Exception | None] = []
+        if self.processes:
+            with ThreadPoolExecutor(len(self.processes)) as pool:
+                errors = list(pool.map(stop, reversed(self.processes)))
         self.processes.clear()
         (self.home / STACK_FILE).unlink(missing_ok=True)
+        for error in errors:
+            if error is not None:
+                raise error
 
     def __enter__(self) -> EmbeddedStack:
         self.start()

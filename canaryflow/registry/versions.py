@@ -27,10 +27,9 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import AliasNotFound, RegistryError, SignatureError
 from canaryflow.registry.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
-from canaryflow.registry.signing import verify
+from canaryflow.registry.signing import TrustedKeys, verify
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from mlflow.entities.model_registry import ModelVersion
 
 
@@ -87,7 +86,7 @@ class MlflowRegistry(MlflowConnection):
     # ------------------------------------------------------------------ versions
 
     def publish(
-        self, signed: SignedManifest, verify_with: dict[str, Ed25519PublicKey] | None = None
+        self, signed: SignedManifest, verify_with: TrustedKeys | None = None
     ) -> PublishedVersion:
         """Register the signed manifest as a new version, or return the one with its digest."""
         if verify_with is not None:
@@ -129,7 +128,7 @@ class MlflowRegistry(MlflowConnection):
         self,
         service: str,
         version: str,
-        verify_with: dict[str, Ed25519PublicKey] | None = None,
+        verify_with: TrustedKeys | None = None,
     ) -> PublishedVersion:
         with mlflow_errors(f"reading {service} version {version}"):
             found = self.client.get_model_version(service, version)
@@ -139,7 +138,7 @@ class MlflowRegistry(MlflowConnection):
         self,
         service: str,
         alias: str,
-        verify_with: dict[str, Ed25519PublicKey] | None = None,
+        verify_with: TrustedKeys | None = None,
     ) -> PublishedVersion:
         from mlflow.exceptions import MlflowException
 
@@ -156,9 +155,7 @@ class MlflowRegistry(MlflowConnection):
                 ) from exc
         return self._load(found, verify_with)
 
-    def _load(
-        self, found: ModelVersion, verify_with: dict[str, Ed25519PublicKey] | None
-    ) -> PublishedVersion:
+    def _load(self, found: ModelVersion, verify_with: TrustedKeys | None) -> PublishedVersion:
         where = f"{found.name} version {found.version}"
         if not found.run_id:
             raise RegistryError(f"{where} was not published by canaryflow (it has no run)")

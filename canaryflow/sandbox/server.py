@@ -255,10 +255,9 @@ def build_app(knowledge: KnowledgeBase | None = None) -> SandboxApp:
     return SandboxApp(Sandbox(knowledge))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m canaryflow.sandbox", description="Serve the sandbox LLM provider."
-    )
+def main(argv: Sequence[str] | None = None, prog: str = "python -m canaryflow.sandbox") -> None:
+    """`python -m canaryflow.sandbox` and `canaryflow sandbox` (which names itself in `prog`)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Serve the sandbox LLM provider.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--log-level", default="warning")

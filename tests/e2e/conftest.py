@@ -35,7 +35,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     stack = EmbeddedStack(home, ui=False)
     try:
         endpoints = stack.start()
-        keys = generate_keypair(Path(endpoints.keys_dir), "ci")
+        keys = generate_keypair(Path(endpoints.keys_dir), "ci", [examples.SERVICE])
         registry = connections.registry(endpoints.mlflow_uri)
         champion = registry.publish(
             sign(examples.manifest("1.1", "sandbox-base"), keys.private_path)

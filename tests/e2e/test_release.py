@@ -227,7 +227,7 @@ def test_tampered_manifest_is_refused_before_anything_happens(live: LiveStack) -
 def test_manifest_signed_by_an_unknown_key_is_refused(live: LiveStack, tmp_path: Path) -> None:
     from canaryflow.registry.signing import generate_keypair, sign
 
-    stranger = generate_keypair(tmp_path, "stranger")
+    stranger = generate_keypair(tmp_path, "stranger", [examples.SERVICE])
     signed = sign(examples.manifest("1.6", "sandbox-good"), stranger.private_path)
     record = release(spec=spec_for(live, signed), endpoints=live.endpoints)
     assert record.decision == "rejected"

@@ -113,7 +113,7 @@ def receiver(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    keys = generate_keypair(tmp_path_factory.mktemp("keys"), "ci")
+    keys = generate_keypair(tmp_path_factory.mktemp("keys"), "ci", [examples.SERVICE])
     signed = sign(examples.manifest("3.0", "sandbox-good"), keys.private_path)
     return {"service": examples.SERVICE, "candidate": signed.model_dump(mode="json")}
 

@@ -40,7 +40,7 @@ def make_manifest(service: str, version: str = "1.0", **changes: object) -> Mode
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("keys")
-    generate_keypair(directory, "ci")
+    generate_keypair(directory, "ci", ["*"])  # a fresh service per test
     return directory
 
 
@@ -99,9 +99,9 @@ def test_a_second_manifest_gets_a_new_version(
 def test_unknown_key_is_refused_before_publishing(
     registry: MlflowRegistry, service: str, tmp_path: Path
 ) -> None:
-    rogue = generate_keypair(tmp_path, "rogue")
+    rogue = generate_keypair(tmp_path, "rogue", ["*"])
     signed = sign(make_manifest(service), rogue.private_path)
-    other = generate_keypair(tmp_path / "trusted", "ci")
+    other = generate_keypair(tmp_path / "trusted", "ci", ["*"])
     with pytest.raises(UnknownKeyError, match=rogue.key_id):
         registry.publish(signed, verify_with=load_trusted_keys(other.public_path.parent))
     assert registry.aliases(service) == {}

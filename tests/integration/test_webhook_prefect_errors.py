@@ -38,7 +38,7 @@ def deployment(prefect_api: str) -> str:
 
 def _delivery(tmp_path: Path) -> tuple[bytes, dict[str, str]]:
     """One signed delivery with an id of its own."""
-    keys = generate_keypair(tmp_path, "ci")
+    keys = generate_keypair(tmp_path, "ci", [examples.SERVICE])
     signed = sign(examples.manifest("3.0", "sandbox-good"), keys.private_path)
     spec = {"service": examples.SERVICE, "candidate": signed.model_dump(mode="json")}
     body = json.dumps({"spec": spec}).encode()

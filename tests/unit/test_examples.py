@@ -23,7 +23,7 @@ def test_shipped_policies_load(name: str) -> None:
 def test_example_manifest_and_spec_load_after_signing(tmp_path: Path) -> None:
     manifest = load_manifest(EXAMPLES / "manifest.yaml")
     assert manifest.service == "my-assistant"
-    keys = generate_keypair(tmp_path / "keys", "ci")
+    keys = generate_keypair(tmp_path / "keys", "ci", [manifest.service])
     spec_dir = tmp_path / "spec"
     spec_dir.mkdir()
     write_signed(sign(manifest, keys.private_path), spec_dir / "manifest.signed.json")

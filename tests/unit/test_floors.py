@@ -30,7 +30,7 @@ FLOOR = PolicyFloor()
 
 @pytest.fixture(scope="module")
 def candidate(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    keys = generate_keypair(tmp_path_factory.mktemp("keys"), "ci")
+    keys = generate_keypair(tmp_path_factory.mktemp("keys"), "ci", [examples.SERVICE])
     return sign(examples.manifest("1.2", "sandbox-good"), keys.private_path)
 
 
