@@ -26,7 +26,7 @@ demo: $(STAMP) prometheus
 	$(VENV)/bin/canaryflow demo
 
 test: $(STAMP) prometheus lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check canaryflow tasks flows deployments tests benchmarks

@@ -47,6 +47,16 @@ def send_all_traffic_to(
     return runbook.route_all_to(endpoints, service, version)
 
 
+def _refused_at_the_lock(state: State[Any]) -> bool:
+    """A run that never got the service's lock moved nothing: another release owns the routes."""
+    if not state.is_failed():
+        return False
+    try:
+        return isinstance(state.result(raise_on_failure=False), ReleaseBusy)
+    except Exception:  # no result to read: it cannot have been refused at the lock
+        return False
+
+
 def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
     """A flow hook: a crashed, cancelled or failed release returns all traffic to stable at
     once (traffic first), then retires its challenger like every other rollback.
@@ -58,7 +68,7 @@ def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any
     spec = ReleaseSpec.model_validate(flow_run.parameters["spec"])
     raw = flow_run.parameters.get("endpoints")
     endpoints = Endpoints.model_validate(raw) if raw else Settings().endpoints()
-    if isinstance(state.result(raise_on_failure=False), ReleaseBusy):
+    if _refused_at_the_lock(state):
         return
     try:
         ours = runbook.candidate_is_live(endpoints, spec)
@@ -67,18 +77,21 @@ def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any
             "cannot tell whether %s's candidate is live (%s): rolling back", spec.service, exc
         )
         ours = True
-    if not ours:
+    figures: dict[str, object] = {}
+    if ours:
+        result = runbook.rollback_traffic(endpoints, spec.service)
+        figures = {"stable": result.after.stable, "rollback_ms": result.rollback_ms}
+        try:
+            runbook.retire_challenger(endpoints, spec.service, f"release ended {state.name}")
+        except Exception as exc:  # traffic is safe already; the registry can be fixed by hand
+            log.warning("could not retire the challenger of %s: %s", spec.service, exc)
+    else:  # the run's own rollback already ran, or its candidate never got traffic
         log.info("%s: this run's candidate has no live traffic; routes left alone", spec.service)
-        return
-    result = runbook.rollback_traffic(endpoints, spec.service)
-    try:
-        runbook.retire_challenger(endpoints, spec.service, f"release ended {state.name}")
-    except Exception as exc:  # traffic is safe already; the registry can be fixed by hand
-        log.warning("could not retire the challenger of %s: %s", spec.service, exc)
+        current = connections.traffic_controller(endpoints, spec.service).current()
+        figures = {"stable": current.stable if current else None, "rollback_ms": 0.0}
     # Evidence for on-call, and the end of the release for the silence automation.
     emit("release", state.type.value.lower(), f"{spec.service}-{flow_run.name}", spec.service,
-         flow_run_id=str(flow_run.id), state=state.name, stable=result.after.stable,
-         rollback_ms=result.rollback_ms)  # fmt: skip
+         flow_run_id=str(flow_run.id), state=state.name, **figures)  # fmt: skip
     flush_events()
 
 

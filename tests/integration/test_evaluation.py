@@ -90,7 +90,8 @@ def test_significant_regression_whose_interval_crosses_the_margin_fails() -> Non
 
 
 def test_identical_answers_on_a_small_suite_ask_for_review_and_say_why() -> None:
-    result = compare_suite("safety", pairs(56, 0, 0, 4), OfflineGate())
+    plain = OfflineGate(margins={})  # the 5-point margin everywhere, no per-suite override
+    result = compare_suite("safety", pairs(56, 0, 0, 4), plain)
     assert result.result.label is Label.REVIEW
     assert "with 60 items (it takes 73) even identical answers" in result.result.reason
 
@@ -179,7 +180,7 @@ async def test_identical_candidate_passes_every_suite(
             manifest(f"sandbox-base{FAST}"),
             suites,
             client,
-            OfflineGate(),
+            OfflineGate(margins={}),  # 5 points on every suite, whatever its size
             progress=lambda done, total: seen.append((done, total)),
         )
     # Identical answers show non-inferiority only on a suite large enough for the margin (73
