@@ -51,8 +51,7 @@ def _preflight_and_publish(run: Release, floor: PolicyFloor) -> None:
         run.stage(Stage.PREFLIGHT, Outcome.FAILED, str(exc))
         raise Stop(str(exc)) from exc
     run.baseline, run.record.baseline_version = checked.baseline, checked.baseline.version
-    problems = "; ".join(checked.compatibility.problems)
-    fit = f"compatibility overridden (allow_incompatible): {problems}" if problems else "compatible"
+    fit = checked.compatibility.describe()
     run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; {fit}")
     run.candidate = publish_candidate(run.spec, run.endpoints)
     run.record.candidate_version = run.candidate.version
@@ -63,26 +62,21 @@ def _offline_gate(run: Release) -> None:
     assert run.candidate is not None and run.baseline is not None
     report = evaluate_candidate(run.spec, run.candidate, run.baseline, run.endpoints,
                                 run.record.ledger_run_id)  # fmt: skip
-    summary = "; ".join(s.result.reason for s in report.suites if s.result.label.value != "pass")
+    summary = report.findings()
     metrics = {f"{s.suite}_diff": s.diff for s in report.suites}
     if report.decision is Decision.FAIL:
         run.stage(Stage.OFFLINE_EVAL, Outcome.FAILED, summary, figures=metrics)
         raise Stop(f"offline gate failed: {summary}")
     if report.decision is not Decision.PASS:
         run.stage(Stage.OFFLINE_EVAL, Outcome.REVIEW, summary, figures=metrics)
-        reviewing = tuple(s.suite for s in report.suites if s.result.label.value != "pass")
         approved, verdict = run.ask_human(
             Stage.OFFLINE_EVAL, f"offline evaluation needs review: {summary}", "offline",
-            artifact_key("offline-eval", run.spec.service), reviewing,
+            artifact_key("offline-eval", run.spec.service), report.unsure,
         )  # fmt: skip
         if not approved:
             raise Stop(f"offline_eval review rejected by {verdict}")
         return
-    worst = min(report.suites, key=lambda s: s.diff, default=None)
-    detail = f"non-inferior on {len(report.suites)} suites" + (
-        f" (worst: {worst.suite} {worst.diff * 100:+.1f} pts)" if worst else ""
-    )
-    run.stage(Stage.OFFLINE_EVAL, Outcome.PASSED, detail, figures=metrics)
+    run.stage(Stage.OFFLINE_EVAL, Outcome.PASSED, report.headline(), figures=metrics)
 
 
 def _shadow(run: Release) -> None:
@@ -120,14 +114,7 @@ def _promote(run: Release) -> None:
     assert run.candidate is not None
     shift_traffic(Routes(service=run.spec.service, stable=run.candidate.version), run.endpoints)
     previous = promote_candidate(run.spec.service, run.candidate.version, run.endpoints)
-    waivers = run.record.waivers
-    run.record.decision = ReleaseDecision.PROMOTED
-    run.record.reason = (
-        f"promoted with {len(waivers)} waived gate finding(s): "
-        + "; ".join(w.describe() for w in waivers)
-        if waivers
-        else "every gate passed"
-    )
+    run.record.promote()
     run.stage(Stage.PROMOTE, Outcome.DONE,
               f"champion v{run.candidate.version}; last-stable v{previous}")  # fmt: skip
 

@@ -147,3 +147,9 @@ class PublishedVersion(Frozen):
 class CompatibilityReport(Frozen):
     compatible: bool
     problems: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """What preflight says: an incompatibility let through by `allow_incompatible` is named."""
+        if not self.problems:
+            return "compatible"
+        return f"compatibility overridden (allow_incompatible): {'; '.join(self.problems)}"

@@ -161,3 +161,11 @@ class ReleaseRecord(Strict):
     ledger_run_id: str | None = None
     breach_to_stable_ms: float | None = None
     waivers: list[Waiver] = Field(default_factory=list)
+
+    def promote(self) -> None:
+        """Promoted: the reason says which gate findings a human waived on the way, if any."""
+        self.decision = ReleaseDecision.PROMOTED
+        self.reason = "every gate passed"
+        if self.waivers:
+            waived = "; ".join(w.describe() for w in self.waivers)
+            self.reason = f"promoted with {len(self.waivers)} waived gate finding(s): {waived}"

@@ -108,6 +108,19 @@ class EvalReport(Frozen):
     seconds: float = 0.0
     cached: int = 0
 
+    @property
+    def unsure(self) -> tuple[str, ...]:
+        """The suites that did not pass: what a reviewer is asked about."""
+        return tuple(s.suite for s in self.suites if s.result.label is not Label.PASS)
+
+    def findings(self) -> str:
+        return "; ".join(s.result.reason for s in self.suites if s.result.label is not Label.PASS)
+
+    def headline(self) -> str:
+        worst = min(self.suites, key=lambda s: s.diff, default=None)
+        detail = f" (worst: {worst.suite} {worst.diff * 100:+.1f} pts)" if worst else ""
+        return f"non-inferior on {len(self.suites)} suites{detail}"
+
 
 class WindowResult(Frozen):
     stage: Literal["shadow", "canary"]
