@@ -70,9 +70,14 @@ def load_endpoints(home: Path) -> Endpoints:
 
 
 def save_endpoints(endpoints: Endpoints, home: Path) -> Path:
-    """Owner-only: the file names every part's address, and other users need none of them."""
+    """Owner-only: the file names every part's address, and other users need none of them.
+
+    Written beside and renamed over: a reader (`canaryflow status`, a flow) never sees it half
+    written."""
     path = home / STACK_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    partial = path.with_name(f".{STACK_FILE}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(endpoints.model_dump_json(indent=2))
+    os.replace(partial, path)
     return path

@@ -28,7 +28,6 @@ from canaryflow.app.approvals import prefect_client
 from canaryflow.deliveries import REPLAY_FILE, WEBHOOK_PATH, sign_payload
 from canaryflow.local import examples
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
-from canaryflow.local.stack import prefect_server, url_of
 from canaryflow.registry.signing import generate_keypair, sign
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,18 +40,12 @@ MAX_RSS_GROWTH_KIB = 8 * 1024
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `prefect server` (SQLite, no UI) with the `release/release` deployment."""
-    server = prefect_server(tmp_path_factory.mktemp("prefect"), ui=False)
-    server.start(timeout_s=120)
-    try:
-        api = f"{url_of(server)}/api"
-        with prefect_client(api) as client:
-            flow_id = client.create_flow_from_name("release")
-            client.create_deployment(flow_id=flow_id, name="release")
-        yield api
-    finally:
-        server.stop()
+def prefect_api(prefect_api: str) -> str:
+    """The session's real Prefect server, with the `release/release` deployment."""
+    with prefect_client(prefect_api) as client:
+        flow_id = client.create_flow_from_name("release")
+        client.create_deployment(flow_id=flow_id, name="release")
+    return prefect_api
 
 
 @dataclass
