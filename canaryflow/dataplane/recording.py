@@ -108,26 +108,29 @@ class RecordWorker:
             try:
                 first = await asyncio.wait_for(self._queue.get(), self.idle_mark_s)
             except TimeoutError:  # idle: everything submitted so far is stored
-                await self._mark()
+                if self._queue.empty():
+                    await self._mark(time.time())
                 continue
             self._held = [first]
             if self._queue.qsize() < self.batch_size:
                 await asyncio.sleep(self.flush_every_s)  # let a batch gather
             while len(self._held) < self.batch_size and not self._queue.empty():
                 self._held.append(self._queue.get_nowait())
+            # Drained: everything submitted before this moment is in the batch. (Under steady
+            # load the queue is never empty after a write, so the mark is taken here.)
+            drained_at = time.time() if self._queue.empty() else None
             batch, self._held = self._held, []
             # Shielded: closing the worker stops it between batches, never halfway through one.
             self._writing = asyncio.ensure_future(self._process(batch))
             await asyncio.shield(self._writing)
-            if self._queue.empty():
-                await self._mark()
+            if drained_at is not None:
+                await self._mark(drained_at)
 
-    async def _mark(self) -> None:
-        """The queue is empty now: every record completed before this moment is stored."""
+    async def _mark(self, at: float) -> None:
+        """Every record completed before `at` is stored (the caller saw the queue drained)."""
         watermarks = getattr(self.store, "watermarks", None)
-        if watermarks is None or not self._queue.empty():
+        if watermarks is None:
             return
-        at = time.time()  # read with no await since the check: nothing was submitted between
         try:
             await asyncio.to_thread(watermarks.mark, self.writer, self.service, at)
         except Exception:

@@ -74,3 +74,34 @@ async def test_an_idle_writer_keeps_its_mark_moving(tmp_path: Path) -> None:
     finally:
         await worker.aclose()
         store.close()
+
+
+async def test_the_mark_moves_under_steady_load(tmp_path: Path) -> None:
+    """The queue is never empty after a write under load: the mark is taken when drained."""
+    store = Store(tmp_path / "w.db")
+    worker = RecordWorker(SERVICE, ServiceMetrics(SERVICE), store, check_sample=0.0,
+                          flush_every_s=0.05)  # fmt: skip
+    worker.start()
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            worker.submit(Pending(request_id=f"r{n}", at=time.time(), version="1", status=200))
+            await asyncio.sleep(0.002)
+
+    feeding = asyncio.create_task(load())
+    try:
+        target = time.time() + 0.3
+        started = time.monotonic()
+        reached = await asyncio.to_thread(
+            store.watermarks.wait_until, SERVICE, target, alive_since=target - 60, timeout_s=5
+        )
+        assert reached and not feeding.done()  # passed while the load was still running
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        await feeding
+        await worker.aclose()
+        store.close()
