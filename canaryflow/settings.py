@@ -3,12 +3,19 @@
 `Settings` says where state lives; `Endpoints` (in contracts) says where the running parts
 answer. A stack started by `canaryflow up` writes its endpoints to `<home>/stack.json`;
 `load_endpoints` is the one reader of that file, for flows started by a worker or the CLI.
+
+A flow never takes its endpoints (and with them the trust store) as a parameter: anyone who can
+reach the Prefect API could then start a release that trusts their own key. Flows ask
+`worker_endpoints()`: what the process running them pinned (`pinned_endpoints`: the CLI, the
+demo, tests), else the stack under the worker's `CANARYFLOW_HOME`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 
 from pydantic import Field
@@ -57,8 +64,27 @@ class Settings(BaseSettings):
         return floors.get(service) or floors.get("default") or PolicyFloor()
 
     def endpoints(self) -> Endpoints:
-        """The running stack's endpoints, for a flow that was given none."""
+        """The endpoints of the stack under `home`."""
         return load_endpoints(self.home)
+
+
+_PINNED: ContextVar[Endpoints | None] = ContextVar("canaryflow_pinned_endpoints", default=None)
+
+
+@contextlib.contextmanager
+def pinned_endpoints(endpoints: Endpoints) -> Iterator[Endpoints]:
+    """Flows run by this process (in this context) use `endpoints`."""
+    token = _PINNED.set(endpoints)
+    try:
+        yield endpoints
+    finally:
+        _PINNED.reset(token)
+
+
+def worker_endpoints() -> Endpoints:
+    """The endpoints a flow works with: pinned by its process, else the worker's stack."""
+    pinned = _PINNED.get()
+    return pinned if pinned is not None else Settings().endpoints()
 
 
 def load_endpoints(home: Path) -> Endpoints:

@@ -17,7 +17,13 @@ Hostile input fails safe, in this order, and no 4xx answer echoes a submitted va
   idempotent, never a second run. So is a known delivery id (in memory, then Prefect's
   idempotency key).
 - 400 for a body that is not JSON; 422 for a bad spec, naming each field and the rule.
-- 503 (redeliver later, it is safe) when Prefect stays busy through the retries.
+- 503 (redeliver later, it is safe) when Prefect stays busy through the retries, or refuses
+  the receiver's credentials (the answer says which variable to set).
+
+Prefect's API credentials are read from the environment, as Prefect's own clients read them:
+`PREFECT_API_AUTH_STRING` (`user:password`, a self-hosted server started with
+`PREFECT_SERVER_API_AUTH_STRING`) is sent as HTTP basic auth, `PREFECT_API_KEY` (Prefect Cloud) as
+a bearer token. Never on the command line, where `ps` shows them.
 
     python -m deployments.webhook --port 8088 --prefect-api http://127.0.0.1:4200/api \
         --state-dir .canaryflow/webhook
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +72,28 @@ class WebhookConfig:
     # In memory unless given one on disk: `main` always does (`--state-dir`).
     replays: ReplayMemory = field(default_factory=ReplayMemory)
     max_body_bytes: int = MAX_BODY_BYTES
+    prefect_auth: httpx.Auth | None = field(default=None, repr=False)
+
+
+def prefect_auth_from(environ: Mapping[str, str]) -> httpx.Auth | None:
+    """The credentials Prefect's own client would send, from the same variables."""
+    auth_string = environ.get("PREFECT_API_AUTH_STRING", "")
+    if auth_string:
+        user, sep, password = auth_string.partition(":")
+        if not sep:
+            raise ConfigError("PREFECT_API_AUTH_STRING must be 'user:password'")
+        return httpx.BasicAuth(user, password)
+    api_key = environ.get("PREFECT_API_KEY", "")
+    return _Bearer(api_key) if api_key else None
+
+
+class _Bearer(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        request.headers["Authorization"] = self._header
+        yield request
 
 
 def _error(status: int, message: str, *, close: bool = False) -> JSONResponse:
@@ -131,6 +160,12 @@ async def _deployment_id(client: httpx.AsyncClient, config: WebhookConfig) -> st
         raise LookupError(
             f"deployment {config.deployment!r} not found: run `prefect deploy --all` first"
         )
+    if response.status_code in (401, 403):
+        given = "were refused" if config.prefect_auth else "are missing"
+        raise LookupError(
+            f"the Prefect API answered {response.status_code}: the receiver's credentials "
+            f"{given}; set PREFECT_API_AUTH_STRING (or PREFECT_API_KEY) in its environment"
+        )
     response.raise_for_status()
     return str(response.json()["id"])
 
@@ -170,7 +205,9 @@ def build_app(config: WebhookConfig) -> Starlette:
             return _error(422, str(exc))
         except ValueError as exc:
             return _error(400, str(exc))
-        async with httpx.AsyncClient(base_url=config.prefect_api_url, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=config.prefect_api_url, timeout=10, auth=config.prefect_auth
+        ) as client:
             try:
                 deployment_id = await _deployment_id(client, config)
                 response = await _call(
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         secret = read_secret(args.secret_file)
         replays = ReplayMemory.in_folder(args.state_dir)
+        prefect_auth = prefect_auth_from(os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
     config = WebhookConfig(
@@ -253,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         deployment=args.deployment,
         replays=replays,
         max_body_bytes=args.max_body_bytes,
+        prefect_auth=prefect_auth,
     )
     uvicorn.run(build_app(config), host=args.host, port=args.port, access_log=False)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from canaryflow.contracts import Endpoints, EvalReport
-from canaryflow.settings import Settings
+from canaryflow.contracts import EvalReport
+from canaryflow.settings import worker_endpoints
 from tasks.common import emit, flush_events, say
 from tasks.evaluation import evaluate_champion
 from tasks.ledger import record_nightly
@@ -20,8 +20,8 @@ from tasks.registry import resolve_champion_and_reference
 
 
 @flow(name="nightly-eval")
-def nightly_eval(service: str, endpoints: Endpoints | None = None) -> EvalReport:
-    endpoints = endpoints or Settings().endpoints()
+def nightly_eval(service: str) -> EvalReport:
+    endpoints = worker_endpoints()
     champion, reference = resolve_champion_and_reference(service, endpoints)
     report = evaluate_champion(champion, reference, endpoints)
     run = record_nightly(champion, reference, report, endpoints, str(flow_run.id or ""))

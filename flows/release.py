@@ -17,7 +17,6 @@ from prefect import flow
 from canaryflow.analysis.progress import Limits
 from canaryflow.contracts import (
     Decision,
-    Endpoints,
     Outcome,
     PolicyFloor,
     ReleaseDecision,
@@ -27,7 +26,7 @@ from canaryflow.contracts import (
     Stage,
 )
 from canaryflow.errors import CanaryflowError, RoutesChanged
-from canaryflow.settings import Settings
+from canaryflow.settings import Settings, worker_endpoints
 from flows.release_run import Release, Stop, judge_stage
 from tasks.common import artifact_key, emit, flush_events
 from tasks.evaluation import evaluate_candidate
@@ -142,10 +141,10 @@ def _roll_back(run: Release, stop: Stop) -> None:
 
 @flow(name="release", on_crashed=[roll_back_on_crash], on_cancellation=[roll_back_on_crash],
       on_failure=[roll_back_on_crash])  # fmt: skip
-def release(spec: ReleaseSpec, endpoints: Endpoints | None = None) -> ReleaseRecord:
+def release(spec: ReleaseSpec) -> ReleaseRecord:
     """Release `spec.candidate` for `spec.service`, or refuse it and keep the evidence."""
-    settings = Settings()  # the worker's: endpoints and floors never come from a delivery
-    endpoints = endpoints or settings.endpoints()
+    # The worker's own: endpoints, trust store and floors never come from a delivery.
+    settings, endpoints = Settings(), worker_endpoints()
     run = Release(spec, endpoints)
     started = time.perf_counter()
     with release_lock(spec.service, spec.lock_wait_s):

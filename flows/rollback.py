@@ -5,11 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from canaryflow.contracts import Endpoints
-from canaryflow.settings import Settings
+from canaryflow.settings import worker_endpoints
 from tasks.common import artifact_key, emit, say
 from tasks.registry import resolve_version, restore_champion, retire_challenger, verify_version
-from tasks.traffic import send_all_traffic_to
+from tasks.traffic import roll_back_traffic, send_all_traffic_to
 
 
 @flow(name="rollback")
@@ -17,28 +16,32 @@ def rollback(
     service: str,
     to_version: str | None = None,
     reason: str = "manual rollback",
-    endpoints: Endpoints | None = None,
     to_alias: str = "last-stable",
 ) -> dict[str, object]:
     """Roll `service` back to `to_version` or the version `to_alias` names: traffic first.
 
     `to_alias="champion"` takes traffic off a canary nobody owns any more (the silence
-    automation): an unpromoted candidate never moved the champion, so `champion` stays and the
-    challenger is marked rolled back.
+    automation, on-call during a release): the canary leaves the routes file at once, with no
+    registry call before it (the registry may be what failed), and traffic stays on the stable
+    the release started from. Then the registry: an unpromoted candidate never moved the
+    champion, so `champion` stays and the challenger is marked rolled back.
 
-    The target's signature is verified with the worker's trusted keys before any traffic
-    moves: a tampered or wrongly signed target stops the flow with the error, routes and aliases
-    untouched. Not for `to_alias="champion"` without a version: that is a retreat to the
-    version stable traffic already has (a refusal would leave traffic on the abandoned canary),
-    and the model services serve only a verified copy of it anyway.
+    Any other target's signature is verified with the worker's trusted keys before traffic
+    moves: a tampered or wrongly signed target stops the flow with the error, routes and
+    aliases untouched.
     """
-    endpoints = endpoints or Settings().endpoints()
-    target = to_version or resolve_version(service, to_alias, endpoints).version
-    if to_version is not None or to_alias != "champion":
-        verify_version(service, target, endpoints)
+    endpoints = worker_endpoints()
+    has_traffic = endpoints.envoy_admin_url is not None  # a registry-only stack has none
     change = None
-    if endpoints.envoy_admin_url is not None:  # a registry-only stack has no traffic to move
-        change = send_all_traffic_to(service, target, endpoints)
+    if to_version is None and to_alias == "champion" and has_traffic:
+        change = roll_back_traffic(service, endpoints)
+        target = change.after.stable
+    else:
+        target = to_version or resolve_version(service, to_alias, endpoints).version
+        if to_version is not None or to_alias != "champion":
+            verify_version(service, target, endpoints)
+        if has_traffic:
+            change = send_all_traffic_to(service, target, endpoints)
     champion = restore_champion(service, target, reason, endpoints)
     retired = retire_challenger(service, reason, endpoints) if to_alias == "champion" else None
     summary: dict[str, object] = {

@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +29,22 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home) if args.home else Settings().home
 
 
-def _flows_of(endpoints: Endpoints) -> contextlib.AbstractContextManager[None]:
-    """Flows run against the stack's Prefect; its per-task lines go to logs/flows.log."""
+@contextlib.contextmanager
+def _flows_of(endpoints: Endpoints) -> Iterator[None]:
+    """Flows run in this process against the stack's Prefect, with the stack's endpoints
+    pinned (never passed as a parameter); per-task lines go to logs/flows.log."""
     from canaryflow.app.prefect_session import prefect_session
     from canaryflow.app.summaries import console
+    from canaryflow.settings import pinned_endpoints
 
     log_file = Path(endpoints.home) / "logs" / "flows.log"
-    return prefect_session(
-        endpoints.prefect_api_url, log_file, lambda line: console.print(f"  {line}")
-    )
+    with (
+        pinned_endpoints(endpoints),
+        prefect_session(
+            endpoints.prefect_api_url, log_file, lambda line: console.print(f"  {line}")
+        ),
+    ):
+        yield
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -128,7 +135,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     from flows.release import release
 
     with _flows_of(endpoints):
-        record = release(spec=spec, endpoints=endpoints)
+        record = release(spec=spec)
     print_record(record)
     return 0 if record.decision == "promoted" else 3
 
@@ -192,8 +199,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         for line in cancelled:
             print_progress(f"cancelled release {line}")
         alias = "champion" if cancelled else "last-stable"
-        rollback(service=args.service, to_version=args.to, reason=args.reason,
-                 endpoints=endpoints, to_alias=alias)  # fmt: skip
+        rollback(service=args.service, to_version=args.to, reason=args.reason, to_alias=alias)
     return 0
 
 

@@ -206,12 +206,16 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
         champion, key = _bootstrap_champion(stack.endpoints)
         console.print(f"  champion {examples.SERVICE} v{champion} published and signed")
         endpoints = stack.start_dataplane(examples.SERVICE, champion)
+        from canaryflow.settings import pinned_endpoints
         from flows.release import release
 
         policy = load_policy(POLICY)
         log_file = home / "logs" / "flows.log"
         console.print(f"  Prefect's per-task log: {log_file}")
-        with prefect_session(endpoints.prefect_api_url, log_file, print_progress):
+        with (
+            pinned_endpoints(endpoints),
+            prefect_session(endpoints.prefect_api_url, log_file, print_progress),
+        ):
             for scenario in SCENARIOS:
                 console.rule(scenario.title)
                 spec = examples.demo_spec(
@@ -219,7 +223,7 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
                     shadow=scenario.shadow,
                 )  # fmt: skip
                 began = time.perf_counter()
-                record = release(spec=spec, endpoints=endpoints)
+                record = release(spec=spec)
                 results.append((scenario, record, time.perf_counter() - began))
                 print_record(record)
         console.rule("summary")

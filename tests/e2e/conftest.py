@@ -17,6 +17,7 @@ from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
 from canaryflow.local import examples
 from canaryflow.local.stack import EmbeddedStack
 from canaryflow.registry.signing import generate_keypair, sign
+from canaryflow.settings import pinned_endpoints
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         registry.promote(champion.service, champion.version)
         endpoints = stack.start_dataplane(examples.SERVICE, champion.version)
         # Prefect reads its settings once at import: point the running context at our server.
-        with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+        # Flows take no endpoints: this process pins the stack's, as the CLI and demo do.
+        with (
+            temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}),
+            pinned_endpoints(endpoints),
+        ):
             yield LiveStack(endpoints, keys.private_path, champion.version)
     finally:
         stack.stop()

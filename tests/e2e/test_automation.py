@@ -290,7 +290,6 @@ def test_rollback_the_automation_runs_retires_the_abandoned_challenger(live: Liv
         service=examples.SERVICE,
         to_alias="champion",
         reason="silent canary: test",
-        endpoints=live.endpoints,
     )
 
     routes = controller.current()

@@ -43,7 +43,7 @@ def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -
     approval = ApprovalConfig(timeout_s=90, poll_s=1)
     spec = spec_for(live, signed, policy=COST_ONLY, approval=approval)
     spec = spec.model_copy(update={"suites": ["golden"]})  # the pause is what this test is about
-    thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
+    thread, box = _in_background(lambda: release(spec=spec))
     run_id = _wait_for_pause(live, thread)
     try:
         waiting = canaryflow(live, "approve", "--list")
@@ -66,7 +66,7 @@ def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -
     approvals = [s for s in record.stages if s.key.endswith("_approval")]
     assert [a.outcome for a in approvals] == ["approved"]
     assert approvals[0].detail == "cli-on-call: cost accepted"
-    rollback(service=examples.SERVICE, reason="undo the verbose adapter", endpoints=live.endpoints)
+    rollback(service=examples.SERVICE, reason="undo the verbose adapter")
 
 
 def test_approve_on_a_run_that_is_not_paused_fails_with_a_clear_error(live: LiveStack) -> None:

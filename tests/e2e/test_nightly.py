@@ -74,7 +74,7 @@ def test_champion_against_itself_passes_and_logs_params_metrics_tags_and_report(
     service = "nightly-steady"
     version = publish_champion(live, service, "1.0", "sandbox-good")
 
-    report = nightly_eval(service=service, endpoints=live.endpoints)
+    report = nightly_eval(service=service)
 
     assert report.decision.value == "pass", [s.result.reason for s in report.suites]
     assert {s.suite for s in report.suites} == {"golden", "regression", "safety"}
@@ -106,7 +106,7 @@ def test_champion_better_than_last_stable_passes_without_drift(live: LiveStack) 
     stable = publish_champion(live, service, "1.0", "sandbox-hallucinating")
     better = publish_champion(live, service, "1.1", "sandbox-good")
 
-    report = nightly_eval(service=service, endpoints=live.endpoints)
+    report = nightly_eval(service=service)
 
     assert report.decision.value == "pass", [s.result.reason for s in report.suites]
     assert all(s.only_baseline == 0 for s in report.suites)
@@ -128,7 +128,7 @@ def test_champion_worse_than_last_stable_is_tagged_and_announced_as_drift(
     stable = publish_champion(live, service, "1.0", "sandbox-good")
     drifted = publish_champion(live, service, "1.1", "sandbox-hallucinating")
 
-    report = nightly_eval(service=service, endpoints=live.endpoints)
+    report = nightly_eval(service=service)
 
     assert report.decision.value == "fail"
     golden = next(s for s in report.suites if s.suite == "golden")

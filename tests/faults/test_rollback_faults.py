@@ -627,3 +627,50 @@ def test_two_processes_writing_end_with_the_last_writers_routes_live(
         f"{interleaved} hand-overs between the processes; last writer's routes live"
     )
     controller_for(proxy).rollback()
+
+
+# ---- the silence automation's rollback with the registry down --------------------------------
+
+
+def test_silence_rollback_moves_traffic_before_asking_the_registry_which_is_down(
+    proxy: EnvoyProxy, prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The automation's `rollback(to_alias="champion")` takes the canary off from the routes
+    file alone: with MLflow unreachable the flow fails at the registry step, after traffic is
+    on the release's stable."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from canaryflow.contracts import Endpoints
+    from canaryflow.settings import pinned_endpoints
+    from flows.rollback import rollback
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # only the task's own retries
+    controller_for(proxy).set_routes(canary(25))
+    endpoints = Endpoints(
+        home=str(tmp_path),
+        mlflow_uri=f"http://127.0.0.1:{free_port()}",  # nothing listens: the registry is down
+        prefect_api_url=prefect_api,
+        keys_dir=str(tmp_path / "keys"),
+        envoy_url=proxy.url,
+        envoy_admin_url=proxy.admin_url,
+        envoy_home=str(proxy.home),
+    )
+
+    def silence_rollback() -> object:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: prefect_api}),
+            pinned_endpoints(endpoints),
+        ):
+            return rollback(service=SERVICE, to_alias="champion", reason="silent canary: test")
+
+    called = time.monotonic()
+    thread, out = in_thread(silence_rollback)
+    written = when_stable_in_file(proxy, timeout_s=30)
+    thread.join(120)
+    assert "error" in out, "the registry step cannot succeed with MLflow down"
+    assert read_route_file(proxy.route_path)[1] == STABLE
+    assert roles(proxy, 20) == Counter(stable=20)
+    figure(
+        f"silence rollback, MLflow down: stable-only routes {written - called:.2f} s after the "
+        f"flow started; flow failed at the registry after {out['returned'] - called:.1f} s"
+    )

@@ -47,6 +47,7 @@ from canaryflow.registry.signing import (
     verify,
 )
 from canaryflow.registry.versions import MANIFEST_PATH, TAG_DIGEST, MlflowRegistry
+from canaryflow.settings import pinned_endpoints
 
 SERVICE = examples.SERVICE
 AUTH = "canaryflow:trust-faults-pass"
@@ -269,9 +270,9 @@ def test_rollback_to_a_tampered_version_stops_before_traffic_moves(trust: Trust)
     champion = trust.registry.aliases(SERVICE)["champion"]
     settings = {PREFECT_API_URL: trust.endpoints.prefect_api_url, PREFECT_API_AUTH_STRING: AUTH}
 
-    with temporary_settings(updates=settings):
+    with temporary_settings(updates=settings), pinned_endpoints(trust.endpoints):
         with pytest.raises(SignatureError, match="changed after it was signed"):
-            rollback(SERVICE, to_version=bad, reason="test", endpoints=trust.endpoints)
+            rollback(SERVICE, to_version=bad, reason="test")
         assert controller.current() == routes_before, "no traffic moved"
         assert trust.registry.aliases(SERVICE)["champion"] == champion
         through_envoy = chat(str(trust.endpoints.envoy_url))
@@ -279,7 +280,7 @@ def test_rollback_to_a_tampered_version_stops_before_traffic_moves(trust: Trust)
         assert through_envoy.headers["x-canaryflow-version"] == champion
 
         # The same flow with a good target moves traffic: the refusal above was the check.
-        summary = rollback(SERVICE, to_version=good, reason="test", endpoints=trust.endpoints)
+        summary = rollback(SERVICE, to_version=good, reason="test")
     assert summary["champion"] == good
     after = controller.current()
     assert after is not None and after.stable == good
@@ -318,6 +319,67 @@ def test_prefect_client_needs_prefect_api_auth_string(trust: Trust) -> None:
     with_auth = {PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: AUTH}
     with temporary_settings(updates=with_auth), get_client(sync_client=True) as client:
         assert isinstance(client.read_flow_runs(limit=1), list)
+
+
+def test_the_webhook_starts_releases_on_a_prefect_api_with_auth(
+    trust: Trust, tmp_path: Path
+) -> None:
+    """The receiver sends PREFECT_API_AUTH_STRING as Prefect's client does; without it the
+    delivery is answered 503 with the variable to set, and no run starts."""
+    from prefect.client.orchestration import get_client
+
+    from tests.faults.test_webhook_faults import post, signed, start_receiver
+
+    api = f"{trust.prefect_url}/api"
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: AUTH}),
+        get_client(sync_client=True) as client,
+    ):
+        flow_id = client.create_flow_from_name("release")
+        client.create_deployment(flow_id=flow_id, name="release")
+        runs_before = len(client.read_flow_runs())
+        keys = generate_keypair(tmp_path / "keys", "ci", [SERVICE])
+        spec = {
+            "service": SERVICE,
+            "candidate": sign(examples.manifest("3.1", "sandbox-good"), keys.private_path)
+            .model_dump(mode="json"),
+        }  # fmt: skip
+        bare = start_receiver(tmp_path / "bare", api, tmp_path)
+        try:
+            refused = post(bare, signed(spec))
+        finally:
+            bare.process.stop()
+        assert refused.status_code == 503, refused.text
+        assert "PREFECT_API_AUTH_STRING" in refused.json()["error"]
+        assert len(client.read_flow_runs()) == runs_before, "no run without credentials"
+
+        authed = start_receiver(
+            tmp_path / "authed", api, tmp_path, env={"PREFECT_API_AUTH_STRING": AUTH}
+        )
+        try:
+            accepted = post(authed, signed(spec))
+            command_line = " ".join(authed.process.command)
+        finally:
+            authed.process.stop()
+        assert accepted.status_code == 202, accepted.text
+        run = client.read_flow_run(accepted.json()["flow_run_id"])
+        assert run.parameters["spec"]["service"] == SERVICE
+        assert "endpoints" not in run.parameters, "trust comes from the worker, not the delivery"
+    assert AUTH.split(":", 1)[1] not in command_line, "the password is never on the command line"
+
+
+def test_no_flow_takes_its_endpoints_or_trust_store_as_a_parameter() -> None:
+    """Anyone reaching the Prefect API may set a run's parameters: none of them may name the
+    parts a release trusts (keys, registry, routes). Flows read the worker's own settings."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.nightly_eval import nightly_eval
+    from flows.release import release
+    from flows.rollback import rollback
+
+    for flow in (release, rollback, nightly_eval):
+        names = set(parameter_schema(flow.fn).properties)
+        assert not names & {"endpoints", "keys_dir", "mlflow_uri", "envoy_home"}, (flow, names)
 
 
 # --------------------------------------------------------------------------- the cost

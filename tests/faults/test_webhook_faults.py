@@ -69,7 +69,9 @@ class Receiver:
         return fields
 
 
-def start_receiver(state_dir: Path, prefect_api: str, home: Path) -> Receiver:
+def start_receiver(
+    state_dir: Path, prefect_api: str, home: Path, env: dict[str, str] | None = None
+) -> Receiver:
     secret_file = home / "webhook.secret"
     if not secret_file.exists():
         secret_file.write_text(SECRET)
@@ -89,6 +91,7 @@ def start_receiver(state_dir: Path, prefect_api: str, home: Path) -> Receiver:
         log_path=home / "webhook.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
         cwd=REPO,
+        env=env or {},
     )
     process.start(timeout_s=60)
     return Receiver(process, f"http://127.0.0.1:{port}", port)
