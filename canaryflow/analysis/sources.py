@@ -45,6 +45,7 @@ class RecordStore(Protocol):
         *,
         role: Role | None = None,
         version: str | None = None,
+        synthetic: bool | None = False,
     ) -> list[RequestRecord]: ...
 
 
@@ -64,14 +65,20 @@ class StoreSource:
         *,
         candidate_role: Role | str = Role.CANARY,
     ) -> WindowSample:
-        """Stable baseline vs the candidate's canary (or shadow) requests in [start, end)."""
+        """Stable baseline vs the candidate's canary (or shadow) requests in [start, end).
+
+        Users' requests only: synthetic load (Envoy's synthetic listener) is never a sample, so
+        a window that had only synthetic requests has no data, which no gate passes.
+        """
         role = Role(candidate_role)
         if role is Role.STABLE:
             raise ValueError("the candidate is judged as canary or shadow, not stable")
         baseline = self.store.records(
-            service, start, end, role=Role.STABLE, version=baseline_version
+            service, start, end, role=Role.STABLE, version=baseline_version, synthetic=False
         )
-        candidate = self.store.records(service, start, end, role=role, version=candidate_version)
+        candidate = self.store.records(
+            service, start, end, role=role, version=candidate_version, synthetic=False
+        )
         return WindowSample(
             baseline=RoleSample.from_records(baseline),
             candidate=RoleSample.from_records(candidate),

@@ -58,6 +58,9 @@ class RequestRecord(Frozen):
     unsafe: bool | None = None
     injection_leak: bool | None = None
     refusal: bool | None = None
+    # Sent through Envoy's synthetic listener (load a release asked for): never a user, so no
+    # gate counts it. Envoy's public listener strips the header from clients.
+    synthetic: bool = False
 
 
 class Endpoints(Strict):
@@ -70,6 +73,9 @@ class Endpoints(Strict):
     keys_dir: str
     store_url: str | None = None
     envoy_url: str | None = None
+    envoy_synthetic_url: str | None = Field(
+        default=None, description="Envoy's loopback listener that marks requests as synthetic"
+    )
     envoy_admin_url: str | None = None
     envoy_home: str | None = None
     model_service_urls: list[str] = Field(

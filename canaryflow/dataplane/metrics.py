@@ -1,5 +1,9 @@
 """Prometheus metrics of one model service, labelled by service, version and role.
 
+The request, latency, token, cost and quality series are the users': a synthetic request (marked
+by Envoy's synthetic listener) is counted only in `canaryflow_synthetic_requests_total`, so no
+dashboard or alert built on the users' series sees it.
+
 Every app owns its `CollectorRegistry`, so several apps can live in one process (tests). Labelled
 children are cached: `.labels()` costs microseconds that the hot path does not need to pay twice.
 """
@@ -70,6 +74,12 @@ class ServiceMetrics:
             ["service"],
             registry=r,
         )
+        self.synthetic_requests = Counter(
+            "canaryflow_synthetic_requests",
+            "Synthetic requests answered (load a release asked for; not in the users' series)",
+            [*_BASE, "status"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], _RequestSeries] = {}
         self._versions: set[str] = set()
 
@@ -90,7 +100,12 @@ class ServiceMetrics:
         tokens_in: int = 0,
         tokens_out: int = 0,
         cost_usd: float = 0.0,
+        *,
+        synthetic: bool = False,
     ) -> None:
+        if synthetic:
+            self.synthetic_requests.labels(self.service, self._bounded(version), role, status).inc()
+            return
         key = (version, role, str(status))
         series = self._children.get(key)
         if series is None:

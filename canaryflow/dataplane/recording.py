@@ -47,6 +47,7 @@ class Pending:
     cost_usd: float = 0.0
     prompt: str = ""
     response: str = ""
+    synthetic: bool = False  # Envoy's synthetic listener sent it: stored, never a user's
 
 
 class RecordWorker:
@@ -176,7 +177,8 @@ class RecordWorker:
             if self._checks is None:
                 self._checks = QualityChecks()
             flags = self._checks.run(p.prompt, p.response)
-            self.metrics.observe_check(p.version, p.role.value, flags.raised())
+            if not p.synthetic:  # the quality series are the users' (as the request counts)
+                self.metrics.observe_check(p.version, p.role.value, flags.raised())
         return RequestRecord(
             request_id=p.request_id,
             at=datetime.fromtimestamp(p.at, UTC),
@@ -196,6 +198,7 @@ class RecordWorker:
             unsafe=flags.unsafe,
             injection_leak=flags.injection_leak,
             refusal=flags.refusal,
+            synthetic=p.synthetic,
         )
 
     async def aclose(self) -> None:

@@ -173,9 +173,8 @@ class ModelService:
         started = time.perf_counter()
         request_id = headers.get("x-request-id") or f"{random.getrandbits(128):032x}"
         out = {"x-request-id": request_id}
-        pending = Pending(
-            request_id=request_id, at=time.time(), user=headers.get("x-canaryflow-user")
-        )
+        pending = Pending(request_id, time.time(), headers.get("x-canaryflow-user"))
+        pending.synthetic = headers.get("x-canaryflow-synthetic") == "1"  # set by Envoy only
         try:
             role, version = await self.route(headers)
             pending.role, pending.version = role, version
@@ -204,6 +203,7 @@ class ModelService:
             pending.tokens_in,
             pending.tokens_out,
             pending.cost_usd,
+            synthetic=pending.synthetic,
         )
         self.worker.submit(pending)
         return pending.status, out, answer

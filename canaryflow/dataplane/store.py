@@ -1,10 +1,14 @@
 """The paired request store: every request the model services saw, joined stable-to-shadow by id.
 
-SQLite (WAL) by default, one connection per thread so the service's writer and the analysis'
-readers never share a cursor; a `postgresql://` URL goes through SQLAlchemy when several services
-write. Both speak the same SQL (named `:params`, `ON CONFLICT` upsert), so one set of queries serves
-both. A record is keyed by (request_id, role, service): writing it again replaces it, which makes a
-retried batch harmless.
+SQLite (WAL) by default; a `postgresql://` URL goes through SQLAlchemy when several services
+write (`backends.py`: both speak the same SQL, so one set of queries serves both). A record is
+keyed by (request_id, role, service): writing it again replaces it, which makes a retried batch
+harmless.
+
+Synthetic records (load a release asked for, marked by Envoy's synthetic listener) are stored
+with `synthetic = 1` and every read leaves them out unless asked for them (`synthetic=None`: all,
+`True`: only those): what a gate reads is user traffic only. A store made before the column
+existed gets it on open (`_MIGRATIONS`), every old row a user's.
 
 Nothing raw is stored: `row_of` masks the text (`pii.mask_pii`) and replaces the user id with
 `u_` + the first 16 hex digits of HMAC-SHA256(salt, id). The salt is made once per install, in a
@@ -20,15 +24,14 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
 import tempfile
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from canaryflow.contracts import RequestRecord, Role
+from canaryflow.dataplane.backends import open_backend, redact, sqlite_path
 from canaryflow.dataplane.pii import mask_pii
 from canaryflow.dataplane.watermarks import Watermarks
 from canaryflow.errors import ConfigError
@@ -37,7 +40,7 @@ __all__ = ["COLUMNS", "SALT_FILE", "Store", "hash_user", "load_salt", "mask_pii"
 
 TABLE = "request_records"
 COLUMNS = tuple(RequestRecord.model_fields)  # the schema below lists each, in this order
-_FLAGS = ("checked", "hallucination", "unsafe", "injection_leak", "refusal")
+_FLAGS = ("checked", "hallucination", "unsafe", "injection_leak", "refusal", "synthetic")
 _KEY = ("request_id", "role", "service")
 
 # "user" is reserved in PostgreSQL: always quoted.
@@ -61,7 +64,8 @@ _SCHEMA = (
         hallucination SMALLINT,
         unsafe SMALLINT,
         injection_leak SMALLINT,
-        refusal SMALLINT
+        refusal SMALLINT,
+        synthetic SMALLINT NOT NULL DEFAULT 0
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_key ON {TABLE} ({', '.join(_KEY)})",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_service_at ON {TABLE} (service, at)",
@@ -71,6 +75,8 @@ _UPSERT = (
     f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
     + ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS if c not in _KEY)
 )
+# Columns added after the first schema: (name, declaration), added to an older store on open.
+_MIGRATIONS = (("synthetic", "SMALLINT NOT NULL DEFAULT 0"),)
 _WINDOW = "service = :service AND at >= :since AND at < :until"
 SALT_FILE = "user-salt"
 _SALT_HEX = 64  # 32 random bytes, written as hex
@@ -113,152 +119,6 @@ def hash_user(user: str | None, salt: bytes) -> str | None:
     return "u_" + hmac.new(salt, user.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
-class _Backend(Protocol):
-    def create_schema(self, statements: Sequence[str]) -> None: ...
-    def write_many(self, sql: str, rows: list[dict[str, Any]]) -> None: ...
-    def query(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]: ...
-    def close(self) -> None: ...
-
-
-class _SqliteBackend:
-    """One connection per thread (WAL lets readers run while the writer commits)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()  # guards _connections; serialises this process's writers
-        self._closed = False
-
-    def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is not None:
-            return connection
-        with self._lock:
-            if self._closed:
-                raise ConfigError(f"store {self._path} is closed: open a new Store")
-            connection = sqlite3.connect(
-                self._path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            self._connections.append(connection)
-        self._local.connection = connection
-        return connection
-
-    def create_schema(self, statements: Sequence[str]) -> None:
-        for statement in statements:
-            self._connection().execute(statement)
-
-    def write_many(self, sql: str, rows: list[dict[str, Any]]) -> None:
-        connection = self._connection()
-        with self._lock:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                connection.executemany(sql, rows)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-
-    def query(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        return self._connection().execute(sql, params).fetchall()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-
-
-class _SqlAlchemyBackend:
-    """PostgreSQL through SQLAlchemy (psycopg 3 unless the URL names a driver); the engine pools."""
-
-    def __init__(self, url: str) -> None:
-        try:
-            import sqlalchemy
-        except ImportError as exc:
-            raise ConfigError(
-                f"the store URL {_redact(url)} needs SQLAlchemy and psycopg: "
-                "pip install canaryflow[postgres]"
-            ) from exc
-        self._sa = sqlalchemy
-        if url.startswith(("postgresql://", "postgres://")):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        try:
-            self._engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
-        except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
-            raise ConfigError(
-                f"the store URL {_redact(url)} needs a database driver ({exc}): "
-                "pip install canaryflow[postgres]"
-            ) from exc
-
-    def create_schema(self, statements: Sequence[str]) -> None:
-        try:
-            with self._engine.begin() as connection:
-                # Two services opening the store at once would race on CREATE TABLE.
-                connection.execute(self._sa.text("SELECT pg_advisory_xact_lock(7161993)"))
-                for statement in statements:
-                    connection.execute(self._sa.text(statement))
-        except self._sa.exc.OperationalError as exc:
-            raise ConfigError(
-                f"cannot open the store at {_redact(str(self._engine.url))}: {exc.orig}; "
-                "check the URL and that the database is up"
-            ) from exc
-
-    def write_many(self, sql: str, rows: list[dict[str, Any]]) -> None:
-        with self._engine.begin() as connection:
-            connection.execute(self._sa.text(sql), rows)
-
-    def query(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        with self._engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(self._sa.text(sql), dict(params))]
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a URL before it reaches a message or a log."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-
-
-def _sqlite_path(url: str) -> str | None:
-    """The database file of a SQLite store URL; None for any other kind."""
-    if url.startswith(("postgresql", "postgres://")):
-        return None
-    if url.startswith("sqlite:///"):
-        return url.removeprefix("sqlite:///")
-    return None if "://" in url else url
-
-
-def _open(url: str) -> _Backend:
-    if url.startswith(("postgresql", "postgres://")):
-        return _SqlAlchemyBackend(url)
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-    elif "://" in url:
-        raise ConfigError(
-            f"unsupported store URL {_redact(url)}: use a file path, sqlite:///PATH "
-            "or postgresql://USER@HOST/DB"
-        )
-    else:
-        path = url
-    if path in ("", ":memory:"):
-        raise ConfigError(
-            "the store needs a file: an in-memory SQLite database cannot be shared between the "
-            "service's writer and the analysis' readers"
-        )
-    return _SqliteBackend(Path(path))
-
-
 def _epoch(moment: datetime) -> float:
     """Naive datetimes are taken as UTC, so the same window means the same rows everywhere."""
     if moment.tzinfo is None:
@@ -296,8 +156,10 @@ class Store:
 
     def __init__(self, url: str | Path, *, salt_path: str | Path | None = None) -> None:
         self.url = str(url)
-        self._backend = _open(self.url)
+        self._backend = open_backend(self.url)
         self._backend.create_schema(_SCHEMA)
+        for column, declaration in _MIGRATIONS:
+            self._backend.add_column(TABLE, column, declaration)
         self.watermarks = Watermarks(self._backend)
         self._salt_path = Path(salt_path) if salt_path is not None else None
         self._salt: bytes | None = None
@@ -307,10 +169,10 @@ class Store:
         """Where the user-id salt lives: the path given, else `user-salt` beside a SQLite file."""
         if self._salt_path is not None:
             return self._salt_path
-        database = _sqlite_path(self.url)
+        database = sqlite_path(self.url)
         if database is None:
             raise ConfigError(
-                f"the store {_redact(self.url)} needs a salt file for user ids "
+                f"the store {redact(self.url)} needs a salt file for user ids "
                 "(Store(url, salt_path=...), canaryflow serve --user-salt PATH): the same file "
                 "for every service writing to it, so a user hashes the same everywhere"
             )
@@ -330,7 +192,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({_redact(self.url)!r})"
+        return f"Store({redact(self.url)!r})"
 
     def write(self, records: Sequence[RequestRecord]) -> None:
         """One transaction per batch; text is masked and user ids hashed here, from raw records."""
@@ -351,9 +213,10 @@ class Store:
         *,
         role: Role | None = None,
         version: str | None = None,
+        synthetic: bool | None = False,
     ) -> list[RequestRecord]:
-        """Records with since <= at < until, oldest first."""
-        where, params = self._where(service, since, until, role, version)
+        """Records with since <= at < until, oldest first; users' only unless `synthetic`."""
+        where, params = self._where(service, since, until, role, version, synthetic)
         rows = self._backend.query(f"SELECT {_COLS} FROM {TABLE} WHERE {where} ORDER BY at", params)
         return [_record(row) for row in rows]
 
@@ -365,15 +228,17 @@ class Store:
         *,
         role: Role | None = None,
         version: str | None = None,
+        synthetic: bool | None = False,
     ) -> int:
-        where, params = self._where(service, since, until, role, version)
+        where, params = self._where(service, since, until, role, version, synthetic)
         rows = self._backend.query(f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params)
         return int(rows[0][0])
 
     def pairs(
         self, service: str, since: datetime, until: datetime
     ) -> list[tuple[RequestRecord, RequestRecord]]:
-        """(primary, shadow) per request id; the primary (stable or canary) sets the window."""
+        """(primary, shadow) per user request id; the primary (stable or canary) sets the
+        window."""
         both = (
             ", ".join(f'p."{c}"' for c in COLUMNS) + ", " + ", ".join(f's."{c}"' for c in COLUMNS)
         )
@@ -381,7 +246,7 @@ class Store:
             f"SELECT {both} FROM {TABLE} p JOIN {TABLE} s "
             "ON s.request_id = p.request_id AND s.service = p.service AND s.role = :shadow "
             "WHERE p.service = :service AND p.at >= :since AND p.at < :until "
-            "AND p.role IN (:stable, :canary) ORDER BY p.at"
+            "AND p.role IN (:stable, :canary) AND p.synthetic = 0 ORDER BY p.at"
         )
         params = {
             "service": service,
@@ -405,9 +270,10 @@ class Store:
         *,
         role: Role | None = None,
         version: str | None = None,
+        synthetic: bool | None = False,
     ) -> list[RequestRecord]:
         """Up to n records drawn at random from the window, for a forensics bundle."""
-        where, params = self._where(service, since, until, role, version)
+        where, params = self._where(service, since, until, role, version, synthetic)
         rows = self._backend.query(
             f"SELECT {_COLS} FROM {TABLE} WHERE {where} ORDER BY random() LIMIT :n",
             {**params, "n": max(0, int(n))},
@@ -424,6 +290,7 @@ class Store:
         until: datetime,
         role: Role | None,
         version: str | None,
+        synthetic: bool | None,
     ) -> tuple[str, dict[str, Any]]:
         where = _WINDOW
         params: dict[str, Any] = {
@@ -437,4 +304,6 @@ class Store:
         if version is not None:
             where += " AND version = :version"
             params["version"] = version
+        if synthetic is not None:
+            where += f" AND synthetic = {int(synthetic)}"
         return where, params

@@ -13,20 +13,15 @@ Every wait is on a condition with a generous timeout: the UI takes 20-50 s to lo
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import re
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from prefect import flow
-from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -35,11 +30,11 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from canaryflow.app.approvals import paused_runs, prefect_client, resume_with_approval
+from canaryflow.app.approvals import prefect_client
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
 from canaryflow.local.stack import prefect_server, url_of
 from tasks.approval import wait_for_approval
-from tests.waiting import wait_for
+from tests.paused_runs import PausedRun, paused_flow_run
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -73,18 +68,6 @@ def ask() -> tuple[ApprovalDecision, bool]:
     return wait_for_approval(QUESTION, config, "probe", EVIDENCE_KEY)
 
 
-@dataclass
-class PausedRun:
-    id: str
-    thread: threading.Thread
-    box: dict[str, object] = field(default_factory=dict)
-
-    def answer(self, timeout_s: float = 60.0) -> object:
-        """What the flow returned (or raised), once it has: the paused process polls every 1 s."""
-        self.thread.join(timeout_s)
-        return self.box.get("answer", self.box.get("error"))
-
-
 @pytest.fixture(scope="module")
 def prefect_ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real `prefect server` with its UI; yields its base URL (the API is under /api)."""
@@ -96,34 +79,10 @@ def prefect_ui(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 def paused_run(prefect_ui: str) -> Iterator[PausedRun]:
-    """A run of `ask` waiting for its form; rejected at the end if the test left it paused."""
-    api = f"{prefect_ui}/api"
     name = f"form-{uuid.uuid4().hex[:8]}"
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["answer"] = ask.with_options(flow_run_name=name)()
-        except BaseException as exc:
-            box["error"] = exc
-
-    # The thread must carry the API URL, and the UI URL the evidence link is built from.
-    with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_UI_URL: prefect_ui}):
-        context = contextvars.copy_context()
-    thread = threading.Thread(target=context.run, args=(run,), daemon=True)
-    thread.start()
-    run_id = wait_for(
-        f"flow run {name} to pause",
-        lambda: next((r["id"] for r in paused_runs(api, FLOW) if r["name"] == name), None),
-        timeout_s=90,
-        interval_s=0.2,
-    )
-    paused = PausedRun(str(run_id), thread, box)
-    yield paused
-    if is_paused(prefect_ui, paused.id):
-        resume_with_approval(api, paused.id, approve=False, reason="test over", approver="pytest")
-    thread.join(30)
-    APILogWorker.drain_all(timeout=5, at_exit=False)  # not at exit, when the server is gone
+    api = f"{prefect_ui}/api"
+    with paused_flow_run(ask, FLOW, name, api, timeout_s=90, ui=prefect_ui) as run:
+        yield run
 
 
 @pytest.fixture

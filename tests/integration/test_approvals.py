@@ -7,23 +7,19 @@ which call was made and that it reached Prefect in the end.
 
 from __future__ import annotations
 
-import contextvars
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 from prefect import flow
-from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from canaryflow.app.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
 from canaryflow.errors import CanaryflowError, ConfigError
 from tasks.approval import wait_for_approval
 from tests.integration.busy_prefect import BusyPrefect
-from tests.waiting import wait_for
+from tests.paused_runs import PausedRun, paused_flow_run
 
 FLOW = "approval-probe"
 
@@ -35,47 +31,12 @@ def ask() -> ApprovalDecision:
     return decision
 
 
-@dataclass
-class PausedRun:
-    id: str
-    thread: threading.Thread
-    box: dict[str, object] = field(default_factory=dict)
-
-    def answer(self) -> object:
-        self.thread.join(30)
-        return self.box.get("answer", self.box.get("error"))
-
-
 @pytest.fixture
 def paused_run(prefect_api: str) -> Iterator[PausedRun]:
-    """A run of `ask` waiting for its form; rejected at the end if a test left it paused."""
-    name = f"probe-{uuid.uuid4().hex[:8]}"
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["answer"] = ask.with_options(flow_run_name=name)()
-        except BaseException as exc:
-            box["error"] = exc
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        context = contextvars.copy_context()  # the thread must carry the Prefect API URL
-    thread = threading.Thread(target=context.run, args=(run,), daemon=True)
-    thread.start()
-    run_id = wait_for(
-        f"flow run {name} to pause",
-        lambda: next((r["id"] for r in paused_runs(prefect_api, FLOW) if r["name"] == name), None),
-        timeout_s=60,
-        interval_s=0.2,
-    )
-    paused = PausedRun(str(run_id), thread, box)
-    yield paused
-    if any(r["id"] == paused.id for r in paused_runs(prefect_api, FLOW)):
-        resume_with_approval(
-            prefect_api, paused.id, approve=False, reason="test over", approver="pytest"
-        )
-    thread.join(30)
-    APILogWorker.drain_all(timeout=5, at_exit=False)  # not at exit, when the server is gone
+    with paused_flow_run(
+        ask, FLOW, f"probe-{uuid.uuid4().hex[:8]}", prefect_api, timeout_s=60
+    ) as run:
+        yield run
 
 
 def test_resume_through_a_busy_api_reaches_prefect_and_the_run(

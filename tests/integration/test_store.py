@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -41,51 +37,6 @@ def record(n: int, **fields: Any) -> RequestRecord:
 # --------------------------------------------------------------------------- fixtures
 
 
-def _pg_binary(name: str) -> str | None:
-    """On PATH, or where Debian's postgresql packages put it."""
-    found = shutil.which(name)
-    if found is None:
-        candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-        found = str(candidates[-1]) if candidates else None
-    return found
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A cluster of its own (initdb as the postgres user, fsync off), removed at the end."""
-    pg_ctl, initdb, runuser = (_pg_binary("pg_ctl"), _pg_binary("initdb"), shutil.which("runuser"))
-    # .ci/run installs Debian's postgresql when it is missing: a missing server fails, never skips.
-    assert pg_ctl and initdb and runuser, (
-        "PostgreSQL server binaries missing: apt-get install postgresql"
-    )
-    assert os.geteuid() == 0, "the throwaway cluster is made with runuser -u postgres: run as root"
-    data = Path(tempfile.mkdtemp(prefix="canaryflow-pg-"))
-    shutil.chown(data, "postgres", "postgres")
-    port = free_port()
-    as_postgres = [runuser, "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
-    log = data / "server.log"
-    subprocess.run(
-        [*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            [*as_postgres, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-            check=False,
-            capture_output=True,
-        )
-        shutil.rmtree(data, ignore_errors=True)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -108,7 +59,7 @@ def store(store_url: str, salt_path: Path | None) -> Iterator[Store]:
 
 @pytest.fixture
 def service() -> str:
-    """Every test gets its own service: the PostgreSQL database is shared within the module."""
+    """Every test gets its own service: the PostgreSQL database is shared by the session."""
     return f"svc-{uuid.uuid4().hex[:8]}"
 
 
