@@ -168,6 +168,7 @@ def service(
     manifests = write_manifests(home)
     args = [
         "canaryflow.dataplane.serve", "--service", SERVICE, "--port", str(port),
+        "--admin-port", str(free_port()),
         "--provider-url", f"sandbox={provider}", "--default-version", "1",
         "--manifest", f"1={manifests['1']}", "--manifest", f"2={manifests['2']}",
         "--store", str(home / f"{name}.db"), "--forwarder", forwarder,

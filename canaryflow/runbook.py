@@ -161,7 +161,7 @@ def warm_up(endpoints: Endpoints, version: str) -> list[str]:
     import httpx
 
     answered = []
-    for url in endpoints.model_service_urls:
+    for url in endpoints.model_service_admin_urls:  # admin routes are not on the public port
         response = httpx.post(f"{url}/admin/warm", json={"version": version}, timeout=30)
         if response.status_code != 200:
             raise StackError(f"model service {url} cannot serve version {version}: {response.text}")

@@ -79,7 +79,11 @@ class Endpoints(Strict):
     envoy_admin_url: str | None = None
     envoy_home: str | None = None
     model_service_urls: list[str] = Field(
-        default_factory=list, description="every model-service instance, for warm-up"
+        default_factory=list, description="every model-service instance's public (OpenAI) URL"
+    )
+    model_service_admin_urls: list[str] = Field(
+        default_factory=list,
+        description="every model-service instance's admin URL (loopback): warm-up, metrics",
     )
     prometheus_url: str | None = None
     webhook_url: str | None = Field(

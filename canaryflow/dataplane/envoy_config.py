@@ -4,10 +4,15 @@ Kept apart from the process (`envoy.py`) and the route driver (`envoy_routes.py`
 needs no running Envoy. Both find their files in an Envoy's home folder by the names below.
 
 Contract with the model service: every request carries `x-canaryflow-role` and
-`x-canaryflow-version` set by Envoy for the weighted cluster it picked (client values are
-overwritten). While a shadow is set, every request carries `x-canaryflow-shadow-version`; Envoy
-sends mirrored copies with `-shadow` appended to the Host (the primary Host is rewritten to the
-service name, so a client cannot fake it) and the same `x-request-id` as the primary copy.
+`x-canaryflow-version` set by Envoy for the weighted cluster it picked. While a shadow is set,
+every request carries `x-canaryflow-shadow-version`; mirrored copies alone carry
+`x-canaryflow-mirror: 1` (and `-shadow` appended to the Host; the primary Host is rewritten to
+the service name). Requests through the loopback synthetic listener carry
+`x-canaryflow-synthetic: 1`. Every listener first drops the client's own copies of these headers
+(`EDGE_HEADERS`), so only Envoy can set them. Envoy makes each request's `x-request-id` itself
+(a client's is replaced: it would let one record overwrite another); a mirrored copy keeps its
+primary's. A body over the cap is answered 413 at the edge: a Content-Length over it before any
+body is read, a chunked body once the cap is passed.
 """
 
 from __future__ import annotations
@@ -15,23 +20,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import string
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from canaryflow.contracts import Routes
 from canaryflow.errors import StackError
 
 ROUTE_CONFIG = "canaryflow"
 STAT_PREFIX = "ingress"
+SYNTHETIC_STAT_PREFIX = "synthetic"
 ROLE_HEADER = "x-canaryflow-role"
 VERSION_HEADER = "x-canaryflow-version"
 SHADOW_VERSION_HEADER = "x-canaryflow-shadow-version"
+MIRROR_HEADER = "x-canaryflow-mirror"
+SYNTHETIC_HEADER = "x-canaryflow-synthetic"
+# Set by Envoy only: a client's copy is dropped on every listener before the routes run.
+EDGE_HEADERS = (ROLE_HEADER, VERSION_HEADER, SHADOW_VERSION_HEADER, MIRROR_HEADER, SYNTHETIC_HEADER)
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 CLUSTERS = ("stable", "canary", "shadow")
 # Inside an Envoy's home: Envoy watches the route file's own folder, so it gets one to itself.
 ROUTE_FILE = Path("routes") / "routes.yaml"
@@ -45,7 +52,7 @@ _ROUTES_MARK = "# canaryflow-routes: "
 _BASIS = 10_000  # weights in hundredths of a percent
 
 
-def _header(name: str, value: str) -> dict[str, Any]:
+def header_entry(name: str, value: str) -> dict[str, Any]:
     return {
         "header": {"key": name, "value": value},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -56,7 +63,10 @@ def _cluster_weight(role: str, version: str, weight: int) -> dict[str, Any]:
     return {
         "name": role,
         "weight": weight,
-        "request_headers_to_add": [_header(ROLE_HEADER, role), _header(VERSION_HEADER, version)],
+        "request_headers_to_add": [
+            header_entry(ROLE_HEADER, role),
+            header_entry(VERSION_HEADER, version),
+        ],
     }
 
 
@@ -116,11 +126,13 @@ def render_route_config(
             weighted["use_hash_policy"] = True
             action["hash_policy"] = [{"header": {"header_name": routes.sticky_header}}]
         if routes.shadow is not None:
-            route["request_headers_to_add"] = [_header(SHADOW_VERSION_HEADER, routes.shadow)]
+            route["request_headers_to_add"] = [header_entry(SHADOW_VERSION_HEADER, routes.shadow)]
             if routes.mirror_percent > 0:
                 action["request_mirror_policies"] = [
                     {
                         "cluster": "shadow",
+                        # The copy alone: the primary never carries it (checked in tests).
+                        "request_headers_mutations": [{"append": header_entry(MIRROR_HEADER, "1")}],
                         "runtime_fraction": {
                             "default_value": {
                                 "numerator": round(routes.mirror_percent * 10_000),
@@ -205,67 +217,10 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
-_BOOTSTRAP = """
-node: {id: canaryflow-$service, cluster: canaryflow-$service}
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $admin_port}}}
-static_resources:
-  listeners:
-  - name: client
-    address: {socket_address: {address: $listen_host, port_value: $listen_port}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: $stat_prefix
-          generate_request_id: true
-          rds:
-            route_config_name: $route_config
-            config_source:
-              resource_api_version: V3
-              path_config_source: {path: $route_path, watched_directory: {path: $route_dir}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters: []
-"""  # noqa: E501
-_CLUSTER = """
-{name: $name, type: STATIC, connect_timeout: 1s, load_assignment: {cluster_name: $name, endpoints:
-  [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $host, port_value: $port}}}}]}]}}
-"""
-
-
-def render_bootstrap(
-    *,
-    service: str,
-    listen_host: str,
-    listen_port: int,
-    admin_port: int,
-    upstreams: Mapping[str, tuple[str, int]],
-    route_path: Path,
-) -> dict[str, Any]:
-    """Static listener and clusters; the routes come from the watched file."""
-    values = {
-        "service": service,
-        "admin_port": admin_port,
-        "listen_host": listen_host,
-        "listen_port": listen_port,
-        "stat_prefix": STAT_PREFIX,
-        "route_config": ROUTE_CONFIG,
-        "route_path": str(route_path),
-        "route_dir": str(route_path.parent),
-    }
-    # JSON scalars are valid YAML, so paths with odd characters stay intact.
-    bootstrap: dict[str, Any] = yaml.safe_load(
-        string.Template(_BOOTSTRAP).substitute({k: json.dumps(v) for k, v in values.items()})
+def body_limit_message(max_request_bytes: int) -> str:
+    """What a client whose body is over the cap is told: the cap and who can raise it."""
+    return (
+        f"request body over the limit of {max_request_bytes} bytes: send a smaller request, or "
+        "ask the operator to raise the limit (canaryflow up --max-body-bytes N; "
+        "canaryflow serve --max-body-bytes N)"
     )
-    bootstrap["static_resources"]["clusters"] = [
-        yaml.safe_load(
-            string.Template(_CLUSTER).substitute(
-                name=json.dumps(name), host=json.dumps(host), port=port
-            )
-        )
-        for name, (host, port) in upstreams.items()
-    ]
-    return bootstrap

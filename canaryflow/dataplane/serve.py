@@ -1,6 +1,8 @@
 """`canaryflow serve`: run one model-service process under uvicorn.
 
-Kept apart from `service.py` so the app can be built and tested without the command line.
+Kept apart from `service.py` so the app can be built and tested without the command line. One
+uvicorn server listens on two sockets: the public port (OpenAI routes) and the admin port
+(warm-up, metrics; loopback unless told otherwise).
 """
 
 from __future__ import annotations
@@ -8,9 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES
+from canaryflow.dataplane.public import Listeners
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.errors import ConfigError
 
@@ -25,11 +31,32 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
     return found
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, int]:
+@dataclass(frozen=True)
+class Addresses:
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addresses]:
     p = argparse.ArgumentParser(prog="canaryflow serve", description="Run a model service.")
     p.add_argument("--service", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="public port: OpenAI routes only")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        required=True,
+        help="port of /admin/warm, /metrics and /health (Prometheus and warm-up use it)",
+    )
+    p.add_argument("--admin-host", default="127.0.0.1", help="keep it off public interfaces")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="bigger request bodies are answered 413 (default: %(default)s)",
+    )
     p.add_argument("--registry-uri", help="MLflow tracking URI of the model registry")
     p.add_argument(
         "--keys-dir",
@@ -73,28 +100,45 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str, i
         manifests={v: Path(p) for v, p in _pairs(a.manifest, "--manifest").items()},
         user_salt=Path(a.user_salt) if a.user_salt else None,
         keys_dir=Path(a.keys_dir) if a.keys_dir else None,
+        max_body_bytes=a.max_body_bytes,
     )
-    return config, a.host, a.port
+    if a.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be at least 1, got {a.max_body_bytes}")
+    if a.admin_port == a.port:
+        raise ConfigError("--admin-port must differ from --port: the admin routes stay private")
+    return config, Addresses(a.host, a.port, a.admin_host, a.admin_port)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn to listen on (it takes a list; Config takes one address)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
-    config, host, port = parse_args(argv)
+    config, at = parse_args(argv)
     # The resolver caches and retries on its own; MLflow's client would retry for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     fast = importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools")
-    uvicorn.run(
-        build_app(config),
-        host=host,
-        port=port,
-        loop="uvloop" if fast else "asyncio",
-        http="httptools" if fast else "h11",
-        access_log=False,
-        log_level="warning",
-        workers=1,
+    sockets = [bind(at.host, at.port), bind(at.admin_host, at.admin_port)]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Listeners(build_app(config), at.admin_port),
+            loop="uvloop" if fast else "asyncio",
+            http="httptools" if fast else "h11",
+            access_log=False,
+            log_level="warning",
+            workers=1,
+        )
     )
+    server.run(sockets=sockets)
 
 
 if __name__ == "__main__":

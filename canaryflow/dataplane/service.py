@@ -1,10 +1,12 @@
 """The model service (`canaryflow serve`): OpenAI-compatible, version and role aware.
 
 Envoy tells each request which version and role it serves (`x-canaryflow-role`,
-`x-canaryflow-version`; a mirrored copy has `-shadow` appended to its Host and takes its version
-from `x-canaryflow-shadow-version`). The service applies that version's template and decoding
-parameters, calls the provider, and answers. Everything else (PII masking, quality checks,
-storing the record) happens in a background worker, so the user only ever waits for the provider.
+`x-canaryflow-version`; a mirrored copy carries `x-canaryflow-mirror: 1`, which only Envoy can
+set, and takes its version from `x-canaryflow-shadow-version`). The service applies that
+version's template and decoding parameters, calls the provider, and answers. Everything else
+(PII masking, quality checks, storing the record) happens in a background worker, so the user
+only ever waits for the provider. The public port serves the OpenAI routes only; warm-up and
+metrics are on the admin app (`admin.py`), bodies are bounded (`public.py`).
 Shadow requests are dry runs: they never execute a tool, and they use their own connection pool
 and a tight timeout so they cannot slow the user's path.
 """
@@ -27,9 +29,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from canaryflow.contracts import Role
+from canaryflow.dataplane.admin import admin_app
+from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES, MIRROR_HEADER
 from canaryflow.dataplane.forwarder import (
     Forwarder,
     ForwarderKind,
@@ -41,7 +45,8 @@ from canaryflow.dataplane.forwarder import (
     provider_error,
     provider_payload,
 )
-from canaryflow.dataplane.metrics import CONTENT_TYPE, ServiceMetrics
+from canaryflow.dataplane.metrics import ServiceMetrics
+from canaryflow.dataplane.public import HotPath, read_body, refuse_too_large
 from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.resolver import CachedResolver, default_resolver
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
@@ -78,6 +83,9 @@ class ServiceConfig:
     keys_dir: Path | None = None
     """Trusted keys: a registry manifest is served only once its signature verifies with one
     bound to the service. None: no registry manifest is served."""
+    max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Bigger request bodies are refused 413 (Envoy refuses them first; this guards direct
+    callers and a misconfigured edge)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.check_sample <= 1.0:
@@ -104,8 +112,17 @@ class ModelService:
     # ------------------------------------------------------------------ routing
 
     async def route(self, headers: Mapping[str, str]) -> tuple[Role, str]:
-        """Role and version of a request, from Envoy's headers (see the module docstring)."""
-        if headers.get("host", "").endswith("-shadow"):
+        """Role and version of a request, from Envoy's headers (see the module docstring).
+
+        A mirrored copy is known by the header Envoy alone sets; a `-shadow` Host without it
+        is refused rather than guessed at (Envoy rewrites the Host of every primary copy).
+        """
+        mirrored = headers.get(MIRROR_HEADER) == "1"
+        if not mirrored and headers.get("host", "").endswith("-shadow"):
+            raise ServiceError(
+                400, f"a -shadow Host without {MIRROR_HEADER}: 1 (set by Envoy)", "invalid_request"
+            )
+        if mirrored:
             version = headers.get("x-canaryflow-shadow-version")
             if not version:
                 raise ServiceError(
@@ -152,15 +169,13 @@ class ModelService:
         The hot path skips Starlette's router, middleware and Request/Response objects: at
         1,500 req/s with a mirror every microsecond is paid twice, once per service.
         """
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        raw_body = await read_body(scope, receive, self.config.max_body_bytes)
+        if raw_body is None:
+            await refuse_too_large(send, self.config.max_body_bytes)
+            return
         # ASGI header names are lowercase; one pass instead of a scan per lookup.
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        status, out, body = await self.chat(headers, b"".join(chunks))
+        status, out, body = await self.chat(headers, raw_body)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
         raw += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -299,7 +314,8 @@ def build_app(
     store: StoreLike | None = None,
     registry: CollectorRegistry | None = None,
 ) -> HotPath:
-    """The ASGI app. Pass `resolver` (with your own `fetch`) and `store` to run without MLflow."""
+    """The public ASGI app, its admin app as `.admin`. Pass `resolver` (with your own `fetch`)
+    and `store` to run without MLflow."""
     metrics = ServiceMetrics(config.service, registry)
     if resolver is None:
         resolver = _default_resolver(config)
@@ -329,9 +345,6 @@ def build_app(
         status = 200 if service.ready else 503
         return JSONResponse({"ready": service.ready, "service": config.service}, status_code=status)
 
-    async def metrics_text(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
-
     async def models(request: Request) -> Response:
         versions = resolver.cached_versions(config.service)
         data = [
@@ -339,17 +352,6 @@ def build_app(
             for v in versions
         ]
         return JSONResponse({"object": "list", "data": data})
-
-    async def warm(request: Request) -> Response:
-        """Resolve a version before traffic moves to it: its first users must not pay the fetch."""
-        body = await request.json()
-        try:
-            plan = await service.plan(str(body["version"]))
-        except ServiceError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        except (KeyError, TypeError):
-            return JSONResponse({"error": 'body must be {"version": "N"}'}, status_code=400)
-        return JSONResponse({"version": body["version"], "model_id": plan.manifest.model_id})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -361,33 +363,11 @@ def build_app(
             if owned_store is not None:
                 owned_store.close()
 
+    # The public listener has the OpenAI routes and /health only; the rest is `admin`'s.
     app = Starlette(
-        routes=[
-            Route("/metrics", metrics_text),
-            Route("/health", health),
-            Route("/v1/models", models),
-            Route("/admin/warm", warm, methods=["POST"]),
-        ],
-        lifespan=lifespan,
+        routes=[Route("/health", health), Route("/v1/models", models)], lifespan=lifespan
     )
-    return HotPath(service, app)
-
-
-class HotPath:
-    """`POST /v1/chat/completions` straight to the service; everything else through Starlette."""
-
-    def __init__(self, chat: ASGIApp, app: Starlette) -> None:
-        self.chat, self.app = chat, app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/v1/chat/completions"
-            and scope["method"] == "POST"
-        ):
-            await self.chat(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+    return HotPath(service, app, admin_app(service))
 
 
 def _default_resolver(config: ServiceConfig) -> CachedResolver:

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from canaryflow.contracts import Routes
-from canaryflow.dataplane.envoy_config import CLUSTERS, LOG_FILE, render_bootstrap
+from canaryflow.dataplane.envoy_bootstrap import render_bootstrap
+from canaryflow.dataplane.envoy_config import CLUSTERS, DEFAULT_MAX_REQUEST_BYTES, LOG_FILE
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import ConfigError, StackError
 from canaryflow.local.processes import ManagedProcess, http_ok
@@ -35,7 +36,10 @@ def envoy_binary() -> Path:
 
 
 class EnvoyProxy:
-    """One Envoy process for one service: client listener, three clusters, admin on loopback."""
+    """One Envoy process for one service: client listener, three clusters, admin on loopback;
+    with `synthetic_port`, a loopback listener whose requests are marked synthetic.
+
+    `max_request_bytes`: request bodies above it are answered 413 at the edge."""
 
     def __init__(
         self,
@@ -49,6 +53,8 @@ class EnvoyProxy:
         initial_stable: str | None = None,
         listen_host: str = "127.0.0.1",
         route_timeout_s: float = 300.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        synthetic_port: int | None = None,
     ) -> None:
         unknown = set(upstreams) - set(CLUSTERS)
         if "stable" not in upstreams or unknown:
@@ -64,6 +70,8 @@ class EnvoyProxy:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.admin_port = admin_port
+        self.max_request_bytes = max_request_bytes
+        self.synthetic_port = synthetic_port
         self.base_id = base_id if base_id is not None else admin_port
         self.initial_stable = initial_stable
         self.bootstrap_path = self.home / "envoy.yaml"
@@ -80,6 +88,11 @@ class EnvoyProxy:
         return f"http://{self.listen_host}:{self.listen_port}"
 
     @property
+    def synthetic_url(self) -> str | None:
+        """Loopback listener for load a release generates (requests marked synthetic)."""
+        return None if self.synthetic_port is None else f"http://127.0.0.1:{self.synthetic_port}"
+
+    @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
@@ -93,6 +106,8 @@ class EnvoyProxy:
             admin_port=self.admin_port,
             upstreams=self.upstreams,
             route_path=self.route_path.resolve(),
+            max_request_bytes=self.max_request_bytes,
+            synthetic_port=self.synthetic_port,
         )
         self.bootstrap_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         command = [

@@ -26,11 +26,13 @@ from typing import Protocol, TypeVar
 
 from canaryflow.contracts import Endpoints
 from canaryflow.deliveries import WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
-from canaryflow.errors import StackError
+from canaryflow.errors import ConfigError, StackError
 from canaryflow.local.processes import ManagedProcess, cancelled_when, free_port, http_ok
 from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
+# `canaryflow up --max-body-bytes N` sets it: request bodies above N bytes are refused 413.
+MAX_BODY_ENV = "CANARYFLOW_MAX_BODY_BYTES"
 PROJECT = Path(__file__).resolve().parents[2]
 Progress = Callable[[str], None]
 
@@ -115,22 +117,27 @@ def model_service(
     service: str,
     endpoints: Endpoints,
     tool_urls: Mapping[str, str] | None = None,
+    max_body_bytes: int | None = None,
 ) -> ManagedProcess:
     """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one.
 
     `tool_urls` (tool name -> URL) is where the service POSTs a tool call's arguments; a shadow
-    is told them too but never calls them (a dry run only counts the calls it skipped)."""
-    port = free_port()
+    is told them too but never calls them (a dry run only counts the calls it skipped). Its
+    admin port (warm-up, metrics) is on loopback, apart from the public one Envoy sends to."""
+    port, admin_port = free_port(), free_port()
+    limit = [] if max_body_bytes is None else ["--max-body-bytes", str(max_body_bytes)]
     providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
     tools = [f"--tool-url={tool}={url}" for tool, url in (tool_urls or {}).items()]
     command = [
         PYTHON, "-m", "canaryflow.dataplane.serve",
         "--service", service,
         "--port", str(port),
+        "--admin-port", str(admin_port),
         "--registry-uri", endpoints.mlflow_uri,
         "--keys-dir", endpoints.keys_dir,  # registry manifests are verified before serving
         "--store", str(endpoints.store_url),
         "--check-sample", "1.0",
+        *limit,
         *providers,
         *tools,
     ]  # fmt: skip
@@ -140,6 +147,12 @@ def model_service(
         log_path=home / "logs" / f"service-{name}.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
     )
+
+
+def admin_url_of(process: ManagedProcess) -> str:
+    """A model service's admin URL (its `--admin-port` argument)."""
+    command = list(process.command)
+    return f"http://127.0.0.1:{command[command.index('--admin-port') + 1]}"
 
 
 def webhook_secret(home: Path) -> Path | None:
@@ -198,9 +211,12 @@ class EmbeddedStack:
         webhook: bool = True,
         progress: Progress = _quiet,
         cancelled: Callable[[], bool] = _never,
+        max_request_bytes: int | None = None,
     ) -> None:
         """`cancelled` is polled while parts start (from worker threads, so it must only read
-        a flag): once true, the start gives up and stops what it started."""
+        a flag): once true, the start gives up and stops what it started.
+        `max_request_bytes`: the body cap of Envoy and the model services (None: the
+        `CANARYFLOW_MAX_BODY_BYTES` environment variable, else 1 MiB)."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
@@ -209,6 +225,14 @@ class EmbeddedStack:
         self.processes: list[ManagedProcess | Stoppable] = []
         self.endpoints: Endpoints | None = None
         self._stopping = False
+        if max_request_bytes is None and os.environ.get(MAX_BODY_ENV, "").strip():
+            try:
+                max_request_bytes = int(os.environ[MAX_BODY_ENV])
+            except ValueError as exc:
+                raise ConfigError(f"{MAX_BODY_ENV} must be a number of bytes") from exc
+        if max_request_bytes is not None and max_request_bytes < 1:
+            raise ConfigError(f"the body limit must be at least 1 byte, got {max_request_bytes}")
+        self.max_request_bytes = max_request_bytes
 
     def _start_together(self, parts: Sequence[Part], timeout_s: float) -> list[Part]:
         """Start `parts` in worker threads (each registered for `stop()` first), wait for all.
@@ -277,14 +301,16 @@ class EmbeddedStack:
     ) -> Endpoints:
         """Model services, Envoy in front of them, Prometheus scraping both: live traffic.
         `tool_urls` (tool name -> URL) go to both model services (`--tool-url`)."""
+        from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES
         from canaryflow.local.envoy import EnvoyProxy
         from canaryflow.local.prometheus import PrometheusServer
 
         if self.endpoints is None:
             raise StackError("start the control plane first (EmbeddedStack.start)")
+        limit = self.max_request_bytes
         services = [
-            model_service(self.home, "primary", service, self.endpoints, tool_urls),
-            model_service(self.home, "shadow", service, self.endpoints, tool_urls),
+            model_service(self.home, name, service, self.endpoints, tool_urls, limit)
+            for name in ("primary", "shadow")
         ]
         self._start_together(services, timeout_s)
         primary, shadow = (("127.0.0.1", int(url_of(p).rsplit(":", 1)[1])) for p in services)
@@ -295,22 +321,27 @@ class EmbeddedStack:
             admin_port=free_port(),
             upstreams={"stable": primary, "canary": primary, "shadow": shadow},
             initial_stable=stable_version,
+            synthetic_port=free_port(),
+            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if limit is None else limit,
         )
         self._start_together([envoy], timeout_s)
         self.progress(f"envoy ready at {envoy.url} (admin {envoy.admin_url})")
         prometheus = PrometheusServer(
             self.home / "prometheus",
-            targets={"model-service": [f"{h}:{p}" for h, p in (primary, shadow)]},
+            # Metrics are on the services' admin ports; the public ones answer 404 for them.
+            targets={"model-service": [admin_url_of(p).split("//", 1)[1] for p in services]},
         )
         self._start_together([prometheus], timeout_s)
         self.progress(f"prometheus ready at {prometheus.url}")
         self.endpoints = self.endpoints.model_copy(
             update={
                 "envoy_url": envoy.url,
+                "envoy_synthetic_url": envoy.synthetic_url,
                 "envoy_admin_url": envoy.admin_url,
                 "envoy_home": str(envoy.home),
                 "prometheus_url": prometheus.url,
                 "model_service_urls": [url_of(p) for p in services],
+                "model_service_admin_urls": [admin_url_of(p) for p in services],
             }
         )
         self.save()

@@ -65,7 +65,7 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("pii-faults")
-    sandbox_port, service_port = free_port(), free_port()
+    sandbox_port, service_port, admin_port = free_port(), free_port(), free_port()
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     sandbox = ManagedProcess(
         "sandbox",
@@ -81,7 +81,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     served = ManagedProcess(
         "model-service",
         [sys.executable, "-m", "canaryflow.dataplane.serve", "--service", SERVICE,
-         "--port", str(service_port), "--manifest", f"1={manifest_path}",
+         "--port", str(service_port), "--admin-port", str(admin_port),
+         "--manifest", f"1={manifest_path}",
          "--provider-url", f"sandbox={sandbox_url}", "--store", str(store_path),
          "--default-version", "1", "--check-sample", "1.0"],
         home / "service.log",

@@ -33,6 +33,7 @@ from canaryflow.local import examples
 from canaryflow.local.envoy import EnvoyProxy
 from canaryflow.local.processes import ManagedProcess, free_port
 from canaryflow.local.stack import (
+    admin_url_of,
     mlflow_server,
     model_service,
     prefect_server,
@@ -66,6 +67,7 @@ class Trust:
     champion: str
     service_url: str
     prefect_url: str
+    service_admin_url: str  # warm-up and metrics: not on the public port
 
 
 def authenticated_prefect(home: Path) -> ManagedProcess:
@@ -123,6 +125,7 @@ def trust(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trust]:
                 "envoy_admin_url": envoy.admin_url,
                 "envoy_home": str(envoy.home),
                 "model_service_urls": [url_of(service)],
+                "model_service_admin_urls": [admin_url_of(service)],
             }
         )
         yield Trust(
@@ -133,6 +136,7 @@ def trust(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trust]:
             champion.version,
             url_of(service),
             url_of(prefect),
+            admin_url_of(service),
         )
     finally:
         for process in reversed(started):
@@ -149,7 +153,7 @@ def chat(url: str, version: str | None = None) -> httpx.Response:
 
 
 def registry_errors(trust: Trust) -> float:
-    text = httpx.get(f"{trust.service_url}/metrics", timeout=5).text
+    text = httpx.get(f"{trust.service_admin_url}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith("canaryflow_registry_errors_total"):
             return float(line.rsplit(" ", 1)[1])
@@ -243,7 +247,7 @@ def test_a_manifest_signed_by_a_key_bound_to_another_service_is_not_served(trust
 def test_the_warm_up_call_is_refused_too(trust: Trust) -> None:
     """`/admin/warm` (called before traffic moves) resolves through the same check."""
     version = publish(trust, sign(examples.manifest("1.4", "sandbox-good"), trust.other_key))
-    r = httpx.post(f"{trust.service_url}/admin/warm", json={"version": version}, timeout=30)
+    r = httpx.post(f"{trust.service_admin_url}/admin/warm", json={"version": version}, timeout=30)
     assert r.status_code == 503 and "failed verification" in r.json()["error"]
 
 

@@ -181,12 +181,17 @@ def test_role_and_version_headers_overwrite_client_values(
         "x-canaryflow-role": "stable",
         "x-canaryflow-version": "999",
         "x-canaryflow-shadow-version": "evil",
+        "x-canaryflow-mirror": "1",
+        "x-canaryflow-synthetic": "1",
+        "x-request-id": "chosen-by-the-client",
         "host": "evil-shadow",
     }
     got = client.get("/v1/models", headers=forged).json()["headers"]
     assert got["x-canaryflow-role"] == "canary"
     assert got["x-canaryflow-version"] == "2"
-    assert "x-canaryflow-shadow-version" not in got
+    for dropped in ("x-canaryflow-shadow-version", "x-canaryflow-mirror", "x-canaryflow-synthetic"):
+        assert dropped not in got
+    assert got["x-request-id"] != "chosen-by-the-client"  # Envoy makes its own
     assert got["host"] == SERVICE  # a client cannot pass itself off as a mirrored copy
     [arrival] = upstreams["primary"].records()
     assert arrival["headers"]["x-canaryflow-role"] == "canary"
@@ -211,9 +216,11 @@ def test_mirrored_copy_has_shadow_host_version_and_same_request_id(
     for copy in copies:
         assert copy["headers"]["host"] == f"{SERVICE}-shadow"
         assert copy["headers"]["x-canaryflow-shadow-version"] == "3"
+        assert copy["headers"]["x-canaryflow-mirror"] == "1"
     primary = upstreams["primary"].records()
     assert {rec["headers"]["x-request-id"] for rec in primary} == ids
     assert all(rec["headers"]["host"] == SERVICE for rec in primary)
+    assert not any("x-canaryflow-mirror" in rec["headers"] for rec in primary)
 
 
 def test_slow_shadow_does_not_delay_the_client(

@@ -133,11 +133,12 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 class ServiceUnderTest:
-    def __init__(self, url: str, registry: Registry, store: Any) -> None:
-        self.url = url
+    def __init__(self, urls: tuple[str, str], registry: Registry, store: Any) -> None:
+        self.url, self.admin_url = urls
         self.registry = registry
         self.store = store
-        self.client = httpx.Client(base_url=url, timeout=10)
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+        self.admin = httpx.Client(base_url=self.admin_url, timeout=10)
 
     def chat(
         self, text: str, headers: dict[str, str] | None = None, **extra: Any
@@ -148,7 +149,7 @@ class ServiceUnderTest:
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
         total = 0.0
-        for line in self.client.get("/metrics").text.splitlines():
+        for line in self.admin.get("/metrics").text.splitlines():
             if not line.startswith(name + "{"):
                 continue
             series, value = line.rsplit(" ", 1)
@@ -175,26 +176,37 @@ def service(
         flush_every_s=0.05,
     )
     resolver = CachedResolver(registry.fetch, ttl_s=0.2, retry_s=0.05)
-    with running(build_app(config, resolver=resolver, store=store)) as url:
-        yield ServiceUnderTest(url, registry, store)
+    with running(build_app(config, resolver=resolver, store=store)) as urls:
+        yield ServiceUnderTest(urls, registry, store)
     store.close()
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free port in a thread of this process."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+def running(app: Any) -> Iterator[tuple[str, str]]:
+    """Serve `app` (public) and `app.admin` with uvicorn on free ports in threads of this
+    process; yields both URLs."""
+    ports = free_port(), free_port()
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(
+                served, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan=lifespan,
+            )
+        )
+        for served, port, lifespan in ((app, ports[0], "on"), (app.admin, ports[1], "off"))
+    ]  # fmt: skip
+    threads = [threading.Thread(target=server.run, daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
     try:
-        wait_for("the service's /health", http_ok(f"http://127.0.0.1:{port}/health"), 15)
-        yield f"http://127.0.0.1:{port}"
+        for port in ports:
+            wait_for("the service's /health", http_ok(f"http://127.0.0.1:{port}/health"), 15)
+        yield f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        for server in servers:
+            server.should_exit = True
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 # --------------------------------------------------------------------------- tests
@@ -223,6 +235,7 @@ def test_shadow_host_makes_a_shadow_of_the_shadow_version(service: ServiceUnderT
         "What is the capital of France?",
         {
             "host": "my-assistant:10000-shadow",
+            "x-canaryflow-mirror": "1",
             "x-canaryflow-role": "stable",  # Envoy copies the primary cluster's headers
             "x-canaryflow-version": "1",
             "x-canaryflow-shadow-version": "2",
@@ -231,6 +244,38 @@ def test_shadow_host_makes_a_shadow_of_the_shadow_version(service: ServiceUnderT
     assert r.status_code == 200, r.text
     assert (r.headers["x-canaryflow-role"], r.headers["x-canaryflow-version"]) == ("shadow", "2")
     assert r.json()["model"].startswith("sandbox-good")
+
+
+def test_a_shadow_host_without_envoys_mirror_header_is_refused(service: ServiceUnderTest) -> None:
+    headers = {"host": "my-assistant-shadow", "x-canaryflow-shadow-version": "2"}
+    r = service.chat("What is the capital of France?", headers)
+    assert r.status_code == 400
+    assert "x-canaryflow-mirror" in r.json()["error"]["message"]
+
+
+def test_admin_routes_are_on_the_admin_listener_only(service: ServiceUnderTest) -> None:
+    assert service.client.get("/metrics").status_code == 404
+    assert service.client.post("/admin/warm", json={"version": "1"}).status_code == 404
+    assert service.admin.get("/metrics").status_code == 200
+    warmed = service.admin.post("/admin/warm", json={"version": "2"})
+    assert warmed.status_code == 200, warmed.text
+    assert service.admin.post("/admin/warm", content=b"{not json").status_code == 400
+
+
+def test_a_body_over_the_limit_is_413_and_not_echoed(service: ServiceUnderTest) -> None:
+    secret = "do-not-echo-" + "x" * (1024 * 1024)
+    r = service.chat(secret)  # a declared Content-Length over 1 MiB
+    assert r.status_code == 413
+    assert "1048576 bytes" in r.text and "--max-body-bytes" in r.text
+    assert "do-not-echo" not in r.text
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: read up to the cap, then refused
+        yield b'{"messages": [{"role": "user", "content": "do-not-echo'
+        for _ in range(40):
+            yield b"y" * 65536
+
+    r = service.client.post("/v1/chat/completions", content=chunks())
+    assert r.status_code == 413 and "do-not-echo" not in r.text
 
 
 def test_direct_call_is_stable_of_the_default_version(service: ServiceUnderTest) -> None:
@@ -270,7 +315,7 @@ def test_metrics_carry_service_version_and_role(service: ServiceUnderTest) -> No
     assert service.metric("canaryflow_tokens_total", direction="in", **labels) > 0
     assert service.metric("canaryflow_tokens_total", direction="out", **labels) > 0
     assert service.metric("canaryflow_cost_usd_total", **labels) > 0
-    text = service.client.get("/metrics").text
+    text = service.admin.get("/metrics").text
     assert 'le="0.005"' in text and 'le="10.0"' in text
 
 
@@ -340,7 +385,7 @@ def test_shadow_never_executes_tools_while_stable_does(service: ServiceUnderTest
     before = len(_Handler.tool_calls)
     shadow = service.chat(
         prompt,
-        {"host": "svc-shadow", "x-canaryflow-shadow-version": "1"},
+        {"host": "svc-shadow", "x-canaryflow-mirror": "1", "x-canaryflow-shadow-version": "1"},
         tools=tools,
     )
     assert shadow.status_code == 200, shadow.text
@@ -356,7 +401,8 @@ def test_shadow_never_executes_tools_while_stable_does(service: ServiceUnderTest
 def test_slow_shadow_gives_up_at_its_own_timeout(service: ServiceUnderTest) -> None:
     started = time.monotonic()
     r = service.chat(
-        "What is the capital of France?", {"host": "x-shadow", "x-canaryflow-shadow-version": "6"}
+        "What is the capital of France?",
+        {"host": "x-shadow", "x-canaryflow-mirror": "1", "x-canaryflow-shadow-version": "6"},
     )
     assert r.status_code == 502
     assert time.monotonic() - started < 2.0  # shadow_timeout_s=0.5, the provider takes 3 s
@@ -418,8 +464,8 @@ def test_full_record_queue_drops_and_counts_instead_of_waiting(sandbox: str) -> 
         queue_size=1,
         flush_every_s=5.0,  # the worker sleeps on its first record: the queue stays full
     )
-    with running(build_app(config, resolver=CachedResolver(Registry().fetch))) as url:
-        client = ServiceUnderTest(url, Registry(), None)
+    with running(build_app(config, resolver=CachedResolver(Registry().fetch))) as urls:
+        client = ServiceUnderTest(urls, Registry(), None)
         statuses = [client.chat("What is the capital of France?").status_code for _ in range(4)]
         assert statuses == [200] * 4
         assert client.metric("canaryflow_records_dropped_total") >= 2
@@ -428,12 +474,12 @@ def test_full_record_queue_drops_and_counts_instead_of_waiting(sandbox: str) -> 
 def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> None:
     manifest_file = tmp_path / "manifest.json"
     manifest_file.write_text(MANIFESTS["1"].model_dump_json())
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     process = ManagedProcess(
         "service",
         [
             sys.executable, "-m", "canaryflow.dataplane.serve", "--service", SERVICE,
-            "--port", str(port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
+            "--port", str(port), "--admin-port", str(admin_port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
             "--manifest", f"1={manifest_file}", "--provider-url", f"sandbox={sandbox}",
             "--default-version", "1", "--store", str(tmp_path / "records.db"),
         ],
@@ -451,7 +497,8 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
         missing = httpx.post(url, json=body, headers={"x-canaryflow-version": "9"}, timeout=10)
         assert missing.status_code == 503
         assert "'9'" in missing.json()["error"]["message"]
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+        metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics").text
         assert (
             'canaryflow_requests_total{role="stable",service="my-assistant",status="200"' in metrics
         )
@@ -478,8 +525,8 @@ def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(
     )
     # As `canaryflow serve --keys-dir` builds it: registry manifests verified before serving.
     resolver = default_resolver(mlflow_server, {}, config.registry_ttl_s, tmp_path)
-    with running(build_app(config, resolver=resolver)) as url:
-        client = ServiceUnderTest(url, Registry(), None)
+    with running(build_app(config, resolver=resolver)) as urls:
+        client = ServiceUnderTest(urls, Registry(), None)
         r = client.chat("What is the capital of France?")
         assert r.status_code == 200, r.text
         assert r.headers["x-canaryflow-version"] == published.version
