@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from canaryflow.contracts import LiveGate, PolicyFloor, ReleaseSpec, Severity
 
+# What a window costs beyond its own length before its event restarts the silence clock: the
+# watermark wait (at most `runbook.WATERMARK_WAIT_S`, 10 s), then reading, judging, the evidence
+# and the next step's route write (20 s).
+JUDGING_SLACK_S = 30.0
+
 
 def _looser(gate: LiveGate, floor: LiveGate) -> bool:
     """True when `gate` lets through more than `floor` would (or is only a soft gate)."""
@@ -49,3 +54,23 @@ def below_floor(spec: ReleaseSpec, floor: PolicyFloor) -> list[str]:
     if spec.approval.default_action == "approve" and not floor.allow_default_approve:
         problems.append("approval.default_action must be 'reject' for this service")
     return problems
+
+
+def beyond_silence(
+    spec: ReleaseSpec, within_s: float, slack_s: float = JUDGING_SLACK_S
+) -> list[str]:
+    """Every look of `spec` that would outlast the silence automation's `within` (its trigger in
+    prefect.yaml): a window, plus `slack_s` of judging, must end before the automation takes
+    the silence for a dead release and rolls the service back. Empty when it fits."""
+    limit = within_s - slack_s
+    looks = [(f"canary.steps[{i}].window_s", s.window_s) for i, s in enumerate(spec.canary.steps)]
+    looks.append(("canary.late_records_s", spec.canary.late_records_s))
+    if spec.shadow.enabled:
+        looks.insert(0, ("shadow.window_s", spec.shadow.window_s))
+    return [
+        f"{field} is {value:g} s; with {slack_s:g} s of judging it must stay below the silence "
+        f"automation's within ({within_s:g} s, prefect.yaml trigger canaryflow-silent-canary): "
+        f"at most {max(limit, 0.0):g} s, or raise the trigger's within"
+        for field, value in looks
+        if value >= limit
+    ]

@@ -202,3 +202,24 @@ def find_policy(name: str, spec_dir: Path | None, policies_dir: Path | None) -> 
             f"{', '.join(known) or 'none'}"
         )
     return path
+
+
+SILENCE_TRIGGER = "canaryflow-silent-canary"
+
+
+def load_silence_within(prefect_yaml: Path) -> float:
+    """The silence automation's `within`, in seconds: the `canaryflow-silent-canary` trigger of
+    the rollback deployment in `prefect.yaml`, the one place it is set (what `prefect deploy`
+    creates). Windows and approval heartbeats are checked and paced against it."""
+    config = read_document(prefect_yaml)
+    for deployment in config.get("deployments") or []:
+        for trigger in deployment.get("triggers") or []:
+            if trigger.get("name") == SILENCE_TRIGGER:
+                within = trigger.get("within")
+                if not isinstance(within, int | float) or isinstance(within, bool) or within <= 0:
+                    raise ConfigError(
+                        f"{prefect_yaml}: trigger {SILENCE_TRIGGER!r} needs a positive `within` "
+                        f"in seconds, got {within!r}"
+                    )
+                return float(within)
+    raise ConfigError(f"{prefect_yaml} has no trigger named {SILENCE_TRIGGER!r}")

@@ -40,9 +40,10 @@ from canaryflow.errors import (
     CompatibilityError,
     ConfigError,
     RollbackUnconfirmed,
+    SpecError,
     StackError,
 )
-from canaryflow.floors import below_floor
+from canaryflow.floors import below_floor, beyond_silence
 from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
@@ -61,14 +62,26 @@ class Preflight:
     key_id: str
 
 
-def preflight(spec: ReleaseSpec, endpoints: Endpoints, floor: PolicyFloor) -> Preflight:
-    """The floor and the signature first (refuse before touching anything), then baseline and
+def preflight(
+    spec: ReleaseSpec,
+    endpoints: Endpoints,
+    floor: PolicyFloor,
+    silence_within_s: float | None = None,
+) -> Preflight:
+    """The floor, the windows against the silence automation (`silence_within_s`, None: not
+    checked) and the signature first (refuse before touching anything), then baseline and
     compatibility."""
     problems = below_floor(spec, floor)
     if problems:
         raise BelowFloor(
             f"the spec for {spec.service} goes below its policy floor: {'; '.join(problems)}. "
             "Raise these fields (the floor is set by the worker's floors file)"
+        )
+    too_long = [] if silence_within_s is None else beyond_silence(spec, silence_within_s)
+    if too_long:
+        raise SpecError(
+            f"the spec for {spec.service} has a window the silence automation would take for a "
+            f"dead release: {'; '.join(too_long)}"
         )
     trusted = load_trusted_keys(Path(endpoints.keys_dir))
     verify(spec.candidate, trusted)

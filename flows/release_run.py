@@ -26,8 +26,8 @@ from canaryflow.contracts import (
     WindowResult,
 )
 from tasks.analysis import judge_window
-from tasks.approval import wait_for_approval
-from tasks.common import artifact_key, emit, say
+from tasks.approval import approval_heartbeat, heartbeat_every, wait_for_approval
+from tasks.common import artifact_key, emit, say, silence_within_s
 from tasks.ledger import log_evidence, record_stage
 
 
@@ -69,9 +69,14 @@ class Release:
     ) -> tuple[bool, str]:
         """Pause for the soft gate's answer: (approved, who and why). An approval waives
         `gates` for the rest of the release, and the record keeps who did it and why."""
-        # A paused release is alive: the silence automation stops counting until the answer.
+        # A paused release is alive, and says so: the waiting event and a heartbeat every
+        # quarter of the silence automation's `within` restart its clock; a process that dies
+        # while it waits stops the beats, and the automation rolls the service back.
         emit(f"{stage}_approval", "waiting", self.record.release_id, self.spec.service, key=key)
-        decision, timed_out = wait_for_approval(question, self.spec.approval, key, evidence_key)
+        every_s = heartbeat_every(silence_within_s())
+        with approval_heartbeat(self.record.release_id, self.spec.service, str(stage), key,
+                                every_s):  # fmt: skip
+            decision, timed_out = wait_for_approval(question, self.spec.approval, key, evidence_key)
         verdict = f"{decision.approver or 'unknown'}: {decision.reason or 'no reason given'}"
         outcome = Outcome.APPROVED if decision.approve else Outcome.REJECTED
         self.stage(

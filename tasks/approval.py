@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from prefect.flow_runs import pause_flow_run
@@ -10,7 +14,7 @@ from prefect.settings import PREFECT_UI_URL
 from pydantic import Field, StringConstraints
 
 from canaryflow.contracts import ApprovalConfig, ApprovalDecision
-from tasks.common import say
+from tasks.common import emit, say
 
 # Checked by the Prefect server against the form schema: blank is no answer.
 Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
@@ -61,3 +65,41 @@ def wait_for_approval(
         approve=answer.decision == "approve", reason=answer.reason, approver=answer.approver
     )
     return decision, False
+
+
+def heartbeat_every(within_s: float) -> float:
+    """A quarter of the silence automation's `within`, kept between 1 s and 60 s: three beats
+    in a row can be lost before the automation takes the paused release for dead."""
+    return min(60.0, max(1.0, within_s / 4))
+
+
+@contextlib.contextmanager
+def approval_heartbeat(
+    release_id: str, service: str, stage: str, key: str, every_s: float
+) -> Iterator[threading.Event]:
+    """`canaryflow.approval.heartbeat` every `every_s` from a background thread while the body
+    (a pause for approval) blocks: each beat restarts the silence automation's clock, so a
+    release whose process dies while it waits for a human is rolled back `within` later.
+
+    Yields the thread's stop event (set on exit); setting it early stops the beats, as a dead
+    process would.
+    """
+    stop = threading.Event()
+    context = contextvars.copy_context()  # the Prefect client settings of the caller
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                emit("approval", "heartbeat", release_id, service, stage=stage, key=key)
+            except Exception as exc:  # a lost beat is what the automation is there for
+                print(f"approval heartbeat of {release_id} not sent: {exc!r}")
+
+    thread = threading.Thread(
+        target=context.run, args=(beat,), name=f"approval-heartbeat-{key}", daemon=True
+    )
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(timeout=5)

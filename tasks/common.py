@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
@@ -10,7 +11,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
+from canaryflow.loading import load_silence_within
 from canaryflow.retries import TASK_RETRY, is_retryable
+
+# The project the flows are deployed from (the worker's CANARYFLOW_PROJECT_DIR): its prefect.yaml
+# defines the automations.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -49,6 +55,12 @@ def emit(stage: str, outcome: str, release_id: str, service: str, /, **payload: 
         },
         payload=payload,
     )
+
+
+def silence_within_s() -> float:
+    """The silence automation's `within` (prefect.yaml, trigger canaryflow-silent-canary): the
+    one place it is set; preflight checks windows against it, approval heartbeats pace by it."""
+    return load_silence_within(PROJECT_DIR / "prefect.yaml")
 
 
 def flush_events(timeout_s: float = 5.0) -> bool:

@@ -6,15 +6,16 @@ from prefect.artifacts import create_markdown_artifact
 
 from canaryflow import runbook
 from canaryflow.contracts import Endpoints, PolicyFloor, ReleaseSpec
-from tasks.common import artifact_key, step
+from tasks.common import artifact_key, silence_within_s, step
 
 
 @step()
 def verify_candidate(
     spec: ReleaseSpec, floor: PolicyFloor, endpoints: Endpoints
 ) -> runbook.Preflight:
-    """Policy floor, signature, baseline, compatibility (tokenizer, embeddings, license...)."""
-    result = runbook.preflight(spec, endpoints, floor)
+    """Policy floor, windows against the silence automation (prefect.yaml's `within`),
+    signature, baseline, compatibility (tokenizer, embeddings, license...)."""
+    result = runbook.preflight(spec, endpoints, floor, silence_within_s())
     manifest = spec.candidate.manifest
     problems = "\n".join(f"- {p}" for p in result.compatibility.problems) or "- none"
     create_markdown_artifact(

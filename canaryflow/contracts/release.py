@@ -31,6 +31,12 @@ class CanaryPlan(Strict):
         default_factory=lambda: [CanaryStep(weight=1), CanaryStep(weight=3), CanaryStep(weight=5)]
     )
     max_extensions: int = Field(2, ge=0, description="extra windows when a window is inconclusive")
+    late_records_s: Seconds = Field(
+        30.0,
+        description="the model services' provider timeout (`canaryflow serve --timeout`): "
+        "before promoting, the candidate's requests that completed this long after the last "
+        "window ended are judged against the hard gates",
+    )
 
     @field_validator("steps")
     @classmethod

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from canaryflow.local import examples
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.local.stack import PYTHON
 from flows.rollback import rollback
+from tasks.approval import approval_heartbeat, heartbeat_every
 from tasks.common import emit, flush_events
 from tests.e2e.conftest import LiveStack, prefect_cli
 from tests.waiting import wait_for
@@ -135,24 +137,37 @@ def test_silent_canary_runs_the_rollback_deployment(deployed: LiveStack) -> None
         _delete_runs(deployed, runs)
 
 
-def test_windows_approval_pauses_and_the_end_of_a_release_keep_it_quiet(
+def test_windows_beating_approval_pauses_and_the_end_of_a_release_keep_it_quiet(
     deployed: LiveStack,
 ) -> None:
-    busy, paused, control = (
-        f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("busy", "paused", "control")
+    """A paused release beats (the real heartbeat thread, paced by the test's `within`) and is
+    left alone for 2x `within`; one whose beats stop, as when its process dies during the
+    pause, is rolled back `within` after its last beat."""
+    busy, paused, stalled, control = (
+        f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("busy", "paused", "stalled", "control")
     )
+    every_s = heartbeat_every(SILENCE_S)
     try:
-        with silence_automation(deployed, SILENCE_S):
-            _send("live.started", f"{busy}-r1", busy)
-            _send("live.started", f"{paused}-r1", paused)
-            _send("window.pass", f"{paused}-r1", paused)
-            _send("canary_approval.waiting", f"{paused}-r1", paused)
+        with (
+            silence_automation(deployed, SILENCE_S),
+            approval_heartbeat(f"{paused}-r1", paused, "canary", "k", every_s),
+            approval_heartbeat(f"{stalled}-r1", stalled, "canary", "k", every_s) as stall,
+        ):
+            for service in (busy, paused, stalled):
+                _send("live.started", f"{service}-r1", service)
+            for service in (paused, stalled):
+                _send("window.pass", f"{service}-r1", service)
+                _send("canary_approval.waiting", f"{service}-r1", service)
             started = time.monotonic()
             # The scenario itself, on Prefect's clock: a busy release reports a window every
-            # 2 s for longer than the silence allowed, while the other waits for an approval.
-            while time.monotonic() - started < SILENCE_S * 1.5:
+            # 2 s for twice the silence allowed, while two wait for an approval; one of them
+            # stops beating after 4 s (its heartbeat thread is stopped, as by a dead process).
+            while time.monotonic() - started < SILENCE_S * 2:
                 time.sleep(2)
                 _send("window.pass", f"{busy}-r1", busy)
+                if not stall.is_set() and time.monotonic() - started >= 4:
+                    stall.set()
+                    stalled_at = time.monotonic()
             _send("canary_approval.approved", f"{paused}-r1", paused)
             _send("release.promoted", f"{busy}-r1", busy)
             _send("release.rolled_back", f"{paused}-r1", paused)
@@ -167,11 +182,23 @@ def test_windows_approval_pauses_and_the_end_of_a_release_keep_it_quiet(
                 0.5,
             )
             fired = _rollback_runs(deployed, busy) + _rollback_runs(deployed, paused)
+            stalled_runs = _rollback_runs(deployed, stalled)
     finally:
         _delete_runs(
-            deployed, [r for s in (busy, paused, control) for r in _rollback_runs(deployed, s)]
+            deployed,
+            [r for s in (busy, paused, stalled, control) for r in _rollback_runs(deployed, s)],
         )
     assert fired == [], [r["parameters"] for r in fired]
+    # Fired within the 2x `within` above, SILENCE_S after the last beat (< every_s before the stop).
+    assert len(stalled_runs) == 1, f"{len(stalled_runs)} rollback runs for the stalled release"
+    assert "canaryflow.approval.heartbeat" in stalled_runs[0]["parameters"]["reason"]
+    fired_after = _created_s(stalled_runs[0]) - (time.time() - (time.monotonic() - stalled_at))
+    print(f"stalled approval rolled back {fired_after:.1f} s after its beats stopped")
+    assert SILENCE_S - every_s - 1 <= fired_after <= FIRE_DEADLINE_S
+
+
+def _created_s(run: dict[str, Any]) -> float:
+    return datetime.fromisoformat(run["created"]).timestamp()
 
 
 @pytest.fixture(scope="module")
