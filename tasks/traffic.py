@@ -12,7 +12,7 @@ from prefect.flows import Flow
 
 from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
-from canaryflow.errors import ReleaseBusy
+from canaryflow.errors import ConfigError, ReleaseBusy
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
 from canaryflow.settings import Settings
 from tasks.common import emit, flush_events, say, step
@@ -97,12 +97,20 @@ def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any
 
 @contextlib.contextmanager
 def synthetic_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> Iterator[TrafficRunner | None]:
-    """The embedded stack has no users: drive the spec's synthetic traffic through Envoy."""
-    if spec.traffic is None or endpoints.envoy_url is None:
+    """The load a spec asks for (`spec.traffic`; none unless asked), through Envoy's synthetic
+    listener: every request is marked synthetic at the edge, so no gate counts it. Refused when
+    the stack has no such listener, rather than sent where it would pass for users."""
+    if spec.traffic is None:
         yield None
         return
+    if endpoints.envoy_synthetic_url is None:
+        raise ConfigError(
+            f"the spec of {spec.service} asks for synthetic traffic, but this stack has no "
+            "synthetic Envoy listener (endpoints.envoy_synthetic_url): it will not be sent "
+            "through the users' listener, where the gates would count it; drop `traffic`"
+        )
     runner = TrafficRunner(
-        endpoints.envoy_url, load_corpus(spec.traffic.corpus), spec.traffic.rate_rps
+        endpoints.envoy_synthetic_url, load_corpus(spec.traffic.corpus), spec.traffic.rate_rps
     )
     runner.start()
     try:

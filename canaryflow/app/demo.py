@@ -212,9 +212,13 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
         policy = load_policy(POLICY)
         log_file = home / "logs" / "flows.log"
         console.print(f"  Prefect's per-task log: {log_file}")
+        # Production has users; the embedded stack has these, for the whole demo: the releases
+        # judge their requests, and start or stop none of them.
+        console.print(f"  {examples.USER_RATE_RPS:g} simulated users' requests per second to Envoy")
         with (
             pinned_endpoints(endpoints),
             prefect_session(endpoints.prefect_api_url, log_file, print_progress),
+            examples.simulated_users(endpoints) as users,
         ):
             for scenario in SCENARIOS:
                 console.rule(scenario.title)
@@ -226,6 +230,11 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
                 record = release(spec=spec)
                 results.append((scenario, record, time.perf_counter() - began))
                 print_record(record)
+            served = users.stop()
+        console.print(
+            f"  simulated users: {served.sent} requests, {served.ok} answered, "
+            f"p95 {served.latency_p95_ms or 0:.1f} ms"
+        )
         console.rule("summary")
         console.print(_summary(results))
         prefect_ui = str(endpoints.prefect_api_url).removesuffix("/api")

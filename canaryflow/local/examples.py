@@ -1,7 +1,15 @@
-"""Manifests and specs the demo, the tests and the benchmarks share (the Gemini adapter)."""
+"""Manifests, specs and users the demo, the tests and the benchmarks share (the Gemini adapter).
+
+Production has users; the embedded stack has `simulated_users`: a population sending the `live`
+corpus to Envoy's public listener, started and stopped by whoever owns the stack (the demo, a
+test fixture), never by a release. Their requests are users' requests, and the gates judge them;
+a spec's own `traffic` goes through the synthetic listener and is never judged.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from canaryflow.contracts import (
@@ -16,11 +24,15 @@ from canaryflow.contracts import (
     ReleaseSpec,
     ShadowConfig,
     SignedManifest,
-    TrafficConfig,
 )
+from canaryflow.contracts.dataplane import Endpoints
+from canaryflow.errors import StackError
+from canaryflow.local.loadgen import TrafficRunner, load_corpus
 
 SERVICE = "my-assistant"
 TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
+USER_CORPUS = "live"
+USER_RATE_RPS = 250.0  # a 4 s window at a 5 % canary step: ~50 candidate requests
 
 
 def manifest(
@@ -56,7 +68,6 @@ def demo_spec(
     *,
     window_s: float = 4.0,
     shadow: bool = True,
-    rate_rps: float = 250.0,
 ) -> ReleaseSpec:
     """Minutes of a real release squeezed into seconds: the durations are data."""
     return ReleaseSpec(
@@ -75,5 +86,19 @@ def demo_spec(
         ),
         policy=policy,
         approval=ApprovalConfig(timeout_s=120, default_action="reject", poll_s=1),
-        traffic=TrafficConfig(rate_rps=rate_rps, corpus="live"),
     )
+
+
+@contextlib.contextmanager
+def simulated_users(
+    endpoints: Endpoints, rate_rps: float = USER_RATE_RPS, *, users: int = 50
+) -> Iterator[TrafficRunner]:
+    """Users of the embedded stack for as long as the block runs: `users` distinct user ids
+    sending the example corpus to Envoy's public listener at `rate_rps` (open loop). Call the
+    runner's `stop()` inside the block for its report; leaving the block stops it anyway."""
+    if endpoints.envoy_url is None:
+        raise StackError("simulated users need Envoy: start the stack's data plane first")
+    with TrafficRunner(
+        endpoints.envoy_url, load_corpus(USER_CORPUS), rate_rps, users=users
+    ) as runner:
+        yield runner

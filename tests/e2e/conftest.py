@@ -15,6 +15,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from canaryflow import connections
 from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
 from canaryflow.local import examples
+from canaryflow.local.loadgen import TrafficRunner
 from canaryflow.local.stack import EmbeddedStack
 from canaryflow.registry.signing import generate_keypair, sign
 from canaryflow.settings import pinned_endpoints
@@ -52,6 +53,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             yield LiveStack(endpoints, keys.private_path, champion.version)
     finally:
         stack.stop()
+
+
+USERS_RPS = 200.0  # a 2.5 s window at a 25 % canary step: ~125 candidate requests
+
+
+@pytest.fixture
+def users(live: LiveStack) -> Iterator[TrafficRunner]:
+    """Production has users; the embedded stack has these, around one test: the example corpus
+    sent to Envoy's public listener at `USERS_RPS`, started and stopped here, never by a flow.
+    Their requests are what the release's gates judge."""
+    with examples.simulated_users(live.endpoints, USERS_RPS) as runner:
+        yield runner
 
 
 REPO = Path(__file__).resolve().parents[2]

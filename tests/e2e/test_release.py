@@ -28,7 +28,6 @@ from canaryflow.contracts import (
     Routes,
     ShadowConfig,
     SignedManifest,
-    TrafficConfig,
 )
 from canaryflow.errors import ReleaseBusy
 from canaryflow.loading import load_policy
@@ -70,7 +69,6 @@ def spec_for(
         canary=CanaryPlan(steps=[CanaryStep(weight=w, windows=1, window_s=2.5) for w in weights]),
         policy=policy,
         approval=approval or ApprovalConfig(timeout_s=60, poll_s=1),
-        traffic=TrafficConfig(rate_rps=200),
         lock_wait_s=lock_wait_s,
     )
 
@@ -100,6 +98,7 @@ def roles_through_envoy(live: LiveStack, n: int = 60) -> dict[str, int]:
     return seen
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.2", "sandbox-good"))
@@ -183,6 +182,7 @@ def test_hallucinating_candidate_is_rejected_at_the_offline_gate(live: LiveStack
     assert published.status == "rolled_back"
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_slow_candidate_is_caught_in_a_canary_window_and_rolled_back(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.4", "sandbox-slow"))
@@ -267,6 +267,7 @@ def _wait_for_pause(live: LiveStack, thread: threading.Thread, timeout_s: float 
     return run_id
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     signed = live.sign(examples.manifest("1.7", "sandbox-verbose"))
     spec = spec_for(live, signed, policy=COST_ONLY)
@@ -291,6 +292,7 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     rollback(service=examples.SERVICE, reason="undo the verbose adapter", endpoints=live.endpoints)
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.8", "sandbox-verbose"))
@@ -305,6 +307,7 @@ def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     assert champion(live) == before
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_one_release_per_service_at_a_time(live: LiveStack) -> None:
     first = live.sign(examples.manifest("1.9", "sandbox-verbose"))
     spec = spec_for(live, first, policy=COST_ONLY)
@@ -326,6 +329,7 @@ def test_one_release_per_service_at_a_time(live: LiveStack) -> None:
     assert box["record"].decision == "rolled_back"
 
 
+@pytest.mark.usefixtures("users")  # the gates judge their requests
 def test_rollback_flow_restores_last_stable(live: LiveStack) -> None:
     registry = connections.registry(live.endpoints.mlflow_uri)
     signed = live.sign(examples.manifest("2.1", "sandbox-good"))

@@ -160,3 +160,30 @@ def test_a_store_made_before_the_synthetic_column_gets_it_on_open(
             assert store.count(*window) == 1
             assert [r.request_id for r in store.records(*window, synthetic=True)] == ["new-1"]
             assert store.count(*window, synthetic=None) == 2
+
+
+def test_asked_for_synthetic_load_a_stack_without_the_synthetic_listener_refuses(
+    tmp_path: Path,
+) -> None:
+    """Not sent through the users' listener instead, where the gates would count it."""
+    from canaryflow.contracts import Endpoints, ReleaseSpec, TrafficConfig
+    from canaryflow.errors import ConfigError
+    from canaryflow.local import examples
+    from canaryflow.registry.signing import generate_keypair, sign
+    from tasks.traffic import synthetic_traffic
+
+    keys = generate_keypair(tmp_path, "ci", [examples.SERVICE])
+    spec = ReleaseSpec(
+        service=examples.SERVICE,
+        candidate=sign(examples.manifest("1.2", "sandbox-good"), keys.private_path),
+    )
+    users_only = Endpoints(home=str(tmp_path), mlflow_uri="unused", keys_dir=str(tmp_path),
+                           envoy_url="http://127.0.0.1:9")  # fmt: skip
+    with synthetic_traffic(spec, users_only) as runner:  # not asked: nothing runs
+        assert runner is None
+    asked = spec.model_copy(update={"traffic": TrafficConfig(rate_rps=10)})
+    with (
+        pytest.raises(ConfigError, match="no synthetic Envoy listener"),
+        synthetic_traffic(asked, users_only),
+    ):
+        pytest.fail("synthetic load started without a synthetic listener")
