@@ -64,6 +64,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         tools[name] = url
     if tools and args.service is None:
         raise ConfigError("--tool needs --service: tools are called by the service's data plane")
+    if args.max_body_bytes is not None:
+        from canaryflow.local.stack import MAX_BODY_ENV
+
+        if args.max_body_bytes < 1:
+            raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+        # An entry point may set its own environment; the stack reads the cap from it.
+        os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
     return keep_stack_up(_home(args), service=args.service, tool_urls=tools)
 
 
@@ -303,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=URL",
         help="where the model services POST the arguments of a call to tool NAME (repeat for "
         "more; the shadow service never calls them)",
+    )
+    up.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="request bodies above N bytes are refused 413 by Envoy and the model services "
+        "(default: 1 MiB)",
     )
     up.add_argument("--home", default=argparse.SUPPRESS, help="same as canaryflow --home")
     keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")

@@ -1,0 +1,101 @@
+"""What the edge is configured to do, read from the rendered configs and commands (the running
+behaviour is tested in tests/faults/test_edge_faults.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from canaryflow.contracts import Endpoints, Routes
+from canaryflow.dataplane.envoy_bootstrap import render_bootstrap
+from canaryflow.dataplane.envoy_config import EDGE_HEADERS, MIRROR_HEADER, render_route_config
+from canaryflow.errors import ConfigError
+from canaryflow.local.stack import MAX_BODY_ENV, EmbeddedStack, admin_url_of, model_service
+
+
+def bootstrap(tmp_path: Path, **extra: int) -> dict:  # type: ignore[type-arg]
+    return render_bootstrap(
+        service="svc",
+        listen_host="0.0.0.0",
+        listen_port=10000,
+        admin_port=10001,
+        upstreams={"stable": ("127.0.0.1", 9000)},
+        route_path=tmp_path / "routes" / "routes.yaml",
+        **extra,
+    )
+
+
+def test_both_listeners_drop_client_edge_headers_and_cap_bodies(tmp_path: Path) -> None:
+    listeners = bootstrap(tmp_path, synthetic_port=10002, max_request_bytes=4096)[
+        "static_resources"
+    ]["listeners"]
+    assert [(x["name"], x["address"]["socket_address"]["address"]) for x in listeners] == [
+        ("client", "0.0.0.0"),
+        ("synthetic", "127.0.0.1"),  # never on a public interface
+    ]
+    for listener in listeners:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert manager["use_remote_address"] and not manager["preserve_external_request_id"]
+        filters = {f["name"]: f["typed_config"] for f in manager["http_filters"]}
+        mutations = filters["envoy.filters.http.header_mutation"]["mutations"]
+        removed = {m["remove"] for m in mutations["request_mutations"] if "remove" in m}
+        assert removed == set(EDGE_HEADERS)
+        added = [m["append"] for m in mutations["request_mutations"] if "append" in m]
+        synthetic = listener["name"] == "synthetic"
+        assert [a["header"]["key"] for a in added] == (
+            ["x-canaryflow-synthetic"] if synthetic else []
+        )
+        assert filters["envoy.filters.http.buffer"]["max_request_bytes"] == 4096
+        assert manager["rds"]["route_config_name"] == "canaryflow"  # the same routes
+
+
+def test_only_the_mirror_policy_sets_the_mirror_header() -> None:
+    text = render_route_config(
+        Routes(service="svc", stable="1", shadow="2", mirror_percent=50), version=3
+    )
+    assert text.count(MIRROR_HEADER) == 1
+    assert "request_headers_mutations" in text
+
+
+def test_a_cap_below_one_byte_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError):
+        bootstrap(tmp_path, max_request_bytes=0)
+    monkeypatch.setenv(MAX_BODY_ENV, "2048")
+    assert EmbeddedStack(tmp_path).max_request_bytes == 2048
+    monkeypatch.setenv(MAX_BODY_ENV, "lots")
+    with pytest.raises(ConfigError, match=MAX_BODY_ENV):
+        EmbeddedStack(tmp_path)
+
+
+def test_the_stack_runs_services_with_an_admin_port_and_the_cap(tmp_path: Path) -> None:
+    endpoints = Endpoints(home=str(tmp_path), mlflow_uri="http://mlflow", keys_dir="keys")
+    process = model_service(tmp_path, "primary", "svc", endpoints, max_body_bytes=2048)
+    command = list(process.command)
+    assert command[command.index("--max-body-bytes") + 1] == "2048"
+    assert admin_url_of(process).startswith("http://127.0.0.1:")
+    assert command[command.index("--admin-port") + 1] != command[command.index("--port") + 1]
+
+
+def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path) -> None:
+    """`envoy --mode validate`: every filter and field exists in the Envoy we ship."""
+    import yaml
+
+    from canaryflow.local.envoy import envoy_binary
+
+    routes = tmp_path / "routes" / "routes.yaml"
+    routes.parent.mkdir()
+    routes.write_text(
+        render_route_config(
+            Routes(service="svc", stable="1", shadow="2", mirror_percent=50), version=1
+        )
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(tmp_path, synthetic_port=10002)))
+    done = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(path), "--base-id", "4242",
+         "--disable-hot-restart", "--log-level", "error"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
