@@ -5,7 +5,7 @@ call a real sandbox provider and write one SQLite store.
 Raw sockets where the client must misbehave (a 64 MiB Content-Length, an endless chunked body):
 a sender thread keeps pushing the body while the test waits for the answer, so a server that
 read the body before answering would be seen waiting (time) or growing (memory). Times and
-memory are printed (`-s`); docs/reliability.md holds the figures.
+memory are printed (`FIGURE ...`, `pytest -s`); docs/reliability.md holds the figures.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def refused_each_round(edge: Edge, port: int, pid: int, chunked: bool, where: st
     growth = peak_kib(pid) - peak
     kind = "chunked" if chunked else "64 MiB Content-Length"
     print(
-        f"\n{kind} at {where}: 413 in median {statistics.median(times) * 1000:.1f} ms "
+        f"\nFIGURE {kind} at {where}: 413 in median {statistics.median(times) * 1000:.1f} ms "
         f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, {ROUNDS} rounds); "
         f"peak RSS +{growth} KiB"
     )
