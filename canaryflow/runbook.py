@@ -48,6 +48,8 @@ from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
     from canaryflow.analysis.gates import GateMemory
+    from canaryflow.contracts import ProvidersFile
+    from canaryflow.providers.preflight import ProviderCheck
 
 # Records reach the store in batches, after they complete. A window is read once every record
 # writer has stored what completed before its end (the watermark), or after this long: then the
@@ -60,6 +62,7 @@ class Preflight:
     baseline: PublishedVersion
     compatibility: CompatibilityReport
     key_id: str
+    provider: ProviderCheck | None = None
 
 
 def preflight(
@@ -67,6 +70,7 @@ def preflight(
     endpoints: Endpoints,
     floor: PolicyFloor,
     silence_within_s: float | None = None,
+    providers: ProvidersFile | None = None,
 ) -> Preflight:
     """The floor, the windows against the silence automation (`silence_within_s`, None: not
     checked) and the signature first (refuse before touching anything), then baseline and
@@ -85,6 +89,7 @@ def preflight(
         )
     trusted = load_trusted_keys(Path(endpoints.keys_dir))
     verify(spec.candidate, trusted)
+    provider = check_candidate_provider(spec, endpoints, providers)
     registry = connections.registry(endpoints.mlflow_uri)
     try:
         baseline = registry.resolve(spec.service, spec.baseline_alias)
@@ -101,8 +106,27 @@ def preflight(
             "the spec if the change is intended (and re-index embeddings first)."
         )
     return Preflight(
-        baseline=baseline, compatibility=report, key_id=spec.candidate.signature.key_id
+        baseline=baseline,
+        compatibility=report,
+        key_id=spec.candidate.signature.key_id,
+        provider=provider,
     )
+
+
+def check_candidate_provider(
+    spec: ReleaseSpec, endpoints: Endpoints, providers: ProvidersFile | None
+) -> ProviderCheck:
+    """Before the registry is touched, so a provider that cannot be called moves no alias. No
+    providers file: the stack's bare `provider_urls`, called without a key."""
+    from canaryflow.providers.config import from_urls
+    from canaryflow.providers.preflight import check_provider
+
+    if providers is None:
+        source = "the stack's provider_urls (no providers file given)"
+        return check_provider(
+            spec.candidate.manifest, from_urls(endpoints.provider_urls), source=source
+        )
+    return check_provider(spec.candidate.manifest, providers)
 
 
 def publish(spec: ReleaseSpec, endpoints: Endpoints) -> PublishedVersion:

@@ -37,6 +37,7 @@ from canaryflow.contracts.policy import (
     PolicyFloor,
     Severity,
 )
+from canaryflow.contracts.providers import AuthStyle, ProviderConfig, ProvidersFile
 from canaryflow.contracts.release import (
     ApprovalConfig,
     ApprovalDecision,
@@ -70,6 +71,7 @@ __all__ = [
     "STATUSES",
     "ApprovalConfig",
     "ApprovalDecision",
+    "AuthStyle",
     "CanaryPlan",
     "CanaryStep",
     "CompatibilityReport",
@@ -93,6 +95,8 @@ __all__ = [
     "Percent",
     "PolicyFloor",
     "Price",
+    "ProviderConfig",
+    "ProvidersFile",
     "PublishedVersion",
     "ReleaseDecision",
     "ReleaseRecord",

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -18,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from canaryflow import retries
-from canaryflow.contracts import ModelManifest
+from canaryflow.contracts import ModelManifest, ProviderConfig
 from canaryflow.errors import (
     BudgetExceeded,
     ConfigError,
     ProviderResponseError,
     TransientProviderError,
 )
+from canaryflow.providers.config import credential_headers, ssl_context
 from canaryflow.providers.transports import AiohttpTransport
 
 if TYPE_CHECKING:
@@ -134,8 +137,29 @@ def request_parameters(manifest: ModelManifest) -> dict[str, Any]:
     return params
 
 
+class _Pacer:
+    """Spaces request starts `1 / per_s` apart: a provider's rate limit, kept by the sender so
+    the evaluation does not spend its retries on 429s."""
+
+    def __init__(self, per_s: float) -> None:
+        self.interval = 1.0 / per_s
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + self.interval  # no await before this line: no race in one loop
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
 class ProviderClient:
-    """`async with ProviderClient(url) as client: await client.complete(manifest, text)`."""
+    """`async with ProviderClient(url) as client: await client.complete(manifest, text)`, or
+    `ProviderClient.for_provider(name, config)` for a providers-file entry (key, TLS, limits).
+
+    The credential is read when the client is entered (`credentials`), handed to the HTTP
+    client and kept nowhere else: not in an attribute, a message or a repr.
+    """
 
     def __init__(
         self,
@@ -148,10 +172,22 @@ class ProviderClient:
         budget: Budget | None = None,
         cache: ResponseCache | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        name: str | None = None,
+        credentials: Callable[[], Mapping[str, str]] | None = None,
+        key_source: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        requests_per_s: float | None = None,
+        api_root: str = "/v1",
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
         self.base_url = base_url.rstrip("/")
+        self.name = name or self.base_url
+        self.key_source = key_source
+        self._credentials = credentials
+        self._tls = tls
+        self._api_root = api_root  # "/v1" under a bare origin; "" under an SDK-style base_url
+        self._pacer = _Pacer(requests_per_s) if requests_per_s else None
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -167,15 +203,39 @@ class ProviderClient:
         self._semaphore: asyncio.Semaphore | None = None
         self._manifests: dict[int, tuple[ModelManifest, str, dict[str, Any]]] = {}
 
+    @classmethod
+    def for_provider(
+        cls,
+        name: str,
+        config: ProviderConfig,
+        environ: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> ProviderClient:
+        """The client for one providers-file entry; `options` as for the constructor."""
+        options.setdefault("concurrency", config.concurrency)
+        options.setdefault("timeout_s", config.timeout_s)
+        options.setdefault("requests_per_s", config.requests_per_s)
+        return cls(
+            config.base_url,
+            name=name,
+            credentials=lambda: credential_headers(name, config, environ),
+            key_source=config.key_source(),
+            tls=ssl_context(name, config),
+            api_root="",
+            **options,
+        )
+
     async def __aenter__(self) -> ProviderClient:
         limits = httpx.Limits(
             max_connections=self.concurrency, max_keepalive_connections=self.concurrency
         )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
+            headers=dict(self._credentials()) if self._credentials is not None else None,
             timeout=httpx.Timeout(self.timeout_s),
             limits=limits,
-            transport=self._transport or AiohttpTransport(limit=self.concurrency),
+            transport=self._transport
+            or AiohttpTransport(limit=self.concurrency, ssl_context=self._tls),
         )
         self._semaphore = asyncio.Semaphore(self.concurrency)
         return self
@@ -248,8 +308,10 @@ class ProviderClient:
         async def post() -> httpx.Response:
             nonlocal latency_ms
             async with semaphore:  # held per attempt, not while waiting to retry
+                if self._pacer is not None:
+                    await self._pacer.wait()
                 started = time.perf_counter()
-                response = await http.post("/v1/chat/completions", json=payload)
+                response = await http.post(f"{self._api_root}/chat/completions", json=payload)
                 latency_ms = (time.perf_counter() - started) * 1000
                 return response
 
@@ -264,6 +326,8 @@ class ProviderClient:
         status = response.status_code
         if retries.is_retryable_status(status):
             raise self._still_failing(f"HTTP {status}: {_snippet(response.content)}")
+        if status in (401, 403):
+            raise self.rejected_key(status)
         if status >= 400:
             raise ProviderResponseError(
                 f"{self.base_url} refused the request with HTTP {status}: "
@@ -271,6 +335,25 @@ class ProviderClient:
                 "model name and parameters in the manifest)"
             )
         return status, response.content, latency_ms
+
+    def rejected_key(self, status: int) -> ProviderResponseError:
+        """No body quoted: some providers echo part of the key they refused."""
+        if self.key_source is None:
+            return ProviderResponseError(
+                f"provider {self.name} refused a request without a key (HTTP {status}): name "
+                "one with api_key_env or api_key_file in the providers file"
+            )
+        return ProviderResponseError(
+            f"provider {self.name} rejected the key from {self.key_source} (HTTP {status})"
+        )
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """One GET under the API root with the provider's key and TLS, no retry: preflight
+        asks `/models`."""
+        if self._http is None:
+            raise RuntimeError("use ProviderClient inside `async with` before calling get()")
+        response = await self._http.get(f"{self._api_root}{path}")
+        return response.status_code, response.content
 
     def _still_failing(self, last: str) -> TransientProviderError:
         return TransientProviderError(

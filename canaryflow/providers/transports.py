@@ -5,23 +5,33 @@ httpx stays the client API (retries, errors, MockTransport in tests), but its ow
 process spends 6-9 ms of CPU per request and throughput collapses (measured in
 benchmarks/bench_evaluation.py; the model service's forwarder saw the same). aiohttp's connector
 does not, so the provider client sends through it.
+
+TLS: the caller's context (a provider's CA bundle), else aiohttp's default (the system's CAs).
+`trust_env` makes aiohttp honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as httpx would.
 """
 
 from __future__ import annotations
+
+import ssl
 
 import aiohttp
 import httpx
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    def __init__(self, limit: int = 100) -> None:
+    def __init__(self, limit: int = 100, ssl_context: ssl.SSLContext | None = None) -> None:
         self.limit = limit
+        self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.limit, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            connector = aiohttp.TCPConnector(
+                limit=self.limit, ttl_dns_cache=300, ssl=self.ssl_context or True
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, trust_env=True
+            )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

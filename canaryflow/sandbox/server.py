@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
 import importlib.util
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.types import Receive, Scope, Send
 
@@ -183,10 +187,15 @@ def _message(item: Any, index: int) -> tuple[str, str]:
 
 
 class SandboxApp:
-    """A bare ASGI app: no framework on the hot path, no per-request logging."""
+    """A bare ASGI app: no framework on the hot path, no per-request logging.
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    With `required_key` it plays a provider that wants a key (`Authorization: Bearer` or
+    Azure's `api-key`), so the credential path is tested against a real refusal: 401 with an
+    OpenAI-style body that, like OpenAI's, never echoes what was sent."""
+
+    def __init__(self, sandbox: Sandbox, required_key: str | None = None) -> None:
         self.sandbox = sandbox
+        self._key = required_key.encode() if required_key else None
         models = [
             {"id": n, "object": "model", "created": 0, "owned_by": "sandbox"} for n in PROFILES
         ]
@@ -199,7 +208,10 @@ class SandboxApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"].rstrip("/"), scope["method"]
-        if path in ("/v1/chat/completions", "/chat/completions"):
+        refused = None if path == "/health" else self._refuse_key(scope)
+        if refused is not None:
+            reply = refused
+        elif path in ("/v1/chat/completions", "/chat/completions"):
             if method != "POST":
                 reply = error_reply(405, "Use POST.", "invalid_request_error", "method_not_allowed")
             else:
@@ -213,6 +225,8 @@ class SandboxApp:
                     await asyncio.sleep(reply.delay_s)
         elif path in ("/v1/models", "/models") and method == "GET":
             reply = self._models
+        elif path.startswith(("/v1/models/", "/models/")) and method == "GET":
+            reply = _model(unquote(path.rpartition("/models/")[2]))
         elif path == "/health" and method == "GET":
             reply = Reply(200, {"status": "ok"})
         else:
@@ -225,6 +239,35 @@ class SandboxApp:
         ]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def _refuse_key(self, scope: Scope) -> Reply | None:
+        if self._key is None:
+            return None
+        sent = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                sent = value[7:].strip()
+            elif name == b"api-key":
+                sent = value.strip()
+        if sent is None:
+            message = "You didn't provide an API key (Authorization: Bearer KEY, or api-key: KEY)."
+            return error_reply(401, message, "invalid_request_error", "missing_api_key")
+        if not hmac.compare_digest(sent, self._key):
+            message = "Incorrect API key provided."
+            return error_reply(401, message, "invalid_request_error", "invalid_api_key")
+        return None
+
+
+def _model(model: str) -> Reply:
+    """`GET /v1/models/<id>`: a profile with overrides is a model too, though not listed."""
+    try:
+        known = resolve_profile(model) is not None
+    except ConfigError:
+        known = False
+    if not known:
+        message = f"The model `{model}` does not exist."
+        return error_reply(404, message, "invalid_request_error", "model_not_found", "model")
+    return Reply(200, {"id": model, "object": "model", "created": 0, "owned_by": "sandbox"})
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -251,8 +294,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def build_app(knowledge: KnowledgeBase | None = None) -> SandboxApp:
-    return SandboxApp(Sandbox(knowledge))
+def build_app(
+    knowledge: KnowledgeBase | None = None, required_key: str | None = None
+) -> SandboxApp:
+    return SandboxApp(Sandbox(knowledge), required_key)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m canaryflow.sandbox") -> None:
@@ -261,14 +306,29 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m canaryflow.sa
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8400)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--require-key",
+        metavar="ENV_VAR",
+        help="answer 401 unless requests carry the key held by this environment variable "
+        "(its name, never the key: a command line is visible to every user in `ps`)",
+    )
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    required_key = None
+    if args.require_key is not None:
+        required_key = os.environ.get(args.require_key, "").strip()
+        if not required_key:
+            sys.exit(f"--require-key: environment variable ${args.require_key} is not set")
     import uvicorn
 
     def installed(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
 
     uvicorn.run(
-        build_app(),
+        build_app(required_key=required_key),
         host=args.host,
         port=args.port,
         http="httptools" if installed("httptools") else "h11",
@@ -277,6 +337,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m canaryflow.sa
         log_level=args.log_level,
         server_header=False,
         date_header=False,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
     )
 
 

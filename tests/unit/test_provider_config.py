@@ -1,0 +1,182 @@
+"""The providers file: what it accepts, what it refuses, and that a refusal never quotes a key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from canaryflow.contracts import AuthStyle, ProviderConfig
+from canaryflow.errors import ConfigError
+from canaryflow.providers.config import (
+    credential_headers,
+    from_urls,
+    load_providers,
+    resolve_key,
+    ssl_context,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-proj-Zq8literalKEYthatMustNeverShow1234"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "providers.yaml"
+    path.write_text(text)
+    return path
+
+
+def refusal(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as refused:
+        load_providers(path)
+    message = str(refused.value)
+    assert KEY not in message and KEY not in repr(refused.value)
+    assert str(path) in message, "the error names the file"
+    return message
+
+
+def test_a_full_entry_loads_and_a_bare_one_gets_the_defaults(tmp_path: Path) -> None:
+    providers = load_providers(
+        write(
+            tmp_path,
+            """
+providers:
+  azure:
+    base_url: https://my-resource.openai.azure.com/openai/v1/
+    api_key_env: AZURE_OPENAI_API_KEY
+    auth: api-key
+    headers: {x-ms-useragent: canaryflow}
+    timeout_s: 60
+    concurrency: 8
+    requests_per_s: 5
+    price: {input_per_1k: 0.0025, output_per_1k: 0.01}
+    ca_bundle: corp-ca.pem
+  local:
+    base_url: http://127.0.0.1:11434/v1
+    auth: none
+""",
+        )
+    )
+    azure, local = providers.providers["azure"], providers.providers["local"]
+    assert azure.base_url == "https://my-resource.openai.azure.com/openai/v1"
+    assert azure.auth is AuthStyle.API_KEY and azure.requests_per_s == 5
+    assert azure.price is not None and azure.price.output_per_1k == 0.01
+    assert (local.timeout_s, local.concurrency, local.key_source()) == (30.0, 16, None)
+
+
+@pytest.mark.parametrize("field", ["api_key", "key", "token", "API-Key"])
+def test_a_literal_key_field_is_refused_without_quoting_it(tmp_path: Path, field: str) -> None:
+    message = refusal(
+        tmp_path, f"providers:\n  openai:\n    base_url: https://api.openai.com/v1\n"
+        f"    {field}: {KEY}\n",
+    )  # fmt: skip
+    assert f"provider openai: field '{field}' is not allowed" in message
+    assert "api_key_env" in message and "chmod 600" in message
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (f"api_key_env: {KEY}", "api_key_env: must be the NAME of an environment variable"),
+        (
+            f"api_key_env: OPENAI_API_KEY\n    headers: {{Authorization: Bearer {KEY}}}",
+            "headers: header 'Authorization' carries a credential",
+        ),
+        ("api_key_env: K\n    auth: basic", "auth: Input should be 'bearer', 'api-key' or 'none'"),
+        ("api_key_env: K\n    api_key_file: /k", "set api_key_env or api_key_file, not both"),
+        ("auth: bearer", "auth 'bearer' needs api_key_env or api_key_file"),
+        ("auth: none\n    api_key_env: K", "auth is 'none' but a key is named"),
+        ("api_key_env: K\n    timeout_s: 0", "timeout_s: Input should be greater than 0"),
+        ("api_key_env: K\n    apikey_env: K", "apikey_env: unknown field"),
+    ],
+)
+def test_bad_entries_name_the_provider_and_the_field(
+    tmp_path: Path, entry: str, expected: str
+) -> None:
+    text = f"providers:\n  p1:\n    base_url: https://api.example.com/v1\n    {entry}\n"
+    message = refusal(tmp_path, text)
+    assert f"provider p1: {expected}" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "api.openai.com/v1",
+        "ftp://api.openai.com/v1",
+        "https:///v1",
+        f"https://user:{KEY}@api.example.com/v1",
+        f"https://api.example.com/v1?key={KEY}",
+    ],
+)
+def test_a_bad_base_url_is_refused_without_quoting_it(tmp_path: Path, url: str) -> None:
+    message = refusal(tmp_path, f"providers:\n  p1:\n    base_url: '{url}'\n    auth: none\n")
+    assert "provider p1: base_url: must" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("providers: [1, 2]", "needs a top-level `providers:` mapping"),
+        ("openai: {base_url: x}", "needs a top-level `providers:` mapping"),
+        ("providers: {a: [unclosed", "is not valid YAML at line 1"),
+        ("providers:\n  p1: just-a-string\n", "provider p1: Input should be"),
+    ],
+)
+def test_a_malformed_file_says_what_is_wrong(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in refusal(tmp_path, text)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'nope.yaml'} is unreadable")):
+        load_providers(tmp_path / "nope.yaml")
+
+
+def test_the_key_is_read_at_call_time_and_hidden_in_reprs(tmp_path: Path) -> None:
+    config = ProviderConfig(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY")
+    key = resolve_key("openai", config, {"OPENAI_API_KEY": f" {KEY}\n"})
+    assert key is not None and key.get_secret_value() == KEY
+    assert KEY not in repr(key) and KEY not in str(key) and KEY not in repr(config)
+    with pytest.raises(ConfigError, match=r"^provider openai: environment variable \$OPENAI"):
+        resolve_key("openai", config, {"OPENAI_API_KEY": "  "})
+    headers = credential_headers("openai", config, {"OPENAI_API_KEY": KEY})
+    assert headers == {"authorization": f"Bearer {KEY}"}
+    azure = config.model_copy(update={"auth": AuthStyle.API_KEY, "headers": {"x-a": "1"}})
+    assert credential_headers("azure", azure, {"OPENAI_API_KEY": KEY}) == {
+        "x-a": "1",
+        "api-key": KEY,
+    }
+
+
+def test_an_empty_key_file_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.touch(mode=0o600)
+    config = ProviderConfig(base_url="https://x.example/v1", api_key_file=str(key_file))
+    with pytest.raises(ConfigError, match=f"key file {key_file} is empty"):
+        resolve_key("x", config)
+
+
+def test_bare_urls_become_keyless_entries_and_tls_follows_the_scheme(tmp_path: Path) -> None:
+    providers = from_urls({"sandbox": "http://127.0.0.1:8400/"})
+    sandbox = providers.providers["sandbox"]
+    assert sandbox.base_url == "http://127.0.0.1:8400/v1" and sandbox.auth is AuthStyle.NONE
+    assert credential_headers("sandbox", sandbox) == {}
+    assert ssl_context("sandbox", sandbox) is None
+    secure = ProviderConfig(base_url="https://x.example/v1", auth=AuthStyle.NONE)
+    assert ssl_context("x", secure) is not None  # the system's CAs
+    broken = secure.model_copy(update={"ca_bundle": str(tmp_path / "absent.pem")})
+    with pytest.raises(ConfigError, match=r"^provider x: ca_bundle .*absent.pem is unusable"):
+        ssl_context("x", broken)
+
+
+def test_the_readme_examples_load(tmp_path: Path) -> None:
+    """The providers files the README shows are valid, so a user copying one starts right."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use your own provider", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(providers:.*?)```", section, flags=re.S)
+    assert len(blocks) >= 1
+    names = set()
+    for block in blocks:
+        names |= set(load_providers(write(tmp_path, block)).providers)
+    assert {"openai", "gemini", "azure", "vllm", "ollama"} <= names
