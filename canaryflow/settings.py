@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from canaryflow.contracts import Endpoints, PolicyFloor
+from canaryflow.contracts import Endpoints, PolicyFloor, ProvidersFile
 from canaryflow.errors import StackError
 
 STACK_FILE = "stack.json"
@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     floors_file: Path | None = Field(
         None, description="YAML of policy floors ('default' and per service); None: built-in"
     )
+    providers_file: Path | None = Field(
+        None,
+        description="YAML of providers (credentials by reference); None: the stack's "
+        "provider_urls, called without a key",
+    )
 
     def floor_for(self, service: str) -> PolicyFloor:
         """The service's floor: its own entry, else the file's `default`, else the built-in."""
@@ -62,6 +67,14 @@ class Settings(BaseSettings):
 
         floors = load_floors(self.floors_file)
         return floors.get(service) or floors.get("default") or PolicyFloor()
+
+    def providers(self) -> ProvidersFile | None:
+        """Read on every call, so an edited file counts from the next release on."""
+        if self.providers_file is None:
+            return None
+        from canaryflow.providers.config import load_providers
+
+        return load_providers(self.providers_file)
 
     def endpoints(self) -> Endpoints:
         """The endpoints of the stack under `home`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from canaryflow.providers.config import (
     resolve_key,
     ssl_context,
 )
+from canaryflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-proj-Zq8literalKEYthatMustNeverShow1234"
@@ -180,3 +182,12 @@ def test_the_readme_examples_load(tmp_path: Path) -> None:
     for block in blocks:
         names |= set(load_providers(write(tmp_path, block)).providers)
     assert {"openai", "gemini", "azure", "vllm", "ollama"} <= names
+
+
+def test_settings_name_the_providers_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().providers() is None or "CANARYFLOW_PROVIDERS_FILE" in os.environ
+    path = write(tmp_path, "providers:\n  local:\n    base_url: http://127.0.0.1:8000/v1\n"
+                 "    auth: none\n")  # fmt: skip
+    monkeypatch.setenv("CANARYFLOW_PROVIDERS_FILE", str(path))
+    providers = Settings().providers()
+    assert providers is not None and list(providers.providers) == ["local"]
