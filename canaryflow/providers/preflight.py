@@ -54,6 +54,7 @@ def check_provider(
 
 async def _ask(client: ProviderClient, model: str) -> list[str]:
     name = client.name
+    answered = "accepted the key" if client.key_source is not None else "answered (no key)"
     async with client:  # reads the key: a missing one fails here, before any request
         try:
             status, body = await client.get("/models")
@@ -64,7 +65,7 @@ async def _ask(client: ProviderClient, model: str) -> list[str]:
                         f"provider {name} does not offer model {model!r} "
                         f"(its /models lists: {_some(_listed(name, body))})"
                     )
-                return [f"provider {name} accepted the key and serves {model!r} (retrieved)"]
+                return [f"provider {name} {answered} and serves {model!r} (retrieved)"]
         except httpx.TransportError as exc:
             raise _unreachable(client, exc) from None
     if status in (401, 403):
@@ -78,7 +79,7 @@ async def _ask(client: ProviderClient, model: str) -> list[str]:
         raise ProviderResponseError(
             f"provider {name} answered GET {client.base_url}/models with HTTP {status}"
         )
-    return [f"provider {name} accepted the key and lists {model!r}"]
+    return [f"provider {name} {answered} and lists {model!r}"]
 
 
 def _listed(name: str, body: bytes) -> list[str]:
