@@ -253,12 +253,8 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
     release_id = _deployment_id(deployed, "release", "release")
     response = httpx.post(
         f"{_api(deployed)}/deployments/{release_id}/create_flow_run",
-        json={
-            "parameters": {
-                "spec": spec.model_dump(mode="json"),
-                "endpoints": deployed.endpoints.model_dump(mode="json"),
-            }
-        },
+        # No endpoints: the worker's own stack (CANARYFLOW_HOME) is what a flow works with.
+        json={"parameters": {"spec": spec.model_dump(mode="json")}},
     )
     response.raise_for_status()
     run_id = response.json()["id"]
