@@ -14,7 +14,7 @@ from canaryflow import connections, runbook
 from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
 from canaryflow.errors import ConfigError, ReleaseBusy
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
-from canaryflow.settings import Settings
+from canaryflow.settings import worker_endpoints
 from tasks.common import emit, flush_events, say, step
 
 log = logging.getLogger("canaryflow.release")
@@ -66,8 +66,7 @@ def roll_back_on_crash(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any
     (the registry is down), it rolls back: moving traffic to stable is the safe side.
     """
     spec = ReleaseSpec.model_validate(flow_run.parameters["spec"])
-    raw = flow_run.parameters.get("endpoints")
-    endpoints = Endpoints.model_validate(raw) if raw else Settings().endpoints()
+    endpoints = worker_endpoints()
     if _refused_at_the_lock(state):
         return
     try:

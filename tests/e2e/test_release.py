@@ -102,9 +102,7 @@ def roles_through_envoy(live: LiveStack, n: int = 60) -> dict[str, int]:
 def test_good_candidate_is_promoted_through_shadow_and_canary(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.2", "sandbox-good"))
-    record = release(
-        spec=spec_for(live, signed, shadow=True, weights=(10.0, 25.0)), endpoints=live.endpoints
-    )
+    record = release(spec=spec_for(live, signed, shadow=True, weights=(10.0, 25.0)))
 
     assert record.decision == "promoted", record.reason
     stages = [s.key for s in record.stages]
@@ -166,7 +164,7 @@ def test_hallucinating_candidate_is_rejected_at_the_offline_gate(live: LiveStack
     before = champion(live)
     routes_before = connections.traffic_controller(live.endpoints, examples.SERVICE).current()
     signed = live.sign(examples.manifest("1.3", "sandbox-hallucinating"))
-    record = release(spec=spec_for(live, signed), endpoints=live.endpoints)
+    record = release(spec=spec_for(live, signed))
 
     assert record.decision == "rejected"
     offline = stage(record, "offline_eval")
@@ -186,7 +184,7 @@ def test_hallucinating_candidate_is_rejected_at_the_offline_gate(live: LiveStack
 def test_slow_candidate_is_caught_in_a_canary_window_and_rolled_back(live: LiveStack) -> None:
     before = champion(live)
     signed = live.sign(examples.manifest("1.4", "sandbox-slow"))
-    record = release(spec=spec_for(live, signed), endpoints=live.endpoints)
+    record = release(spec=spec_for(live, signed))
 
     assert record.decision == "rolled_back", record.reason
     assert "latency_p95" in record.reason
@@ -216,7 +214,7 @@ def test_tampered_manifest_is_refused_before_anything_happens(live: LiveStack) -
     tampered = SignedManifest(manifest=tampered_manifest, signature=signed.signature)
     versions_before = registry.aliases(examples.SERVICE)
 
-    record = release(spec=spec_for(live, tampered), endpoints=live.endpoints)
+    record = release(spec=spec_for(live, tampered))
 
     assert record.decision == "rejected"
     assert record.candidate_version is None, "nothing may be published"
@@ -229,7 +227,7 @@ def test_manifest_signed_by_an_unknown_key_is_refused(live: LiveStack, tmp_path:
 
     stranger = generate_keypair(tmp_path, "stranger", [examples.SERVICE])
     signed = sign(examples.manifest("1.6", "sandbox-good"), stranger.private_path)
-    record = release(spec=spec_for(live, signed), endpoints=live.endpoints)
+    record = release(spec=spec_for(live, signed))
     assert record.decision == "rejected"
     assert "not among" in stage(record, "preflight").detail
 
@@ -271,7 +269,7 @@ def _wait_for_pause(live: LiveStack, thread: threading.Thread, timeout_s: float 
 def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     signed = live.sign(examples.manifest("1.7", "sandbox-verbose"))
     spec = spec_for(live, signed, policy=COST_ONLY)
-    thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
+    thread, box = _in_background(lambda: release(spec=spec))
     run_id = _wait_for_pause(live, thread)
     status = resume_with_approval(
         str(live.endpoints.prefect_api_url),
@@ -289,7 +287,7 @@ def test_soft_gate_pauses_and_the_ui_call_resumes_it(live: LiveStack) -> None:
     assert approval.outcome == "approved"
     assert "sre-on-call" in approval.detail and "cost accepted" in approval.detail
     assert record.decision == "promoted"
-    rollback(service=examples.SERVICE, reason="undo the verbose adapter", endpoints=live.endpoints)
+    rollback(service=examples.SERVICE, reason="undo the verbose adapter")
 
 
 @pytest.mark.usefixtures("users")  # the gates judge their requests
@@ -298,7 +296,7 @@ def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
     signed = live.sign(examples.manifest("1.8", "sandbox-verbose"))
     unanswered = ApprovalConfig(timeout_s=2, default_action="reject", poll_s=1)
     spec = spec_for(live, signed, policy=COST_ONLY, approval=unanswered)
-    record = release(spec=spec, endpoints=live.endpoints)
+    record = release(spec=spec)
     approval = next(s for s in record.stages if s.key.endswith("_approval"))
     assert approval.outcome == "rejected"
     assert approval.metrics["timed_out"] == 1.0
@@ -311,11 +309,11 @@ def test_unanswered_review_applies_the_policy_default(live: LiveStack) -> None:
 def test_one_release_per_service_at_a_time(live: LiveStack) -> None:
     first = live.sign(examples.manifest("1.9", "sandbox-verbose"))
     spec = spec_for(live, first, policy=COST_ONLY)
-    thread, box = _in_background(lambda: release(spec=spec, endpoints=live.endpoints))
+    thread, box = _in_background(lambda: release(spec=spec))
     run_id = _wait_for_pause(live, thread)
     second = live.sign(examples.manifest("2.0", "sandbox-good"))
     with pytest.raises(ReleaseBusy, match="another release of 'my-assistant' is running"):
-        release(spec=spec_for(live, second, lock_wait_s=0.5), endpoints=live.endpoints)
+        release(spec=spec_for(live, second, lock_wait_s=0.5))
     resume_with_approval(
         str(live.endpoints.prefect_api_url),
         run_id,
@@ -334,11 +332,11 @@ def test_rollback_flow_restores_last_stable(live: LiveStack) -> None:
     registry = connections.registry(live.endpoints.mlflow_uri)
     signed = live.sign(examples.manifest("2.1", "sandbox-good"))
     spec = spec_for(live, signed).model_copy(update={"suites": ["golden"]})
-    promoted = release(spec=spec, endpoints=live.endpoints)
+    promoted = release(spec=spec)
     assert promoted.decision == "promoted", promoted.reason
     previous = registry.resolve(examples.SERVICE, "last-stable").version
 
-    summary = rollback(service=examples.SERVICE, reason="pager says so", endpoints=live.endpoints)
+    summary = rollback(service=examples.SERVICE, reason="pager says so")
 
     assert summary["champion"] == previous
     assert registry.resolve(examples.SERVICE, "champion").version == previous
