@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from canaryflow import connections
 from canaryflow.contracts import (
     CompatibilityReport,
+    Decision,
     Endpoints,
     EvalReport,
     GatePolicy,
@@ -48,6 +49,7 @@ from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
     from canaryflow.analysis.gates import GateMemory
+    from canaryflow.analysis.late import LateLook
     from canaryflow.contracts import ProvidersFile
     from canaryflow.providers.preflight import ProviderCheck
 
@@ -288,6 +290,52 @@ def observe_window(
         requests={"stable": sample.baseline.n, role.value: sample.candidate.n},
     )
     return result, memory
+
+
+def observe_late_records(
+    endpoints: Endpoints,
+    policy: GatePolicy,
+    *,
+    routes: Routes,
+    candidate_role: Role,
+    last_end: datetime,
+    late_s: float,
+    memory: GateMemory | None,
+) -> LateLook:
+    """Wait until the requests that started before the last window's end have completed or
+    timed out (`late_s`, the model services' provider timeout) and are stored, then judge those
+    late finishers against the hard gates (`analysis.late`). A record writer that does not
+    confirm them within `WATERMARK_WAIT_S` fails the look: unseen records are never a pass."""
+    from datetime import timedelta
+
+    from canaryflow.analysis.late import LateLook, judge_late
+
+    if endpoints.store_url is None:
+        raise ConfigError("no request store configured: endpoints.store_url is empty")
+    candidate_version = routes.shadow if candidate_role is Role.SHADOW else routes.canary
+    if candidate_version is None:
+        raise ConfigError(f"late look without a {candidate_role.value} version in the routes")
+    until = last_end + timedelta(seconds=late_s)
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()))
+    store = connections.store(endpoints.store_url)
+    complete = store.watermarks.wait_until(
+        routes.service, until.timestamp(), alive_since=last_end.timestamp(),
+        timeout_s=WATERMARK_WAIT_S,
+    )  # fmt: skip
+    service = routes.service
+    baseline = store.records(service, last_end, until, role=Role.STABLE, version=routes.stable)
+    candidate = store.records(service, last_end, until, role=candidate_role,
+                              version=candidate_version)  # fmt: skip
+    look = judge_late(policy, baseline, candidate, last_end, memory)
+    if complete:
+        return look
+    unseen = GateResult(
+        gate="watermark", severity=Severity.OBSERVABILITY, label=Label.ERROR,
+        reason=f"records up to {late_s:g} s after the last window were not all stored within "
+        f"{WATERMARK_WAIT_S:g} s (a record writer is behind or gone): late finishers unseen",
+    )  # fmt: skip
+    return LateLook((*look.gates, unseen), Decision.FAIL, look.candidate_n, look.baseline_n,
+                    last_end)  # fmt: skip
 
 
 def route_all_to(endpoints: Endpoints, service: str, version: str) -> TrafficRollback:

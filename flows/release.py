@@ -27,7 +27,7 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import CanaryflowError, RoutesChanged
 from canaryflow.settings import Settings, worker_endpoints
-from flows.release_run import Release, Stop, judge_stage
+from flows.release_run import Release, Stop, judge_late, judge_stage
 from tasks.common import artifact_key, emit, flush_events
 from tasks.evaluation import evaluate_candidate
 from tasks.ledger import close_ledger, keep_forensics, open_ledger
@@ -162,6 +162,7 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
                      candidate=run.candidate.version)  # fmt: skip
                 _shadow(run)
                 _canary(run)
+                judge_late(run)  # the last window's late finishers, before promoting
             _promote(run)
         except Stop as stop:
             _roll_back(run, stop)

@@ -14,18 +14,20 @@ from typing import Any
 from canaryflow.analysis import progress
 from canaryflow.analysis.progress import Action, Limits, StageProgress
 from canaryflow.contracts import (
+    Decision,
     Endpoints,
     Outcome,
     PublishedVersion,
     ReleaseRecord,
     ReleaseSpec,
+    Role,
     Routes,
     Stage,
     StageOutcome,
     Waiver,
     WindowResult,
 )
-from tasks.analysis import judge_window
+from tasks.analysis import judge_late_records, judge_window
 from tasks.approval import approval_heartbeat, heartbeat_every, wait_for_approval
 from tasks.common import artifact_key, emit, say, silence_within_s
 from tasks.ledger import log_evidence, record_stage
@@ -118,3 +120,27 @@ def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: L
             raise Stop(next_step.reason, window.ended_at)
         if next_step.action is Action.DONE:
             return
+
+
+def judge_late(run: Release) -> None:
+    """Before promoting: the requests that started in the last judged window and completed
+    after it (up to `canary.late_records_s`, the services' provider timeout) against the hard
+    gates. A breach raises Stop; the look's event restarts the silence clock like a window's."""
+    if not run.windows or run.candidate is None or run.baseline is None:
+        return
+    last = run.windows[-1]
+    shadow = last.stage == "shadow"
+    routes = run.routes(shadow=run.candidate.version) if shadow else run.routes(
+        canary=run.candidate.version, weight=last.weight)  # fmt: skip
+    memory = run.memory.get(Stage.SHADOW if shadow else Stage.CANARY)
+    role = Role.SHADOW if shadow else Role.CANARY
+    look = judge_late_records(run.endpoints, run.spec.policy, routes, role, last.ended_at,
+                              run.spec.canary.late_records_s, memory)  # fmt: skip
+    emit("window", look.decision.value, run.record.release_id, run.spec.service,
+         stage="late", step=last.step, window=last.window)  # fmt: skip
+    stage = Stage.SHADOW if shadow else Stage.CANARY
+    figures = {"late_candidate": float(look.candidate_n), "late_baseline": float(look.baseline_n)}
+    if look.decision is Decision.FAIL:
+        run.stage(stage, Outcome.FAILED, look.describe(), part="late", figures=figures)
+        raise Stop(look.describe(), datetime.now(UTC))
+    run.stage(stage, Outcome.PASSED, look.describe(), part="late", figures=figures)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from canaryflow import reports, runbook
 from canaryflow.analysis.gates import GateMemory
-from canaryflow.contracts import Endpoints, GatePolicy, Routes, WindowResult
+from canaryflow.analysis.late import LateLook
+from canaryflow.contracts import Endpoints, GatePolicy, Role, Routes, WindowResult
 from tasks.common import artifact_key, step
 
 
@@ -44,3 +47,25 @@ def judge_window(
         description=f"{stage} window evidence",
     )
     return result, memory
+
+
+@step(retries=0, task_run_name="judge-late-records")
+def judge_late_records(
+    endpoints: Endpoints,
+    policy: GatePolicy,
+    routes: Routes,
+    candidate_role: Role,
+    last_end: datetime,
+    late_s: float,
+    memory: GateMemory | None,
+) -> LateLook:
+    """The last window's late finishers, judged before the release promotes."""
+    look = runbook.observe_late_records(endpoints, policy, routes=routes,
+                                        candidate_role=candidate_role, last_end=last_end,
+                                        late_s=late_s, memory=memory)  # fmt: skip
+    create_table_artifact(
+        key=artifact_key("late", routes.service, "gates"),
+        table=reports.gate_rows(look.gates),
+        description=f"late records: {look.decision.value}: {look.describe()}",
+    )
+    return look
