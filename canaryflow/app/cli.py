@@ -64,14 +64,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         tools[name] = url
     if tools and args.service is None:
         raise ConfigError("--tool needs --service: tools are called by the service's data plane")
-    if args.max_body_bytes is not None:
-        from canaryflow.local.stack import MAX_BODY_ENV
-
-        if args.max_body_bytes < 1:
-            raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
-        # An entry point may set its own environment; the stack reads the cap from it.
-        os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
-    return keep_stack_up(_home(args), service=args.service, tool_urls=tools)
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    if args.users is not None and args.service is None:
+        raise ConfigError("--users needs --service: they send requests to the service's Envoy")
+    if args.users is not None and not 0 < args.users <= 5000:
+        raise ConfigError(f"--users is requests per second in (0, 5000], got {args.users}")
+    return keep_stack_up(
+        _home(args),
+        service=args.service,
+        tool_urls=tools,
+        max_request_bytes=args.max_body_bytes,
+        users_rps=args.users,
+    )
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -318,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="request bodies above N bytes are refused 413 by Envoy and the model services "
         "(default: 1 MiB)",
+    )
+    up.add_argument(
+        "--users",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="simulated users: send the example corpus to the service's public Envoy listener at "
+        "RPS requests/s once its data plane runs (what the gates judge; off by default)",
     )
     up.add_argument("--home", default=argparse.SUPPRESS, help="same as canaryflow --home")
     keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")

@@ -250,26 +250,40 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
 
 
 def keep_stack_up(
-    home: Path, service: str | None = None, tool_urls: Mapping[str, str] | None = None
+    home: Path,
+    service: str | None = None,
+    tool_urls: Mapping[str, str] | None = None,
+    *,
+    max_request_bytes: int | None = None,
+    users_rps: float | None = None,
 ) -> int:
     """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs.
 
     With `--service`, the data plane starts as soon as the service has a champion: at once if it
     has one, else when `canaryflow publish ... --champion` makes one. `tool_urls` (tool name ->
-    URL) go to its model services. SIGTERM, SIGINT or SIGHUP, while starting, waiting for a
-    champion or idle, stop every process and return 128 + the signal's number.
+    URL) go to its model services; `users_rps` starts simulated users once it runs.
+    `max_request_bytes`: the body cap of Envoy and the model services (None: 1 MiB). SIGTERM,
+    SIGINT or SIGHUP, while starting, waiting for a champion or idle, stop every process and
+    return 128 + the signal's number.
     """
     with StopSignals() as signals:
-        _keep_stack_up(home, service, tool_urls or {}, signals)
+        stack = EmbeddedStack(
+            home, progress=_say, cancelled=signals.cancelled, max_request_bytes=max_request_bytes
+        )
+        _keep_stack_up(stack, service, tool_urls or {}, users_rps, signals)
     if signals.received is not None:
         signals.report()
     return signals.exit_code()
 
 
 def _keep_stack_up(
-    home: Path, service: str | None, tool_urls: Mapping[str, str], signals: StopSignals
+    stack: EmbeddedStack,
+    service: str | None,
+    tool_urls: Mapping[str, str],
+    users_rps: float | None,
+    signals: StopSignals,
 ) -> None:
-    with EmbeddedStack(home, progress=_say, cancelled=signals.cancelled) as stack:
+    with stack, contextlib.ExitStack() as users:
         assert stack.endpoints is not None
         endpoints = stack.endpoints
         console.print(f"Prefect UI  {str(endpoints.prefect_api_url).removesuffix('/api')}")
@@ -283,6 +297,9 @@ def _keep_stack_up(
         while not signals.cancelled():
             if waiting and service is not None:
                 waiting = not _start_dataplane_if_ready(stack, service, tool_urls)
+                if not waiting and users_rps is not None:
+                    users.enter_context(examples.simulated_users(stack.endpoints, users_rps))
+                    console.print(f"  simulated users: {users_rps:g} requests/s through Envoy")
             if waiting:
                 time.sleep(2.0)
             elif not signals.cancelled():

@@ -32,7 +32,6 @@ from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
 # `canaryflow up --max-body-bytes N` sets it: request bodies above N bytes are refused 413.
-MAX_BODY_ENV = "CANARYFLOW_MAX_BODY_BYTES"
 PROJECT = Path(__file__).resolve().parents[2]
 Progress = Callable[[str], None]
 
@@ -215,8 +214,7 @@ class EmbeddedStack:
     ) -> None:
         """`cancelled` is polled while parts start (from worker threads, so it must only read
         a flag): once true, the start gives up and stops what it started.
-        `max_request_bytes`: the body cap of Envoy and the model services (None: the
-        `CANARYFLOW_MAX_BODY_BYTES` environment variable, else 1 MiB)."""
+        `max_request_bytes`: the body cap of Envoy and the model services (None: 1 MiB)."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
@@ -225,11 +223,6 @@ class EmbeddedStack:
         self.processes: list[ManagedProcess | Stoppable] = []
         self.endpoints: Endpoints | None = None
         self._stopping = False
-        if max_request_bytes is None and os.environ.get(MAX_BODY_ENV, "").strip():
-            try:
-                max_request_bytes = int(os.environ[MAX_BODY_ENV])
-            except ValueError as exc:
-                raise ConfigError(f"{MAX_BODY_ENV} must be a number of bytes") from exc
         if max_request_bytes is not None and max_request_bytes < 1:
             raise ConfigError(f"the body limit must be at least 1 byte, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes

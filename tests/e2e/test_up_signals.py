@@ -288,13 +288,13 @@ def test_up_killed_outright_takes_its_servers_and_their_workers_along(tmp_path: 
 def test_sigterm_with_the_data_plane_up_ends_envoy_prometheus_and_the_services(
     tmp_path: Path,
 ) -> None:
-    """`up --service`: a champion published while it waits starts the data plane; a SIGTERM
-    then ends the model services, Envoy and Prometheus too."""
+    """`up --service --users`: a champion published while it waits starts the data plane and
+    the simulated users; a SIGTERM then ends the model services, Envoy and Prometheus too."""
     from canaryflow import connections
     from canaryflow.local import examples
     from canaryflow.registry.signing import generate_keypair, sign
 
-    with running_up(tmp_path, "--service", examples.SERVICE) as up:
+    with running_up(tmp_path, "--service", examples.SERVICE, "--users", "20") as up:
         endpoints = up.ready()
         keys = generate_keypair(Path(endpoints.keys_dir), "ci", [examples.SERVICE])
         registry = connections.registry(endpoints.mlflow_uri)
@@ -313,6 +313,12 @@ def test_sigterm_with_the_data_plane_up_ends_envoy_prometheus_and_the_services(
         urls = [live.envoy_admin_url, str(live.prometheus_url), *live.model_service_urls]
         recorded, groups = up.record()
         assert len(groups) >= 8, recorded  # 4 control plane, 2 services, Envoy, Prometheus (+1)
+
+        def users_answered() -> bool:  # the users' requests reach the service through Envoy
+            metrics = httpx.get(f"{live.model_service_admin_urls[0]}/metrics", timeout=5).text
+            return 'role="stable"' in metrics and "canaryflow_requests_total{" in metrics
+
+        wait_for("simulated users' requests", users_answered, timeout_s=30, interval_s=0.5)
 
         sent = time.monotonic()
         up.process.send_signal(signal.SIGTERM)

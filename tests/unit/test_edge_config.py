@@ -12,7 +12,7 @@ from canaryflow.contracts import Endpoints, Routes
 from canaryflow.dataplane.envoy_bootstrap import render_bootstrap
 from canaryflow.dataplane.envoy_config import EDGE_HEADERS, MIRROR_HEADER, render_route_config
 from canaryflow.errors import ConfigError
-from canaryflow.local.stack import MAX_BODY_ENV, EmbeddedStack, admin_url_of, model_service
+from canaryflow.local.stack import EmbeddedStack, admin_url_of, model_service
 
 
 def bootstrap(tmp_path: Path, **extra: int) -> dict:  # type: ignore[type-arg]
@@ -59,14 +59,22 @@ def test_only_the_mirror_policy_sets_the_mirror_header() -> None:
     assert "request_headers_mutations" in text
 
 
-def test_a_cap_below_one_byte_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cap_below_one_byte_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         bootstrap(tmp_path, max_request_bytes=0)
-    monkeypatch.setenv(MAX_BODY_ENV, "2048")
-    assert EmbeddedStack(tmp_path).max_request_bytes == 2048
-    monkeypatch.setenv(MAX_BODY_ENV, "lots")
-    with pytest.raises(ConfigError, match=MAX_BODY_ENV):
-        EmbeddedStack(tmp_path)
+    with pytest.raises(ConfigError, match="at least 1 byte"):
+        EmbeddedStack(tmp_path, max_request_bytes=0)
+    assert EmbeddedStack(tmp_path, max_request_bytes=2048).max_request_bytes == 2048
+
+
+def test_up_refuses_bad_body_caps_and_users_without_a_service(tmp_path: Path) -> None:
+    from canaryflow.app.cli import main
+
+    home = ["--home", str(tmp_path)]
+    assert main([*home, "up", "--max-body-bytes", "0"]) != 0
+    assert main([*home, "up", "--users", "50"]) != 0
+    assert main([*home, "up", "--service", "svc", "--users", "-1"]) != 0
+    assert not (tmp_path / "stack.json").exists(), "nothing was started"
 
 
 def test_the_stack_runs_services_with_an_admin_port_and_the_cap(tmp_path: Path) -> None:
