@@ -89,6 +89,11 @@ def preflight(
             f"the spec for {spec.service} has a window the silence automation would take for a "
             f"dead release: {'; '.join(too_long)}"
         )
+    if spec.traffic is not None and endpoints.envoy_synthetic_url is None:
+        raise ConfigError(
+            f"the spec for {spec.service} asks for synthetic traffic, but this stack has no "
+            "synthetic Envoy listener to mark it: drop `traffic` (the gates judge users only)"
+        )
     trusted = load_trusted_keys(Path(endpoints.keys_dir))
     verify(spec.candidate, trusted)
     provider = check_candidate_provider(spec, endpoints, providers)

@@ -187,3 +187,26 @@ def test_asked_for_synthetic_load_a_stack_without_the_synthetic_listener_refuses
         synthetic_traffic(asked, users_only),
     ):
         pytest.fail("synthetic load started without a synthetic listener")
+
+
+def test_preflight_refuses_synthetic_load_on_a_stack_without_a_synthetic_listener(
+    tmp_path: Path,
+) -> None:
+    """Before anything is published: the release is refused, not started and rolled back."""
+    from canaryflow import runbook
+    from canaryflow.contracts import Endpoints, PolicyFloor, ReleaseSpec, TrafficConfig
+    from canaryflow.errors import ConfigError
+    from canaryflow.local import examples
+    from canaryflow.registry.signing import generate_keypair, sign
+
+    keys = generate_keypair(tmp_path, "ci", [examples.SERVICE])
+    spec = ReleaseSpec(
+        service=examples.SERVICE,
+        candidate=sign(examples.manifest("1.2", "sandbox-good"), keys.private_path),
+        traffic=TrafficConfig(rate_rps=10),
+    )
+    # MLflow and the provider are never reached: nothing listens on port 9.
+    users_only = Endpoints(home=str(tmp_path), mlflow_uri="http://127.0.0.1:9",
+                           keys_dir=str(tmp_path), envoy_url="http://127.0.0.1:9")  # fmt: skip
+    with pytest.raises(ConfigError, match="no synthetic Envoy listener"):
+        runbook.preflight(spec, users_only, PolicyFloor())
