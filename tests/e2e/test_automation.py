@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,12 +33,14 @@ from canaryflow.contracts import (
     ShadowConfig,
     TrafficConfig,
 )
+from canaryflow.errors import ReleaseBusy
 from canaryflow.local import examples
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.local.stack import PYTHON
 from flows.rollback import rollback
 from tasks.approval import approval_heartbeat, heartbeat_every
 from tasks.common import emit, flush_events
+from tasks.lock import LEASE_S, release_lock
 from tests.e2e.conftest import LiveStack, prefect_cli
 from tests.waiting import wait_for
 
@@ -201,27 +204,120 @@ def _created_s(run: dict[str, Any]) -> float:
     return datetime.fromisoformat(run["created"]).timestamp()
 
 
-@pytest.fixture(scope="module")
-def worker(
-    deployed: LiveStack, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ManagedProcess]:
+def _worker_process(live: LiveStack, log_dir: Path) -> ManagedProcess:
+    """A real `prefect worker` on the pool, as on a worker machine."""
     port = free_port()
-    process = ManagedProcess(
+    return ManagedProcess(
         name="prefect-worker",
         command=[PYTHON, "-m", "prefect", "worker", "start", "--pool", POOL, "--with-healthcheck"],
-        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
+        log_path=log_dir / "worker.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
         env={
-            "PREFECT_API_URL": _api(deployed),
+            "PREFECT_API_URL": _api(live),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
             "PREFECT_WORKER_WEBSERVER_PORT": str(port),
             "CANARYFLOW_PROJECT_DIR": str(REPO),
-            "CANARYFLOW_HOME": deployed.endpoints.home,
+            "CANARYFLOW_HOME": live.endpoints.home,
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         },
     )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: Linux)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def test_a_killed_worker_leaves_the_automation_to_roll_back_and_its_lock_frees(
+    deployed: LiveStack, tmp_path: Path
+) -> None:
+    """SIGKILL of the worker machine (the worker and the flow-run process it started) while the
+    canary is live. No hook runs: Prefect marks a run crashed only through a live worker or
+    runner, so the run stays Running. The silence automation is the net: once a new worker is
+    up, it rolls the service back. The dead release's lock frees when its lease (60 s) runs out;
+    until then a new release is refused with a message naming the dead run."""
+    controller = connections.traffic_controller(deployed.endpoints, examples.SERVICE)
+    stable = controller.current()
+    assert stable is not None and stable.canary is None
+    spec = ReleaseSpec(
+        service=examples.SERVICE,
+        candidate=deployed.sign(examples.manifest("4.4", "sandbox-good")),
+        suites=["golden"],
+        shadow=ShadowConfig(enabled=False),
+        canary=CanaryPlan(steps=[CanaryStep(weight=25, windows=1, window_s=120)]),
+    )
+    first = _worker_process(deployed, tmp_path / "first")
+    first.start(60)
+    with silence_automation(deployed, SILENCE_S):
+        try:
+            release_id = _deployment_id(deployed, "release", "release")
+            response = httpx.post(
+                f"{_api(deployed)}/deployments/{release_id}/create_flow_run",
+                json={"parameters": {"spec": spec.model_dump(mode="json")}},
+            )
+            response.raise_for_status()
+            run = response.json()
+
+            def canary_live() -> bool:
+                routes = controller.current()
+                return routes is not None and routes.canary is not None and routes.weight > 0
+
+            wait_for("the canary to get traffic", canary_live, 150, 0.2)
+            assert first.process is not None
+            doomed = [first.process.pid, *_descendants(first.process.pid)]
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+        finally:
+            first.stop()
+        # While the lease holds: refused, naming the dead run.
+        with pytest.raises(ReleaseBusy) as refused, release_lock(examples.SERVICE, 0.5):
+            pass
+        assert run["name"] in str(refused.value) and run["id"] in str(refused.value)
+        # A replacement worker: the automation's rollback run needs one.
+        second = _worker_process(deployed, tmp_path / "second")
+        second.start(60)
+        try:
+            wait_for("stable-only routes", lambda: not canary_live(), 90, 0.2)
+            to_stable_s = time.monotonic() - killed
+            with release_lock(examples.SERVICE, 120):
+                lock_free_s = time.monotonic() - killed
+        finally:
+            second.stop()
+            httpx.post(
+                f"{_api(deployed)}/flow_runs/{run['id']}/set_state",
+                json={"state": {"type": "CRASHED", "name": "Crashed"}, "force": True},
+            )
+    print(f"killed worker: stable after {to_stable_s:.1f} s, lock free after {lock_free_s:.1f} s")
+    routes = controller.current()
+    assert routes is not None and routes.stable == stable.stable and routes.canary is None
+    state = httpx.get(f"{_api(deployed)}/flow_runs/{run['id']}").json()["state"]
+    assert to_stable_s <= SILENCE_S + 30
+    # The lease runs out 60 s after its last renewal; the server frees expired leases on its
+    # own schedule after that (measured 71 s, n=1).
+    assert lock_free_s <= LEASE_S + 30
+    assert state["type"] == "CRASHED"
+
+
+@pytest.fixture(scope="module")
+def worker(
+    deployed: LiveStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ManagedProcess]:
+    process = _worker_process(deployed, tmp_path_factory.mktemp("worker"))
     process.start(60)
     try:
         yield process
