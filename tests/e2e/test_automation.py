@@ -308,7 +308,7 @@ def test_a_killed_worker_leaves_the_automation_to_roll_back_and_its_lock_frees(
     state = httpx.get(f"{_api(deployed)}/flow_runs/{run['id']}").json()["state"]
     assert to_stable_s <= SILENCE_S + 30
     # The lease runs out 60 s after its last renewal; the server frees expired leases on its
-    # own schedule after that (measured 71 s, n=1).
+    # own schedule after that (measured 65-71 s, n=2).
     assert lock_free_s <= LEASE_S + 30
     assert state["type"] == "CRASHED"
 
