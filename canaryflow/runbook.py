@@ -83,7 +83,11 @@ def preflight(
             f"the spec for {spec.service} goes below its policy floor: {'; '.join(problems)}. "
             "Raise these fields (the floor is set by the worker's floors file)"
         )
-    too_long = [] if silence_within_s is None else beyond_silence(spec, silence_within_s)
+    too_long = (
+        []
+        if silence_within_s is None
+        else beyond_silence(spec, silence_within_s, request_timeout_s=endpoints.request_timeout_s)
+    )
     if too_long:
         raise SpecError(
             f"the spec for {spec.service} has a window the silence automation would take for a "

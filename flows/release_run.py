@@ -27,6 +27,7 @@ from canaryflow.contracts import (
     Waiver,
     WindowResult,
 )
+from canaryflow.floors import late_records_wait_s
 from tasks.analysis import judge_late_records, judge_window
 from tasks.approval import approval_heartbeat, heartbeat_every, wait_for_approval
 from tasks.common import artifact_key, emit, say, silence_within_s
@@ -124,7 +125,7 @@ def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: L
 
 def judge_late(run: Release) -> None:
     """Before promoting: the requests that started in the last judged window and completed
-    after it (up to `canary.late_records_s`, the services' provider timeout) against the hard
+    after it (up to the services' provider timeout, or the spec's longer wait) against the hard
     gates. A breach raises Stop; the look's event restarts the silence clock like a window's."""
     if not run.windows or run.candidate is None or run.baseline is None:
         return
@@ -134,8 +135,9 @@ def judge_late(run: Release) -> None:
         canary=run.candidate.version, weight=last.weight)  # fmt: skip
     memory = run.memory.get(Stage.SHADOW if shadow else Stage.CANARY)
     role = Role.SHADOW if shadow else Role.CANARY
+    wait_s = late_records_wait_s(run.spec, run.endpoints.request_timeout_s)
     look = judge_late_records(run.endpoints, run.spec.policy, routes, role, last.ended_at,
-                              run.spec.canary.late_records_s, memory)  # fmt: skip
+                              wait_s, memory)  # fmt: skip
     emit("window", look.decision.value, run.record.release_id, run.spec.service,
          stage="late", step=last.step, window=last.window)  # fmt: skip
     stage = Stage.SHADOW if shadow else Stage.CANARY

@@ -201,7 +201,10 @@ def _run_demo(home: Path, quick: bool, signals: StopSignals) -> int:
     started = time.perf_counter()
     console.rule("[bold]canaryflow demo")
     results: list[tuple[Scenario, ReleaseRecord, float]] = []
-    with EmbeddedStack(home, progress=_say, cancelled=signals.cancelled) as stack:
+    # The sandbox answers in ~40-70 ms; a short provider timeout keeps the wait for the last
+    # window's late finishers (one timeout) short.
+    stack = EmbeddedStack(home, progress=_say, cancelled=signals.cancelled, request_timeout_s=5.0)
+    with stack:
         assert stack.endpoints is not None
         champion, key = _bootstrap_champion(stack.endpoints)
         console.print(f"  champion {examples.SERVICE} v{champion} published and signed")

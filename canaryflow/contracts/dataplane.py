@@ -86,6 +86,12 @@ class Endpoints(Strict):
         description="every model-service instance's admin URL (loopback): warm-up, metrics",
     )
     prometheus_url: str | None = None
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="the model services' provider timeout (`canaryflow serve --timeout`): a "
+        "request unfinished by then is recorded as an error; the late look waits this long",
+    )
     webhook_url: str | None = Field(
         default=None, description="the CI webhook receiver; deliveries go to POST /hooks/release"
     )

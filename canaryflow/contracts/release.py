@@ -32,10 +32,10 @@ class CanaryPlan(Strict):
     )
     max_extensions: int = Field(2, ge=0, description="extra windows when a window is inconclusive")
     late_records_s: Seconds = Field(
-        30.0,
-        description="the model services' provider timeout (`canaryflow serve --timeout`): "
-        "before promoting, the candidate's requests that completed this long after the last "
-        "window ended are judged against the hard gates",
+        0.0,
+        description="before promoting, the candidate's requests that complete up to this long "
+        "after the last window ended are judged against the hard gates; the worker's data plane "
+        "timeout (`Endpoints.request_timeout_s`) is the floor: a spec may lengthen, never shorten",
     )
 
     @field_validator("steps")

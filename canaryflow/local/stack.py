@@ -117,6 +117,7 @@ def model_service(
     endpoints: Endpoints,
     tool_urls: Mapping[str, str] | None = None,
     max_body_bytes: int | None = None,
+    timeout_s: float | None = None,
 ) -> ManagedProcess:
     """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one.
 
@@ -125,6 +126,7 @@ def model_service(
     admin port (warm-up, metrics) is on loopback, apart from the public one Envoy sends to."""
     port, admin_port = free_port(), free_port()
     limit = [] if max_body_bytes is None else ["--max-body-bytes", str(max_body_bytes)]
+    limit += [] if timeout_s is None else ["--timeout", f"{timeout_s:g}"]
     providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
     tools = [f"--tool-url={tool}={url}" for tool, url in (tool_urls or {}).items()]
     command = [
@@ -211,10 +213,13 @@ class EmbeddedStack:
         progress: Progress = _quiet,
         cancelled: Callable[[], bool] = _never,
         max_request_bytes: int | None = None,
+        request_timeout_s: float = 30.0,
     ) -> None:
         """`cancelled` is polled while parts start (from worker threads, so it must only read
         a flag): once true, the start gives up and stops what it started.
-        `max_request_bytes`: the body cap of Envoy and the model services (None: 1 MiB)."""
+        `max_request_bytes`: the body cap of Envoy and the model services (None: 1 MiB).
+        `request_timeout_s`: the model services' provider timeout, which is also how long a
+        release waits for the last window's late finishers."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
@@ -226,6 +231,7 @@ class EmbeddedStack:
         if max_request_bytes is not None and max_request_bytes < 1:
             raise ConfigError(f"the body limit must be at least 1 byte, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
+        self.request_timeout_s = request_timeout_s
 
     def _start_together(self, parts: Sequence[Part], timeout_s: float) -> list[Part]:
         """Start `parts` in worker threads (each registered for `stop()` first), wait for all.
@@ -302,7 +308,9 @@ class EmbeddedStack:
             raise StackError("start the control plane first (EmbeddedStack.start)")
         limit = self.max_request_bytes
         services = [
-            model_service(self.home, name, service, self.endpoints, tool_urls, limit)
+            model_service(
+                self.home, name, service, self.endpoints, tool_urls, limit, self.request_timeout_s
+            )
             for name in ("primary", "shadow")
         ]
         self._start_together(services, timeout_s)
@@ -335,6 +343,7 @@ class EmbeddedStack:
                 "prometheus_url": prometheus.url,
                 "model_service_urls": [url_of(p) for p in services],
                 "model_service_admin_urls": [admin_url_of(p) for p in services],
+                "request_timeout_s": self.request_timeout_s,
             }
         )
         self.save()

@@ -34,7 +34,8 @@ class LiveStack:
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     home = tmp_path_factory.mktemp("stack")
-    stack = EmbeddedStack(home, ui=False)
+    # A short provider timeout: a promotion waits that long for the last window's late finishers.
+    stack = EmbeddedStack(home, ui=False, request_timeout_s=E2E_REQUEST_TIMEOUT_S)
     try:
         endpoints = stack.start()
         keys = generate_keypair(Path(endpoints.keys_dir), "ci", [examples.SERVICE])
@@ -55,6 +56,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         stack.stop()
 
 
+E2E_REQUEST_TIMEOUT_S = 3.0  # sandbox answers take ~40-70 ms; a hang is an error after 3 s
 USERS_RPS = 200.0  # a 2.5 s window at a 25 % canary step: ~125 candidate requests
 
 

@@ -22,6 +22,7 @@ from canaryflow.deliveries import (
     sign_payload,
 )
 from canaryflow.local import examples
+from canaryflow.local.loadgen import TrafficRunner
 from flows.release import release
 from flows.rollback import rollback
 from tests.e2e.conftest import LiveStack
@@ -38,7 +39,9 @@ def canaryflow(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_approve_resumes_a_paused_release_which_then_promotes(live: LiveStack) -> None:
+def test_approve_resumes_a_paused_release_which_then_promotes(
+    live: LiveStack, users: TrafficRunner
+) -> None:
     signed = live.sign(examples.manifest("7.1", "sandbox-verbose"))
     approval = ApprovalConfig(timeout_s=90, poll_s=1)
     spec = spec_for(live, signed, policy=COST_ONLY, approval=approval)

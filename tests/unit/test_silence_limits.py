@@ -85,3 +85,18 @@ def test_preflight_refuses_before_touching_anything(candidate, tmp_path: Path) -
     message = str(refused.value)
     assert "canary.steps[0].window_s is 3590 s" in message
     assert "at most 3570 s" in message and "within (3600 s" in message
+
+
+def test_a_spec_cannot_shorten_the_late_look_below_the_data_planes_timeout(candidate) -> None:  # type: ignore[no-untyped-def]
+    """The wait for the last window's late finishers is the worker's provider timeout; a
+    delivery may lengthen it, never skip it with `late_records_s: 0`."""
+    from canaryflow.floors import late_records_wait_s
+
+    skip = spec(candidate, canary=CanaryPlan(late_records_s=0))
+    assert late_records_wait_s(skip, request_timeout_s=30.0) == 30.0
+    longer = spec(candidate, canary=CanaryPlan(late_records_s=45))
+    assert late_records_wait_s(longer, request_timeout_s=30.0) == 45.0
+    # The silence check counts the wait the release will really make.
+    assert [p.split(" ")[0] for p in beyond_silence(skip, 600.0, request_timeout_s=580)] == [
+        "canary.late_records_s"
+    ]
