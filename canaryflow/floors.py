@@ -56,11 +56,11 @@ def below_floor(spec: ReleaseSpec, floor: PolicyFloor) -> list[str]:
     return problems
 
 
-def late_records_wait_s(spec: ReleaseSpec, request_timeout_s: float) -> float:
+def late_records_wait_s(spec_late_s: float, request_timeout_s: float) -> float:
     """How long after the last window the late look waits: the data plane's provider timeout
     (a request unfinished by then is recorded as an error), which a spec may lengthen, never
     shorten: a delivery cannot skip the look."""
-    return max(spec.canary.late_records_s, request_timeout_s)
+    return max(spec_late_s, request_timeout_s)
 
 
 def beyond_silence(
@@ -74,7 +74,12 @@ def beyond_silence(
     the silence for a dead release and rolls the service back. Empty when it fits."""
     limit = within_s - slack_s
     looks = [(f"canary.steps[{i}].window_s", s.window_s) for i, s in enumerate(spec.canary.steps)]
-    looks.append(("canary.late_records_s", late_records_wait_s(spec, request_timeout_s)))
+    looks.append(
+        (
+            "canary.late_records_s",
+            late_records_wait_s(spec.canary.late_records_s, request_timeout_s),
+        )
+    )
     if spec.shadow.enabled:
         looks.insert(0, ("shadow.window_s", spec.shadow.window_s))
     return [

@@ -44,7 +44,7 @@ from canaryflow.errors import (
     SpecError,
     StackError,
 )
-from canaryflow.floors import below_floor, beyond_silence
+from canaryflow.floors import below_floor, beyond_silence, late_records_wait_s
 from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
@@ -324,6 +324,8 @@ def observe_late_records(
     candidate_version = routes.shadow if candidate_role is Role.SHADOW else routes.canary
     if candidate_version is None:
         raise ConfigError(f"late look without a {candidate_role.value} version in the routes")
+    # The worker's provider timeout is the floor: a spec may wait longer, never shorter.
+    late_s = late_records_wait_s(late_s, endpoints.request_timeout_s)
     until = last_end + timedelta(seconds=late_s)
     time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()))
     store = connections.store(endpoints.store_url)

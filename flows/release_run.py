@@ -27,7 +27,6 @@ from canaryflow.contracts import (
     Waiver,
     WindowResult,
 )
-from canaryflow.floors import late_records_wait_s
 from tasks.analysis import judge_late_records, judge_window
 from tasks.approval import approval_heartbeat, heartbeat_every, wait_for_approval
 from tasks.common import artifact_key, emit, say, silence_within_s
@@ -135,9 +134,8 @@ def judge_late(run: Release) -> None:
         canary=run.candidate.version, weight=last.weight)  # fmt: skip
     memory = run.memory.get(Stage.SHADOW if shadow else Stage.CANARY)
     role = Role.SHADOW if shadow else Role.CANARY
-    wait_s = late_records_wait_s(run.spec, run.endpoints.request_timeout_s)
     look = judge_late_records(run.endpoints, run.spec.policy, routes, role, last.ended_at,
-                              wait_s, memory)  # fmt: skip
+                              run.spec.canary.late_records_s, memory)  # fmt: skip
     emit("window", look.decision.value, run.record.release_id, run.spec.service,
          stage="late", step=last.step, window=last.window)  # fmt: skip
     stage = Stage.SHADOW if shadow else Stage.CANARY

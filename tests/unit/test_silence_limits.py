@@ -93,9 +93,9 @@ def test_a_spec_cannot_shorten_the_late_look_below_the_data_planes_timeout(candi
     from canaryflow.floors import late_records_wait_s
 
     skip = spec(candidate, canary=CanaryPlan(late_records_s=0))
-    assert late_records_wait_s(skip, request_timeout_s=30.0) == 30.0
+    assert late_records_wait_s(skip.canary.late_records_s, request_timeout_s=30.0) == 30.0
     longer = spec(candidate, canary=CanaryPlan(late_records_s=45))
-    assert late_records_wait_s(longer, request_timeout_s=30.0) == 45.0
+    assert late_records_wait_s(longer.canary.late_records_s, request_timeout_s=30.0) == 45.0
     # The silence check counts the wait the release will really make.
     assert [p.split(" ")[0] for p in beyond_silence(skip, 600.0, request_timeout_s=580)] == [
         "canary.late_records_s"
