@@ -7,7 +7,6 @@ the CLI, or from a test.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ if TYPE_CHECKING:
 # writer has stored what completed before its end (the watermark), or after this long: then the
 # window is judged incomplete, which is never a pass.
 WATERMARK_WAIT_S = 10.0
+BARE_URLS = "the stack's provider_urls (no providers file given)"
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,8 @@ def check_candidate_provider(
     from canaryflow.providers.preflight import check_provider
 
     if providers is None:
-        source = "the stack's provider_urls (no providers file given)"
         return check_provider(
-            spec.candidate.manifest, from_urls(endpoints.provider_urls), source=source
+            spec.candidate.manifest, from_urls(endpoints.provider_urls), source=BARE_URLS
         )
     return check_provider(spec.candidate.manifest, providers)
 
@@ -152,6 +151,7 @@ def evaluate_offline(
     baseline: PublishedVersion,
     endpoints: Endpoints,
     progress: Callable[[int, int], None] | None = None,
+    providers: ProvidersFile | None = None,
 ) -> EvalReport:
     return evaluate_manifests(
         spec.candidate.manifest,
@@ -161,6 +161,7 @@ def evaluate_offline(
         endpoints,
         sample_per_suite=spec.sample_per_suite,
         progress=progress,
+        providers=providers,
     )
 
 
@@ -173,35 +174,24 @@ def evaluate_manifests(
     *,
     sample_per_suite: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    providers: ProvidersFile | None = None,
 ) -> EvalReport:
-    """Both models answer the same items; answers are cached by (digest, messages, parameters)."""
-    from canaryflow.evaluation.harness import evaluate
-    from canaryflow.evaluation.suites import load_suite
-    from canaryflow.providers.cache import ResponseCache
-    from canaryflow.providers.client import ProviderClient, provider_url
+    """Both models answer the same items through the provider's entry in `providers` (key,
+    TLS, limits); None: the stack's bare `provider_urls`, called without a key."""
+    from canaryflow.evaluation.offline import evaluate_paired
+    from canaryflow.providers.config import from_urls
 
-    if candidate.origin.provider != baseline.origin.provider:
-        raise ConfigError("candidate and baseline must use the same provider for a paired eval")
-    url = provider_url(endpoints.provider_urls, candidate.origin.provider)
-    suites = [load_suite(name) for name in suite_names]
-    cache = ResponseCache(Path(endpoints.home) / "eval-cache.db")
-
-    async def run() -> EvalReport:
-        async with ProviderClient(url, concurrency=32, cache=cache) as client:
-            return await evaluate(
-                candidate,
-                baseline,
-                suites,
-                client,
-                gate,
-                sample_per_suite=sample_per_suite,
-                progress=progress,
-            )
-
-    try:
-        return asyncio.run(run())
-    finally:
-        cache.close()
+    return evaluate_paired(
+        candidate,
+        baseline,
+        suite_names,
+        gate,
+        from_urls(endpoints.provider_urls) if providers is None else providers,
+        Path(endpoints.home) / "eval-cache.db",
+        source="the providers file" if providers is not None else BARE_URLS,
+        sample_per_suite=sample_per_suite,
+        progress=progress,
+    )
 
 
 def warm_up(endpoints: Endpoints, version: str) -> list[str]:

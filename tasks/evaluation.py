@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from canaryflow import connections, reports, runbook
 from canaryflow.contracts import Endpoints, EvalReport, PublishedVersion, ReleaseSpec
 from canaryflow.loading import load_policy
+from canaryflow.settings import Settings
 from tasks.common import artifact_key, step
 
 NIGHTLY_SUITES = ["golden", "regression", "safety"]
@@ -23,8 +24,10 @@ def evaluate_candidate(
     endpoints: Endpoints,
     ledger_run_id: str | None = None,
 ) -> EvalReport:
-    """The report goes to the ledger; the version's eval URI points at it."""
-    report = runbook.evaluate_offline(spec, baseline, endpoints)
+    """Through the worker's providers file; the report goes to the ledger, the version's eval
+    URI points at it."""
+    providers = Settings().providers()
+    report = runbook.evaluate_offline(spec, baseline, endpoints, providers=providers)
     markdown = reports.eval_markdown(report)
     create_markdown_artifact(
         key=artifact_key("offline-eval", spec.service),
@@ -50,13 +53,15 @@ def evaluate_candidate(
 def evaluate_champion(
     champion: PublishedVersion, reference: PublishedVersion, endpoints: Endpoints
 ) -> EvalReport:
-    """The nightly check: today's champion against its reference on the whole corpus."""
+    """The nightly check: today's champion against its reference on the whole corpus, through
+    the worker's providers file."""
     report = runbook.evaluate_manifests(
         champion.signed.manifest,
         reference.signed.manifest,
         NIGHTLY_SUITES,
         load_policy(DEFAULT_POLICY).offline,
         endpoints,
+        providers=Settings().providers(),
     )
     create_markdown_artifact(
         key=artifact_key("nightly-eval", champion.service),

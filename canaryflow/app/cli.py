@@ -239,9 +239,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from canaryflow.app.summaries import print_eval
     from canaryflow.contracts import GatePolicy
     from canaryflow.loading import load_policy, load_signed_manifest
-    from canaryflow.settings import load_endpoints
+    from canaryflow.settings import Settings, load_endpoints
 
     endpoints = load_endpoints(_home(args))
+    settings = Settings(providers_file=Path(args.providers)) if args.providers else Settings()
     report = runbook.evaluate_manifests(
         load_signed_manifest(Path(args.candidate)).manifest,
         load_signed_manifest(Path(args.baseline)).manifest,
@@ -249,6 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (load_policy(Path(args.policy)) if args.policy else GatePolicy()).offline,
         endpoints,
         sample_per_suite=args.sample,
+        providers=settings.providers(),
     )
     print_eval(report)
     return 0 if report.decision.value == "pass" else 3
@@ -296,6 +298,7 @@ PASS_THROUGH = ("serve", "sandbox")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canaryflow", description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="state folder of the embedded stack (.canaryflow)")
+    parser.add_argument("--providers", metavar="FILE", help="providers file for `eval`")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:

@@ -111,17 +111,6 @@ class Budget:
             )
 
 
-def provider_url(settings_provider_urls: dict[str, str], provider: str) -> str:
-    try:
-        return settings_provider_urls[provider]
-    except KeyError:
-        known = ", ".join(sorted(settings_provider_urls)) or "none"
-        raise ConfigError(
-            f"no URL configured for provider {provider!r} (configured: {known}). Set it, e.g. "
-            f'CANARYFLOW_PROVIDER_URLS=\'{{"{provider}": "http://127.0.0.1:8000"}}\''
-        ) from None
-
-
 def request_parameters(manifest: ModelManifest) -> dict[str, Any]:
     """The manifest's decoding parameters as OpenAI request fields (unset ones left out)."""
     p = manifest.parameters

@@ -54,11 +54,19 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# What the offline evaluation sent to a bare URL at once before providers had a `concurrency`.
+BARE_URL_CONCURRENCY = 32
+
+
 def from_urls(provider_urls: Mapping[str, str]) -> ProvidersFile:
     """Bare URLs (`Endpoints.provider_urls`, a stack without a providers file): no credential."""
     return ProvidersFile(
         providers={
-            name: ProviderConfig(base_url=f"{url.rstrip('/')}/v1", auth=AuthStyle.NONE)
+            name: ProviderConfig(
+                base_url=f"{url.rstrip('/')}/v1",
+                auth=AuthStyle.NONE,
+                concurrency=BARE_URL_CONCURRENCY,
+            )
             for name, url in provider_urls.items()
         }
     )

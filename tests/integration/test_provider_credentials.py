@@ -30,6 +30,7 @@ from starlette.routing import Route
 from canaryflow import runbook
 from canaryflow.contracts import (
     Endpoints,
+    GatePolicy,
     ModelManifest,
     Origin,
     PolicyFloor,
@@ -38,6 +39,7 @@ from canaryflow.contracts import (
     ReleaseSpec,
 )
 from canaryflow.errors import CanaryflowError, ConfigError, ProviderResponseError
+from canaryflow.evaluation.harness import ERROR_PREFIX
 from canaryflow.local import examples
 from canaryflow.local.processes import ManagedProcess, free_port
 from canaryflow.providers.client import ProviderClient
@@ -336,3 +338,37 @@ def test_runbook_preflight_refuses_a_wrong_key_before_the_registry(
     elsewhere = endpoints.model_copy(update={"provider_urls": {}})
     with pytest.raises(ConfigError, match="not configured in the stack's provider_urls"):
         runbook.preflight(spec, elsewhere, PolicyFloor())
+
+
+def test_runbook_evaluates_offline_over_https_with_the_key(
+    provider: Provider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offline gate's client is the providers file's entry: key, CA bundle, limits. Without
+    the file, a provider the stack does not know is named in one sentence."""
+    endpoints = Endpoints(
+        home=str(tmp_path),
+        mlflow_uri="http://127.0.0.1:9",
+        keys_dir=str(tmp_path),
+        provider_urls={"secured": provider.url},
+    )
+    monkeypatch.setenv(KEY_VAR, PLANTED)
+    report = runbook.evaluate_manifests(
+        manifest(),
+        manifest(),
+        ["golden"],
+        GatePolicy().offline,
+        endpoints,
+        sample_per_suite=3,
+        providers=providers_of(provider.config()),
+    )
+    assert len(report.items) == 3 and report.tokens > 0
+    assert not [i for i in report.items if i.candidate_output.startswith(ERROR_PREFIX)]
+    elsewhere = endpoints.model_copy(update={"provider_urls": {}})
+    message = refused(
+        ConfigError,
+        lambda: runbook.evaluate_manifests(
+            manifest(), manifest(), ["golden"], GatePolicy().offline, elsewhere
+        ),
+    )
+    assert "provider 'secured' is not configured in the stack's provider_urls" in message
+    assert "CANARYFLOW_PROVIDER_URLS" not in message

@@ -32,7 +32,8 @@ from canaryflow.errors import (
 )
 from canaryflow.local.processes import free_port
 from canaryflow.providers.cache import ResponseCache
-from canaryflow.providers.client import Budget, ProviderClient, provider_url
+from canaryflow.providers.client import Budget, ProviderClient
+from canaryflow.providers.config import from_urls, provider_config
 from tests.waiting import wait_for
 
 
@@ -251,12 +252,14 @@ async def test_concurrency_is_bounded(provider: tuple[str, ScriptedProvider]) ->
     assert elapsed >= 0.4  # 4 calls of 0.2 s, two at a time
 
 
-def test_provider_url_names_missing_provider() -> None:
-    assert provider_url({"sandbox": "http://h:1"}, "sandbox") == "http://h:1"
-    with pytest.raises(
-        ConfigError, match=r"no URL configured for provider 'gemini' \(configured: sandbox\)"
-    ):
-        provider_url({"sandbox": "http://h:1"}, "gemini")
+def test_provider_config_names_missing_provider() -> None:
+    bare = from_urls({"sandbox": "http://h:1"})
+    assert provider_config(bare, "sandbox").base_url == "http://h:1/v1"
+    with pytest.raises(ConfigError) as caught:
+        provider_config(bare, "gemini", source="the stack's provider_urls")
+    assert "provider 'gemini' is not configured in the stack's provider_urls" in str(caught.value)
+    assert "(configured: sandbox)" in str(caught.value)
+    assert "CANARYFLOW_PROVIDER_URLS" not in str(caught.value)
 
 
 def test_cache_key_is_stable_and_sensitive() -> None:
