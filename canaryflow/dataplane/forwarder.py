@@ -1,8 +1,11 @@
 """The hot-path call to the provider: build it from a release, send it, map its failures.
 
-`Plan` is a version's provider call precomputed once per manifest; `provider_payload` wraps the
-user's last message in the version's template and applies its decoding parameters;
-`ServiceError` is an answer the service gives instead of the provider's (OpenAI error shape).
+`Upstream` is a provider as the hot path calls it (chat URL, credential headers, TLS context),
+built from its providers-file entry when a version's plan is built; `Plan` is a version's
+provider call precomputed once per manifest; `provider_payload` wraps the user's last message in
+the version's template and applies its decoding parameters; `ServiceError` is an answer the
+service gives instead of the provider's (OpenAI error shape). The credential lives only in
+`Upstream.headers` and the bytes sent: never in a log line, a repr or an answer's body.
 
 The lean `Http1Client` (`http1.py`) is the default: per call it costs about a third of the CPU of
 aiohttp's ClientSession, and httpx's AsyncClient collapsed above ~250 req/s on this machine
@@ -13,17 +16,19 @@ measuring all three on the same path.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import aiohttp
 import httpx
 
-from canaryflow.contracts import ModelManifest
+from canaryflow.contracts import ModelManifest, ProviderConfig
 from canaryflow.dataplane.http1 import Http1Client, Reply
-from canaryflow.errors import CanaryflowError, TransientProviderError
+from canaryflow.errors import CanaryflowError, ConfigError, TransientProviderError
 from canaryflow.providers.client import request_parameters
+from canaryflow.providers.config import credential_headers, ssl_context
 
 ForwarderKind = Literal["http1", "aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}
@@ -31,11 +36,20 @@ _JSON = {"content-type": "application/json"}
 
 class Forwarder(Protocol):
     """POST a JSON body and return the raw answer. An HTTP error status is a `Reply`; a provider
-    that is unreachable or slower than `timeout_s` raises `TransientProviderError`."""
+    that is unreachable or slower than `timeout_s` raises `TransientProviderError`. `headers`
+    (a provider's credential and extra headers) and `tls` (its CA bundle) come from an
+    `Upstream`; pass the same objects every call, they are cached by identity."""
 
     async def start(self) -> None: ...
 
-    async def post(self, url: str, body: bytes, timeout_s: float) -> Reply: ...
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Reply: ...
 
     async def aclose(self) -> None: ...
 
@@ -51,12 +65,23 @@ class AiohttpForwarder:
             connector=connector, skip_auto_headers=("User-Agent",)
         )
 
-    async def post(self, url: str, body: bytes, timeout_s: float) -> Reply:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Reply:
         if self._session is None:
             raise RuntimeError("AiohttpForwarder.post() before start()")
         try:
             async with self._session.post(
-                url, data=body, headers=_JSON, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                url,
+                data=body,
+                headers=_JSON if headers is None else {**_JSON, **headers},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                ssl=tls if tls is not None else True,
             ) as response:
                 body = await response.read()
                 return Reply(response.status, body, response.headers.get("retry-after"))
@@ -74,20 +99,38 @@ class AiohttpForwarder:
 class HttpxForwarder:
     def __init__(self, max_connections: int = 512) -> None:
         self._max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[int, httpx.AsyncClient] | None = None  # by id() of the TLS context
+        self._contexts: list[ssl.SSLContext] = []  # kept alive, so their ids stay theirs
 
     async def start(self) -> None:
-        limits = httpx.Limits(
-            max_connections=self._max_connections,
-            max_keepalive_connections=self._max_connections,
-        )
-        self._client = httpx.AsyncClient(limits=limits, headers=_JSON)
+        self._clients = {}
 
-    async def post(self, url: str, body: bytes, timeout_s: float) -> Reply:
-        if self._client is None:
+    def _client(self, tls: ssl.SSLContext | None) -> httpx.AsyncClient:
+        if self._clients is None:
             raise RuntimeError("HttpxForwarder.post() before start()")
+        client = self._clients.get(id(tls))
+        if client is None:
+            limits = httpx.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+            )
+            verify: ssl.SSLContext | bool = tls if tls is not None else True
+            client = httpx.AsyncClient(limits=limits, headers=_JSON, verify=verify)
+            self._clients[id(tls)] = client
+            self._contexts += [tls] if tls is not None else []
+        return client
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Reply:
+        client = self._client(tls)
         try:
-            response = await self._client.post(url, content=body, timeout=timeout_s)
+            response = await client.post(url, content=body, headers=headers, timeout=timeout_s)
         except httpx.TimeoutException as exc:
             raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
         except httpx.HTTPError as exc:
@@ -95,9 +138,9 @@ class HttpxForwarder:
         return Reply(response.status_code, response.content, response.headers.get("retry-after"))
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._clients or {}).values():
+            await client.aclose()
+        self._clients = None
 
 
 def make_forwarder(kind: ForwarderKind = "http1") -> Forwarder:
@@ -128,28 +171,85 @@ class ServiceError(CanaryflowError):
         return json.dumps(error).encode()
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Upstream:
+    """One provider as the hot path calls it. `headers` hold the credential in clear: they go
+    to the forwarder and nowhere else (left out of the repr)."""
+
+    name: str
+    url: str  # the chat completions URL
+    headers: Mapping[str, str] = field(repr=False)
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+    key_source: str | None = None  # "$VAR" or "key file PATH", for messages; None: no key
+
+    def rejected(self, status: int) -> ServiceError:
+        """401/403: one sentence naming where the key came from; the provider's body is not
+        quoted (some providers echo part of the key they refused)."""
+        if self.key_source is None:
+            message = f"provider {self.name} refused a request without a key (HTTP {status})"
+        else:
+            message = (
+                f"provider {self.name} rejected the key from {self.key_source} (HTTP {status})"
+            )
+        return ServiceError(502, message, "provider_auth_error")
+
+    def redact(self, text: str) -> str:
+        """`text` without any header value sent (nor a bearer token alone)."""
+        for value in self.headers.values():
+            for secret in {value, value.removeprefix("Bearer ")}:
+                if len(secret) >= 4 and secret in text:
+                    text = text.replace(secret, "[redacted]")
+        return text
+
+
+class Upstreams:
+    """The providers one service may call, by name (`Origin.provider`). An entry's credential
+    is read when a plan needs it (at start-up for the champion, then per new version's plan);
+    while it reads the same, the same `Upstream` is handed out, so its pooled connections and
+    prepared request heads are kept."""
+
+    def __init__(self, providers: Mapping[str, ProviderConfig]) -> None:
+        self._configs = dict(providers)
+        self._built: dict[str, Upstream] = {}
+
+    def get(self, name: str) -> Upstream:
+        config = self._configs.get(name)
+        if config is None:
+            known = ", ".join(sorted(self._configs)) or "none"
+            raise ServiceError(
+                502,
+                f"provider {name!r} is not configured (configured: {known}): add it to the "
+                "service's providers file (serve --providers FILE)",
+                "provider_not_configured",
+            )
+        try:
+            headers = credential_headers(name, config)
+        except ConfigError as exc:  # its text names the variable or file, never the key
+            raise ServiceError(502, str(exc), "provider_not_configured") from None
+        known_upstream = self._built.get(name)
+        if known_upstream is not None and known_upstream.headers == headers:
+            return known_upstream
+        try:
+            tls = ssl_context(name, config)
+        except ConfigError as exc:
+            raise ServiceError(502, str(exc), "provider_not_configured") from None
+        url = f"{config.base_url}/chat/completions"
+        upstream = self._built[name] = Upstream(name, url, headers, tls, config.key_source())
+        return upstream
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A version's provider call, precomputed once per manifest."""
 
     manifest: ModelManifest
-    url: str
+    upstream: Upstream
     fixed: dict[str, Any]
 
 
-def plan_for(manifest: ModelManifest, provider_urls: Mapping[str, str]) -> Plan:
-    base = provider_urls.get(manifest.origin.provider)
-    if base is None:
-        raise ServiceError(
-            502,
-            f"no provider URL for {manifest.origin.provider!r} (model {manifest.model_id}): "
-            f"start the service with --provider-url {manifest.origin.provider}=http://...",
-            "provider_not_configured",
-        )
-    base = base.rstrip("/")
-    url = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+def plan_for(manifest: ModelManifest, upstream: Upstream) -> Plan:
     fixed: dict[str, Any] = {"model": manifest.origin.model, **request_parameters(manifest)}
-    return Plan(manifest, url, fixed)
+    return Plan(manifest, upstream, fixed)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -186,11 +286,16 @@ def provider_payload(plan: Plan, body: dict[str, Any]) -> tuple[bytes, str]:
     return json.dumps(payload).encode(), user_input
 
 
-def provider_error(status: int, body: bytes, retry_after: str | None) -> ServiceError:
+def provider_error(
+    status: int, body: bytes, retry_after: str | None, upstream: Upstream
+) -> ServiceError:
+    if status in (401, 403):
+        return upstream.rejected(status)
     try:
-        detail = json.loads(body)["error"]["message"]
+        detail = str(json.loads(body)["error"]["message"])
     except (ValueError, LookupError, TypeError):
         detail = body[:200].decode(errors="replace")
+    detail = upstream.redact(detail)
     if status == 429:
         return ServiceError(429, f"provider rate limit: {detail}", "rate_limited", retry_after)
     return ServiceError(502, f"provider answered {status}: {detail}", "provider_error")

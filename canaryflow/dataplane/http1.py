@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -35,6 +36,8 @@ class _Origin:
     port: int
     tls: bool
     head: bytes  # request line and fixed headers, up to the content-length value
+    headers: Mapping[str, str] | None  # the caller's extra headers this head was made with
+    context: ssl.SSLContext | None  # the caller's TLS context; None: the client's
 
 
 class _StaleConnection(ConnectionError):
@@ -153,12 +156,22 @@ class Http1Client:
     async def start(self) -> None:
         self._closed = False
 
-    async def post(self, url: str, body: bytes, timeout_s: float) -> Reply:
-        """POST `body` as JSON. An HTTP error status is a `Reply`; an unreachable or slow
-        provider raises `TransientProviderError`."""
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Reply:
+        """POST `body` as JSON with `headers` (a provider's credential: written into the request
+        head kept per URL, never logged) over `tls` (None: the client's context). An HTTP error
+        status is a `Reply`; an unreachable or slow provider raises `TransientProviderError`."""
         if self._closed:
             raise RuntimeError("Http1Client.post() after aclose()")
-        origin = self._origins.get(url) or self._origin(url)
+        origin = self._origins.get(url)
+        if origin is None or origin.headers is not headers or origin.context is not tls:
+            origin = self._origin(url, headers, tls)
         request = b"%s%d\r\n\r\n%s" % (origin.head, len(body), body)
         key = (origin.host, origin.port, origin.tls)
         slots = self._slots.get(key)
@@ -203,7 +216,7 @@ class Http1Client:
 
     async def _connect(self, origin: _Origin, idle: deque[_Connection]) -> _Connection:
         loop = asyncio.get_running_loop()
-        context = self._ssl_context() if origin.tls else None
+        context = (origin.context or self._ssl_context()) if origin.tls else None
         async with asyncio.timeout(self._connect_timeout_s):
             _, connection = await loop.create_connection(
                 lambda: _Connection(idle), origin.host, origin.port, ssl=context
@@ -215,16 +228,23 @@ class Http1Client:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    def _origin(self, url: str) -> _Origin:
+    def _origin(
+        self, url: str, headers: Mapping[str, str] | None, context: ssl.SSLContext | None
+    ) -> _Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"provider URL {url!r} must look like http(s)://host[:port]/path")
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        extra = ""
+        for name, value in (headers or {}).items():
+            if any(c in name + value for c in "\r\n\0"):
+                raise ConfigError(f"provider header {name!r} holds a line break or NUL")
+            extra += f"{name}: {value}\r\n"
         head = (
-            f"POST {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
+            f"POST {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n{extra}"
             "content-type: application/json\r\naccept: application/json\r\ncontent-length: "
         ).encode()
-        origin = self._origins[url] = _Origin(parts.hostname, port, tls, head)
+        origin = self._origins[url] = _Origin(parts.hostname, port, tls, head, headers, context)
         return origin

@@ -19,6 +19,7 @@ from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES
 from canaryflow.dataplane.public import Listeners
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.errors import ConfigError
+from canaryflow.providers.config import load_providers
 
 
 def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
@@ -71,7 +72,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
         metavar="VERSION=PATH",
         help="serve VERSION from a manifest file (before asking the registry)",
     )
-    p.add_argument("--provider-url", action="append", default=[], metavar="NAME=URL")
+    p.add_argument(
+        "--provider-url",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a provider without a key (the sandbox); --providers for the rest",
+    )
+    p.add_argument(
+        "--providers",
+        metavar="FILE",
+        help="providers file: base URL, key by reference (api_key_env / api_key_file), CA "
+        "bundle; the key is read at start-up and for each new version, never logged",
+    )
     p.add_argument("--store", help="SQLite path or database URL for request records")
     p.add_argument(
         "--user-salt",
@@ -89,6 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
     config = ServiceConfig(
         service=a.service,
         provider_urls=_pairs(a.provider_url, "--provider-url"),
+        providers=load_providers(Path(a.providers)) if a.providers else None,
         registry_uri=a.registry_uri,
         store=a.store,
         default_version=a.default_version,

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from canaryflow.contracts import Role
+from canaryflow.contracts import ProvidersFile, Role
 from canaryflow.dataplane.admin import admin_app
 from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES, MIRROR_HEADER
 from canaryflow.dataplane.forwarder import (
@@ -39,6 +39,7 @@ from canaryflow.dataplane.forwarder import (
     ForwarderKind,
     Plan,
     ServiceError,
+    Upstreams,
     make_forwarder,
     parse_body,
     plan_for,
@@ -50,6 +51,7 @@ from canaryflow.dataplane.public import HotPath, read_body, refuse_too_large
 from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.resolver import CachedResolver, default_resolver
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
+from canaryflow.providers.config import from_urls
 
 log = logging.getLogger("canaryflow.serve")
 CHAMPION = "champion"
@@ -62,6 +64,10 @@ class ServiceConfig:
 
     service: str
     provider_urls: Mapping[str, str]
+    """name -> bare URL of a provider without a key (`--provider-url`, the sandbox)."""
+    providers: ProvidersFile | None = None
+    """The providers file (`--providers`): base URL, key by reference, TLS; wins over
+    `provider_urls` for a name in both."""
     registry_uri: str | None = None
     store: str | None = None
     default_version: str | None = None
@@ -108,6 +114,12 @@ class ModelService:
         self.shadow_forwarder: Forwarder = make_forwarder(config.forwarder)
         self.ready = False
         self._plans: dict[str, Plan] = {}
+        self.upstreams = Upstreams(
+            {
+                **from_urls(config.provider_urls).providers,
+                **(config.providers.providers if config.providers else {}),
+            }
+        )
 
     # ------------------------------------------------------------------ routing
 
@@ -158,7 +170,8 @@ class ModelService:
             raise ServiceError(503, str(exc), "version_unavailable") from exc
         plan = self._plans.get(version)
         if plan is None or plan.manifest is not manifest:
-            plan = self._plans[version] = plan_for(manifest, self.config.provider_urls)
+            upstream = self.upstreams.get(manifest.origin.provider)
+            plan = self._plans[version] = plan_for(manifest, upstream)
         return plan
 
     # ------------------------------------------------------------------ the request
@@ -229,12 +242,15 @@ class ModelService:
         shadow = role is Role.SHADOW
         forwarder = self.shadow_forwarder if shadow else self.forwarder
         timeout = self.config.shadow_timeout_s if shadow else self.config.timeout_s
+        upstream = plan.upstream
         try:
-            reply = await forwarder.post(plan.url, payload, timeout)
+            reply = await forwarder.post(
+                upstream.url, payload, timeout, upstream.headers, upstream.tls
+            )
         except TransientProviderError as exc:
             raise ServiceError(502, str(exc), "provider_unavailable") from exc
         if reply.status != 200:
-            raise provider_error(reply.status, reply.body, reply.retry_after)
+            raise provider_error(reply.status, reply.body, reply.retry_after, upstream)
         try:
             answer = json.loads(reply.body)
             message = answer["choices"][0]["message"]

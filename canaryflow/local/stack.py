@@ -28,11 +28,13 @@ from canaryflow.contracts import Endpoints
 from canaryflow.deliveries import WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
 from canaryflow.errors import ConfigError, StackError
 from canaryflow.local.processes import ManagedProcess, cancelled_when, free_port, http_ok
+from canaryflow.providers.config import from_urls, write_providers
 from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
 # `canaryflow up --max-body-bytes N` sets it: request bodies above N bytes are refused 413.
 PROJECT = Path(__file__).resolve().parents[2]
+PROVIDERS_FILE = "providers.yaml"  # the stack's providers: the sandbox, without a key
 Progress = Callable[[str], None]
 
 
@@ -118,8 +120,10 @@ def model_service(
     tool_urls: Mapping[str, str] | None = None,
     max_body_bytes: int | None = None,
     timeout_s: float | None = None,
+    providers: Path | None = None,
 ) -> ManagedProcess:
-    """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one.
+    """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one,
+    with its providers file (`providers`; None: `--provider-url` from the endpoints).
 
     `tool_urls` (tool name -> URL) is where the service POSTs a tool call's arguments; a shadow
     is told them too but never calls them (a dry run only counts the calls it skipped). Its
@@ -127,7 +131,7 @@ def model_service(
     port, admin_port = free_port(), free_port()
     limit = [] if max_body_bytes is None else ["--max-body-bytes", str(max_body_bytes)]
     limit += [] if timeout_s is None else ["--timeout", f"{timeout_s:g}"]
-    providers = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
+    bare = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
     tools = [f"--tool-url={tool}={url}" for tool, url in (tool_urls or {}).items()]
     command = [
         PYTHON, "-m", "canaryflow.dataplane.serve",
@@ -139,7 +143,7 @@ def model_service(
         "--store", str(endpoints.store_url),
         "--check-sample", "1.0",
         *limit,
-        *providers,
+        *(bare if providers is None else ["--providers", str(providers)]),
         *tools,
     ]  # fmt: skip
     return ManagedProcess(
@@ -288,6 +292,8 @@ class EmbeddedStack:
             store_url=f"sqlite:///{self.home / 'store.db'}",
             webhook_url=url_of(receiver) if receiver is not None else None,
         )
+        # The sandbox as a providers-file entry (no key): what the services are started with.
+        write_providers(self.home / PROVIDERS_FILE, from_urls(self.endpoints.provider_urls))
         self.save()
         return self.endpoints
 
@@ -309,7 +315,14 @@ class EmbeddedStack:
         limit = self.max_request_bytes
         services = [
             model_service(
-                self.home, name, service, self.endpoints, tool_urls, limit, self.request_timeout_s
+                self.home,
+                name,
+                service,
+                self.endpoints,
+                tool_urls,
+                limit,
+                self.request_timeout_s,
+                providers=self.home / PROVIDERS_FILE,
             )
             for name in ("primary", "shadow")
         ]

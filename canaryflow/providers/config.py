@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 import stat
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,17 +60,35 @@ BARE_URL_CONCURRENCY = 32
 
 
 def from_urls(provider_urls: Mapping[str, str]) -> ProvidersFile:
-    """Bare URLs (`Endpoints.provider_urls`, a stack without a providers file): no credential."""
+    """Bare URLs (`Endpoints.provider_urls`, `serve --provider-url`): origins (`/v1` added) or
+    API roots ending in `/v1`, called without a credential."""
     return ProvidersFile(
         providers={
             name: ProviderConfig(
-                base_url=f"{url.rstrip('/')}/v1",
+                base_url=_api_root(url),
                 auth=AuthStyle.NONE,
                 concurrency=BARE_URL_CONCURRENCY,
             )
             for name, url in provider_urls.items()
         }
     )
+
+
+def write_providers(path: Path, providers: ProvidersFile) -> Path:
+    """`providers` as a providers file at `path`, owner-only (it names where keys live), written
+    whole or not at all."""
+    data = {"providers": providers.model_dump(mode="json", exclude_defaults=True)["providers"]}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        yaml.safe_dump(data, file, sort_keys=False)
+    os.replace(temporary, path)
+    return path
+
+
+def _api_root(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else f"{url}/v1"
 
 
 def provider_config(
