@@ -5,12 +5,15 @@ model service (`canaryflow serve --providers FILE`) reaches it with the key from
 environment variable and the CA bundle of its providers file. A chat through it succeeds; a
 service holding a wrong key answers one sentence that names the variable, and records an
 error. The planted key is then looked for in both processes' logs, command lines and stores,
-and in the wrong-key service's environment: it is in none. The offline evaluation and the
-provider preflight reach the same provider through the same providers file.
+and in the wrong-key service's environment: it is in none. The offline evaluation, the
+provider preflight and each of the three forwarders reach the same provider through the same
+providers file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
 import sqlite3
 import ssl
@@ -35,6 +38,7 @@ from canaryflow.contracts import (
     ReleaseSpec,
     RequestRecord,
 )
+from canaryflow.dataplane.forwarder import ForwarderKind, Upstreams, make_forwarder
 from canaryflow.dataplane.store import Store
 from canaryflow.errors import ProviderResponseError
 from canaryflow.evaluation.harness import ERROR_PREFIX
@@ -249,3 +253,28 @@ def test_offline_evaluation_and_preflight_use_the_providers_file(
     assert str(refused.value) == (
         f"provider secured rejected the key from ${SERVICE_KEY_VAR} (HTTP 401)"
     )
+
+
+@pytest.mark.parametrize("kind", ["http1", "aiohttp", "httpx"])
+def test_every_forwarder_sends_the_key_over_the_providers_tls(
+    provider: Provider, kind: ForwarderKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --forwarder` picks one of three clients; each takes the upstream's headers and
+    TLS context (the benchmark measures all three on the same path)."""
+    monkeypatch.setenv(SERVICE_KEY_VAR, PLANTED)
+    upstream = Upstreams(provider.providers().providers).get("secured")
+    body = json.dumps({"model": FAST, "messages": [{"role": "user", "content": QUESTION}]})
+
+    async def ask() -> tuple[int, int]:
+        forwarder = make_forwarder(kind)
+        await forwarder.start()
+        try:
+            ok = await forwarder.post(
+                upstream.url, body.encode(), 5.0, upstream.headers, upstream.tls
+            )
+            bare = await forwarder.post(upstream.url, body.encode(), 5.0, {}, upstream.tls)
+        finally:
+            await forwarder.aclose()
+        return ok.status, bare.status
+
+    assert asyncio.run(ask()) == (200, 401)
