@@ -309,8 +309,10 @@ class ModelService:
             try:
                 await self.plan(await self.default_version())
                 break
-            except ServiceError:
-                if time.monotonic() >= deadline:
+            except ServiceError as exc:
+                if exc.kind == "provider_not_configured":  # waiting cannot fix the file or env
+                    log.error("%s", exc.message)  # names the variable or file, never the key
+                if exc.kind == "provider_not_configured" or time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.2)
         self.ready = True

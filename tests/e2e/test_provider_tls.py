@@ -130,7 +130,7 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
         process.stop()
 
 
-def model_service(folder: Path, provider: Provider, key: str) -> Service:
+def model_service(folder: Path, provider: Provider, key: str | None) -> Service:
     """`canaryflow serve` with a providers file naming the key's variable, never the key."""
     folder.mkdir()
     providers = write_providers(folder / "providers.yaml", provider.providers())
@@ -148,7 +148,7 @@ def model_service(folder: Path, provider: Provider, key: str) -> Service:
         ],
         log_path=folder / "service.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
-        env={"PYTHONPATH": str(ROOT), SERVICE_KEY_VAR: key},
+        env={"PYTHONPATH": str(ROOT), **({SERVICE_KEY_VAR: key} if key else {})},
         cwd=ROOT,
     )  # fmt: skip
     return Service(f"http://127.0.0.1:{port}", folder / "service.log", store, process)
@@ -186,8 +186,9 @@ def test_a_chat_through_the_service_reaches_the_https_provider_with_the_key(
 ) -> None:
     right = model_service(tmp_path / "right", provider, PLANTED)
     wrong = model_service(tmp_path / "wrong", provider, WRONG)
+    unset = model_service(tmp_path / "unset", provider, None)
     with ExitStack() as running:
-        for service in (right, wrong):
+        for service in (right, wrong, unset):
             service.process.start(timeout_s=30)
             running.callback(service.process.stop)
         answered = right.chat()
@@ -202,6 +203,11 @@ def test_a_chat_through_the_service_reaches_the_https_provider_with_the_key(
         )
         assert error["type"] == "provider_auth_error"
         assert PLANTED not in refused.text and WRONG not in refused.text
+        missing = unset.chat()  # started at once: waiting cannot set a variable
+        assert missing.status_code == 502
+        assert missing.json()["error"]["message"] == (
+            f"provider secured: environment variable ${SERVICE_KEY_VAR} is not set"
+        )
 
         places = {}
         for name, service in (("right", right), ("wrong", wrong)):
@@ -217,6 +223,7 @@ def test_a_chat_through_the_service_reaches_the_https_provider_with_the_key(
             service.log.parent / "providers.yaml"
         ).read_text()
     places["the sandbox's log"] = provider.log.read_text(errors="replace")
+    assert f"${SERVICE_KEY_VAR} is not set" in unset.log.read_text()
     assert "rejected the key" not in places["the right service's log"]
     for where, text in places.items():
         assert PLANTED not in text, f"the key leaked into {where}"
