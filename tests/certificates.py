@@ -1,4 +1,5 @@
-"""A throwaway CA and a loopback server certificate it signs, made per test session.
+"""A throwaway CA and a loopback server certificate it signs, made per test session, and the
+sandbox served with them as a secured provider.
 
 Real TLS without committed keys: the client trusts only this CA (a `ca_bundle`), so a test also
 shows that the system's CAs are not what let the connection through.
@@ -6,15 +7,24 @@ shows that the system's CAs are not what let the connection through.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
+import ssl
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from canaryflow.local.processes import ManagedProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -78,3 +88,46 @@ def make_certificates(folder: Path) -> Certificates:
         )
     )
     return paths
+
+
+@dataclass(frozen=True)
+class SecuredSandbox:
+    url: str  # https://127.0.0.1:PORT
+    certs: Certificates
+    log: Path
+    process: ManagedProcess
+
+
+def answers_over_tls(url: str, ca: Path) -> bool:
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+        return httpx.get(f"{url}/health", verify=context, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def secured_sandbox(folder: Path, key_var: str, key: str) -> Iterator[SecuredSandbox]:
+    """The sandbox as a secured provider: HTTPS with a certificate of a fresh CA, and a key it
+    requires, read from `key_var` in its own environment (never its command line)."""
+    certs = make_certificates(folder / "certs")
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    log = folder / "sandbox.log"
+    process = ManagedProcess(
+        name="sandbox-tls",
+        command=[
+            sys.executable, "-m", "canaryflow.sandbox", "--port", str(port),
+            "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
+            "--require-key", key_var, "--log-level", "info",
+        ],
+        log_path=log,
+        ready=lambda: answers_over_tls(url, certs.ca),
+        env={"PYTHONPATH": str(ROOT), key_var: key},
+        cwd=ROOT,
+    )  # fmt: skip
+    process.start(timeout_s=30)
+    try:
+        yield SecuredSandbox(url, certs, log, process)
+    finally:
+        process.stop()

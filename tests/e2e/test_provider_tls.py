@@ -16,7 +16,6 @@ import asyncio
 import json
 import secrets
 import sqlite3
-import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from canaryflow.local import examples
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.providers.config import load_providers, write_providers
 from canaryflow.registry.signing import generate_keypair, sign
-from tests.certificates import Certificates, make_certificates
+from tests.certificates import Certificates, secured_sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_KEY_VAR = "CANARYFLOW_E2E_SANDBOX_KEY"  # the key the provider expects
@@ -96,38 +95,11 @@ def manifest() -> ModelManifest:
     return base.model_copy(update={"origin": Origin(provider="secured", model=FAST)})
 
 
-def tls_ok(url: str, ca: Path) -> bool:
-    try:
-        context = ssl.create_default_context(cafile=str(ca))
-        return httpx.get(f"{url}/health", verify=context, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     folder = tmp_path_factory.mktemp("tls-sandbox")
-    certs = make_certificates(folder / "certs")
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    log = folder / "sandbox.log"
-    process = ManagedProcess(
-        name="sandbox-tls",
-        command=[
-            sys.executable, "-m", "canaryflow.sandbox", "--port", str(port),
-            "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-            "--require-key", SANDBOX_KEY_VAR, "--log-level", "info",
-        ],
-        log_path=log,
-        ready=lambda: tls_ok(url, certs.ca),
-        env={"PYTHONPATH": str(ROOT), SANDBOX_KEY_VAR: PLANTED},
-        cwd=ROOT,
-    )  # fmt: skip
-    process.start(timeout_s=30)
-    try:
-        yield Provider(url, certs, log, process)
-    finally:
-        process.stop()
+    with secured_sandbox(folder, SANDBOX_KEY_VAR, PLANTED) as sandbox:
+        yield Provider(sandbox.url, sandbox.certs, sandbox.log, sandbox.process)
 
 
 def model_service(folder: Path, provider: Provider, key: str | None) -> Service:

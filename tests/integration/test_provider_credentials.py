@@ -13,13 +13,10 @@ import asyncio
 import logging
 import os
 import secrets
-import ssl
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -46,7 +43,7 @@ from canaryflow.providers.client import ProviderClient
 from canaryflow.providers.config import credential_headers, load_providers, resolve_key
 from canaryflow.providers.preflight import check_provider
 from canaryflow.registry.signing import generate_keypair, sign
-from tests.certificates import Certificates, make_certificates
+from tests.certificates import Certificates, secured_sandbox
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,48 +72,10 @@ class Provider:
         return config
 
 
-def tls_ok(url: str, ca: Path) -> bool:
-    try:
-        context = ssl.create_default_context(cafile=str(ca))
-        return httpx.get(f"{url}/health", verify=context, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
-    folder = tmp_path_factory.mktemp("tls-provider")
-    certs = make_certificates(folder / "certs")
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    log = folder / "sandbox.log"
-    server = ManagedProcess(
-        name="sandbox-tls",
-        command=[
-            sys.executable,
-            "-m",
-            "canaryflow.sandbox",
-            "--port",
-            str(port),
-            "--tls-cert",
-            str(certs.cert),
-            "--tls-key",
-            str(certs.key),
-            "--require-key",
-            KEY_VAR,
-            "--log-level",
-            "info",
-        ],
-        log_path=log,
-        ready=lambda: tls_ok(url, certs.ca),
-        env={"PYTHONPATH": str(ROOT), KEY_VAR: PLANTED},
-        cwd=ROOT,
-    )
-    server.start(timeout_s=30)
-    try:
-        yield Provider(url, certs, log, server)
-    finally:
-        server.stop()
+    with secured_sandbox(tmp_path_factory.mktemp("tls-provider"), KEY_VAR, PLANTED) as sandbox:
+        yield Provider(sandbox.url, sandbox.certs, sandbox.log, sandbox.process)
 
 
 def manifest(model: str = FAST, provider: str = "secured") -> ModelManifest:
