@@ -24,7 +24,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from canaryflow import connections
+from canaryflow import connections, retries
 from canaryflow.contracts import (
     CanaryPlan,
     CanaryStep,
@@ -66,8 +66,14 @@ def _api(live: LiveStack) -> str:
     return str(live.endpoints.prefect_api_url)
 
 
+def _prefect_api(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """Prefect's REST API as its own client calls it: a 503 (its SQLite busy while several
+    runs, a worker and the automation write at once) is retried, with the project's policy."""
+    return retries.call(lambda: httpx.request(method, url, timeout=30, **kwargs))
+
+
 def _deployment_id(live: LiveStack, flow: str, name: str) -> str:
-    response = httpx.get(f"{_api(live)}/deployments/name/{flow}/{name}")
+    response = _prefect_api("GET", f"{_api(live)}/deployments/name/{flow}/{name}")
     response.raise_for_status()
     return str(response.json()["id"])
 
@@ -96,7 +102,8 @@ def silence_automation(live: LiveStack, within_s: float) -> Iterator[str]:
 
 
 def _rollback_runs(live: LiveStack, service: str) -> list[dict[str, Any]]:
-    runs = httpx.post(
+    runs = _prefect_api(
+        "POST",
         f"{_api(live)}/flow_runs/filter",
         json={"deployments": {"id": {"any_": [_deployment_id(live, "rollback", "rollback")]}}},
     ).json()
@@ -264,7 +271,8 @@ def test_a_killed_worker_leaves_the_automation_to_roll_back_and_its_lock_frees(
     with silence_automation(deployed, SILENCE_S):
         try:
             release_id = _deployment_id(deployed, "release", "release")
-            response = httpx.post(
+            response = _prefect_api(
+                "POST",
                 f"{_api(deployed)}/deployments/{release_id}/create_flow_run",
                 json={"parameters": {"spec": spec.model_dump(mode="json")}},
             )
@@ -298,14 +306,15 @@ def test_a_killed_worker_leaves_the_automation_to_roll_back_and_its_lock_frees(
                 lock_free_s = time.monotonic() - killed
         finally:
             second.stop()
-            httpx.post(
+            _prefect_api(
+                "POST",
                 f"{_api(deployed)}/flow_runs/{run['id']}/set_state",
                 json={"state": {"type": "CRASHED", "name": "Crashed"}, "force": True},
             )
     print(f"killed worker: stable after {to_stable_s:.1f} s, lock free after {lock_free_s:.1f} s")
     routes = controller.current()
     assert routes is not None and routes.stable == stable.stable and routes.canary is None
-    state = httpx.get(f"{_api(deployed)}/flow_runs/{run['id']}").json()["state"]
+    state = _prefect_api("GET", f"{_api(deployed)}/flow_runs/{run['id']}").json()["state"]
     assert to_stable_s <= SILENCE_S + 30
     # The lease runs out 60 s after its last renewal; the server frees expired leases on its
     # own schedule after that (measured 65-71 s, n=2).
@@ -347,7 +356,8 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
         lock_wait_s=60,
     )
     release_id = _deployment_id(deployed, "release", "release")
-    response = httpx.post(
+    response = _prefect_api(
+        "POST",
         f"{_api(deployed)}/deployments/{release_id}/create_flow_run",
         # No endpoints: the worker's own stack (CANARYFLOW_HOME) is what a flow works with.
         json={"parameters": {"spec": spec.model_dump(mode="json")}},
@@ -362,16 +372,17 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
     try:
         wait_for("the canary to get traffic", canary_live, 150, 0.5)
     except pytest.fail.Exception:
-        run = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()
+        run = _prefect_api("GET", f"{_api(deployed)}/flow_runs/{run_id}").json()
         print(run["state"], worker.tail(60), sep="\n")
         raise
-    httpx.post(
+    _prefect_api(
+        "POST",
         f"{_api(deployed)}/flow_runs/{run_id}/set_state",
         json={"state": {"type": "CANCELLING", "name": "Cancelling"}},
     ).raise_for_status()
 
     def final_state() -> str | None:
-        state = httpx.get(f"{_api(deployed)}/flow_runs/{run_id}").json()["state"]
+        state = _prefect_api("GET", f"{_api(deployed)}/flow_runs/{run_id}").json()["state"]
         return str(state["type"]) if state["type"] in {"CANCELLED", "CRASHED"} else None
 
     ended = wait_for("the run to end", final_state, 90, 0.5)
@@ -387,7 +398,8 @@ def test_cancelled_release_run_puts_all_traffic_back_on_stable(
 
 
 def _events(live: LiveStack, name: str, run_id: str) -> list[dict[str, Any]]:
-    events = httpx.post(
+    events = _prefect_api(
+        "POST",
         f"{_api(live)}/events/filter",
         json={"filter": {"event": {"name": [name]}}, "limit": 50},
     ).json()["events"]
