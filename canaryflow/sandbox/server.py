@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from starlette.types import Receive, Scope, Send
 
+from canaryflow.dataplane.public import read_body
 from canaryflow.errors import ConfigError
 from canaryflow.quality.knowledge import KnowledgeBase
 from canaryflow.sandbox.answers import Answerer
@@ -215,7 +216,7 @@ class SandboxApp:
             if method != "POST":
                 reply = error_reply(405, "Use POST.", "invalid_request_error", "method_not_allowed")
             else:
-                raw = await _read_body(receive)
+                raw = await read_body(scope, receive, MAX_BODY_BYTES)
                 reply = (
                     self.sandbox.reply(raw)
                     if raw is not None
@@ -268,20 +269,6 @@ def _model(model: str) -> Reply:
         message = f"The model `{model}` does not exist."
         return error_reply(404, message, "invalid_request_error", "model_not_found", "model")
     return Reply(200, {"id": model, "object": "model", "created": 0, "owned_by": "sandbox"})
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
