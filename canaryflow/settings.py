@@ -68,13 +68,18 @@ class Settings(BaseSettings):
         floors = load_floors(self.floors_file)
         return floors.get(service) or floors.get("default") or PolicyFloor()
 
-    def providers(self) -> ProvidersFile | None:
-        """Read on every call, so an edited file counts from the next release on."""
+    def providers(self, endpoints: Endpoints | None = None) -> ProvidersFile | None:
+        """Read on every call, so an edited file counts from the next release on. With a
+        stack's `endpoints`, merged with the stack's own entries (the sandbox) as its model
+        services see them (`stack_providers`: a clashing name is refused). None: no file; callers
+        then use the stack's bare `provider_urls`."""
         if self.providers_file is None:
             return None
-        from canaryflow.providers.config import load_providers
+        from canaryflow.providers.config import load_providers, stack_providers
 
-        return load_providers(self.providers_file)
+        if endpoints is None:
+            return load_providers(self.providers_file)
+        return stack_providers(self.providers_file, endpoints.provider_urls)
 
     def endpoints(self) -> Endpoints:
         """The endpoints of the stack under `home`."""

@@ -26,7 +26,7 @@ def evaluate_candidate(
 ) -> EvalReport:
     """Through the worker's providers file; the report goes to the ledger, the version's eval
     URI points at it."""
-    providers = Settings().providers()
+    providers = Settings().providers(endpoints)
     report = runbook.evaluate_offline(spec, baseline, endpoints, providers=providers)
     markdown = reports.eval_markdown(report)
     create_markdown_artifact(
@@ -61,7 +61,7 @@ def evaluate_champion(
         NIGHTLY_SUITES,
         load_policy(DEFAULT_POLICY).offline,
         endpoints,
-        providers=Settings().providers(),
+        providers=Settings().providers(endpoints),
     )
     create_markdown_artifact(
         key=artifact_key("nightly-eval", champion.service),

@@ -17,7 +17,7 @@ def verify_candidate(
     """Policy floor, windows against the silence automation (prefect.yaml's `within`),
     signature, the candidate's provider (the worker's providers file), baseline, compatibility
     (tokenizer, embeddings, license...)."""
-    providers = Settings().providers()
+    providers = Settings().providers(endpoints)
     result = runbook.preflight(spec, endpoints, floor, silence_within_s(), providers)
     manifest = spec.candidate.manifest
     problems = "\n".join(f"- {p}" for p in result.compatibility.problems) or "- none"

@@ -76,7 +76,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         tool_urls=tools,
         max_request_bytes=args.max_body_bytes,
         users_rps=args.users,
+        providers_file=_providers_file(args),
     )
+
+
+def _providers_file(args: argparse.Namespace) -> Path | None:
+    """`--providers FILE`, else the settings' (CANARYFLOW_PROVIDERS_FILE)."""
+    from canaryflow.settings import Settings
+
+    return Path(args.providers) if args.providers else Settings().providers_file
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -242,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from canaryflow.settings import Settings, load_endpoints
 
     endpoints = load_endpoints(_home(args))
-    settings = Settings(providers_file=Path(args.providers)) if args.providers else Settings()
+    settings = Settings(providers_file=_providers_file(args))
     report = runbook.evaluate_manifests(
         load_signed_manifest(Path(args.candidate)).manifest,
         load_signed_manifest(Path(args.baseline)).manifest,
@@ -250,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (load_policy(Path(args.policy)) if args.policy else GatePolicy()).offline,
         endpoints,
         sample_per_suite=args.sample,
-        providers=settings.providers(),
+        providers=settings.providers(endpoints),
     )
     print_eval(report)
     return 0 if report.decision.value == "pass" else 3
@@ -298,7 +306,12 @@ PASS_THROUGH = ("serve", "sandbox")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="canaryflow", description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="state folder of the embedded stack (.canaryflow)")
-    parser.add_argument("--providers", metavar="FILE", help="providers file for `eval`")
+    parser.add_argument(
+        "--providers",
+        metavar="FILE",
+        help="providers file (keys by reference) for `eval` and `up` "
+        "(default: $CANARYFLOW_PROVIDERS_FILE)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -336,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
         "RPS requests/s once its data plane runs (what the gates judge; off by default)",
     )
     up.add_argument("--home", default=argparse.SUPPRESS, help="same as canaryflow --home")
+    up.add_argument(
+        "--providers",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="your providers file, merged with the sandbox's entry into <home>/providers.yaml "
+        "for the model services (default: $CANARYFLOW_PROVIDERS_FILE)",
+    )
     keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")
     keys.add_argument("--dir", default=".canaryflow/keys")
     keys.add_argument("--name", default="ci")

@@ -259,6 +259,7 @@ def keep_stack_up(
     *,
     max_request_bytes: int | None = None,
     users_rps: float | None = None,
+    providers_file: Path | None = None,
 ) -> int:
     """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs.
 
@@ -271,7 +272,11 @@ def keep_stack_up(
     """
     with StopSignals() as signals:
         stack = EmbeddedStack(
-            home, progress=_say, cancelled=signals.cancelled, max_request_bytes=max_request_bytes
+            home,
+            progress=_say,
+            cancelled=signals.cancelled,
+            max_request_bytes=max_request_bytes,
+            providers_file=providers_file,
         )
         _keep_stack_up(stack, service, tool_urls or {}, users_rps, signals)
     if signals.received is not None:

@@ -2,6 +2,8 @@
 
 Each server gets its own process group (some, like `mlflow server`, fork workers), a free port
 chosen by the OS, and a log file; `stop()` terminates the whole group and escalates to SIGKILL.
+It inherits this process's environment except the credentials it does not need (`withhold`:
+the keys a providers file names go to the model services only).
 
 A parent that is killed outright (SIGKILL, the OOM killer) runs no cleanup, so every group also
 goes on the books of a guardian: a small process of its own, started with the first server,
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -130,6 +132,7 @@ class _Guardian:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C or hangup does not reach it
+                env={k: v for k, v in os.environ.items() if k in ("PATH", "LD_LIBRARY_PATH")},
             )
             if self._groups:
                 assert self._process.stdin is not None
@@ -142,6 +145,27 @@ class _Guardian:
 
 _GUARDIAN = _Guardian()
 _local = threading.local()
+# Environment variables holding credentials (the keys a providers file names, the webhook
+# secret): a child inherits one only if it names it in `needs`. Children otherwise get this
+# process's whole environment (PATH, proxies, locale, a virtualenv's variables).
+_WITHHELD: set[str] = set()
+_WITHHELD_LOCK = threading.Lock()
+
+
+def withhold(names: Iterable[str]) -> None:
+    """From now on, servers started by this process inherit none of `names` from its
+    environment unless they ask for them (`ManagedProcess.needs`): Prefect, MLflow, Envoy and
+    Prometheus have no use for a provider's key, and `/proc/PID/environ` is readable by every
+    process of the same user. Names are never forgotten: a key once set stays a key."""
+    with _WITHHELD_LOCK:
+        _WITHHELD.update(names)
+
+
+def child_environment(needs: Collection[str] = ()) -> dict[str, str]:
+    """This process's environment without the withheld variables a child does not need."""
+    with _WITHHELD_LOCK:
+        dropped = _WITHHELD.difference(needs)
+    return {name: value for name, value in os.environ.items() if name not in dropped}
 
 
 def guardian_pid() -> int | None:
@@ -191,6 +215,7 @@ class ManagedProcess:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    needs: Collection[str] = ()  # withheld variables (see `withhold`) this server inherits
 
     def start(self, timeout_s: float = 60.0) -> ManagedProcess:
         if _cancelled():
@@ -202,7 +227,7 @@ class ManagedProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            env={**child_environment(self.needs), **self.env},
             cwd=self.cwd,
             start_new_session=True,
         )

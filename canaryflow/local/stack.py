@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -27,14 +27,25 @@ from typing import Protocol, TypeVar
 from canaryflow.contracts import Endpoints
 from canaryflow.deliveries import WEBHOOK_SECRET_ENV, WEBHOOK_SECRET_FILE
 from canaryflow.errors import ConfigError, StackError
-from canaryflow.local.processes import ManagedProcess, cancelled_when, free_port, http_ok
-from canaryflow.providers.config import from_urls, write_providers
+from canaryflow.local.processes import (
+    ManagedProcess,
+    cancelled_when,
+    free_port,
+    http_ok,
+    withhold,
+)
+from canaryflow.providers.config import (
+    key_variables,
+    load_providers,
+    stack_providers,
+    write_providers,
+)
 from canaryflow.settings import STACK_FILE, save_endpoints
 
 PYTHON = sys.executable
 # `canaryflow up --max-body-bytes N` sets it: request bodies above N bytes are refused 413.
 PROJECT = Path(__file__).resolve().parents[2]
-PROVIDERS_FILE = "providers.yaml"  # the stack's providers: the sandbox, without a key
+PROVIDERS_FILE = "providers.yaml"  # the user's providers (keys by reference) + the sandbox
 Progress = Callable[[str], None]
 
 
@@ -121,13 +132,15 @@ def model_service(
     max_body_bytes: int | None = None,
     timeout_s: float | None = None,
     providers: Path | None = None,
+    needs: Collection[str] = (),
 ) -> ManagedProcess:
     """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one,
     with its providers file (`providers`; None: `--provider-url` from the endpoints).
 
     `tool_urls` (tool name -> URL) is where the service POSTs a tool call's arguments; a shadow
     is told them too but never calls them (a dry run only counts the calls it skipped). Its
-    admin port (warm-up, metrics) is on loopback, apart from the public one Envoy sends to."""
+    admin port (warm-up, metrics) is on loopback, apart from the public one Envoy sends to.
+    `needs`: the variables its providers take their keys from, which other servers never get."""
     port, admin_port = free_port(), free_port()
     limit = [] if max_body_bytes is None else ["--max-body-bytes", str(max_body_bytes)]
     limit += [] if timeout_s is None else ["--timeout", f"{timeout_s:g}"]
@@ -151,6 +164,7 @@ def model_service(
         command=command,
         log_path=home / "logs" / f"service-{name}.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
+        needs=needs,
     )
 
 
@@ -196,6 +210,7 @@ def webhook_receiver(home: Path, prefect_api_url: str) -> ManagedProcess | None:
         log_path=home / "logs" / "webhook.log",
         ready=http_ok(f"http://127.0.0.1:{port}/health"),
         cwd=PROJECT,
+        needs=(WEBHOOK_SECRET_ENV,),
     )
 
 
@@ -218,12 +233,15 @@ class EmbeddedStack:
         cancelled: Callable[[], bool] = _never,
         max_request_bytes: int | None = None,
         request_timeout_s: float = 30.0,
+        providers_file: Path | None = None,
     ) -> None:
         """`cancelled` is polled while parts start (from worker threads, so it must only read
         a flag): once true, the start gives up and stops what it started.
         `max_request_bytes`: the body cap of Envoy and the model services (None: 1 MiB).
         `request_timeout_s`: the model services' provider timeout, which is also how long a
-        release waits for the last window's late finishers."""
+        release waits for the last window's late finishers.
+        `providers_file`: the user's providers, merged with the sandbox into
+        `<home>/providers.yaml` (read here first: a bad file is refused before anything starts)."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
@@ -236,6 +254,10 @@ class EmbeddedStack:
             raise ConfigError(f"the body limit must be at least 1 byte, got {max_request_bytes}")
         self.max_request_bytes = max_request_bytes
         self.request_timeout_s = request_timeout_s
+        if providers_file is not None:
+            load_providers(providers_file)
+        self.providers_file = providers_file
+        self.provider_keys: frozenset[str] = frozenset()
 
     def _start_together(self, parts: Sequence[Part], timeout_s: float) -> list[Part]:
         """Start `parts` in worker threads (each registered for `stop()` first), wait for all.
@@ -267,9 +289,14 @@ class EmbeddedStack:
 
     def start(self, timeout_s: float = 120.0) -> Endpoints:
         self._stopping = False
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         prefect = prefect_server(self.home, ui=self.ui)
         parts = [prefect, mlflow_server(self.home), sandbox_server(self.home)]
+        # The user's entries and the sandbox; a clash is refused before anything starts. Their
+        # keys' variables go to the model services only.
+        providers = stack_providers(self.providers_file, {"sandbox": url_of(parts[2])})
+        self.provider_keys = key_variables(providers)
+        withhold({*self.provider_keys, WEBHOOK_SECRET_ENV})
         # The receiver only needs Prefect's URL, known before Prefect answers: start together.
         receiver = webhook_receiver(self.home, f"{url_of(prefect)}/api") if self.webhook else None
         if receiver is not None:
@@ -292,8 +319,8 @@ class EmbeddedStack:
             store_url=f"sqlite:///{self.home / 'store.db'}",
             webhook_url=url_of(receiver) if receiver is not None else None,
         )
-        # The sandbox as a providers-file entry (no key): what the services are started with.
-        write_providers(self.home / PROVIDERS_FILE, from_urls(self.endpoints.provider_urls))
+        # What the services are started with: keys by reference only, owner-only.
+        write_providers(self.home / PROVIDERS_FILE, providers)
         self.save()
         return self.endpoints
 
@@ -323,6 +350,7 @@ class EmbeddedStack:
                 limit,
                 self.request_timeout_s,
                 providers=self.home / PROVIDERS_FILE,
+                needs=self.provider_keys,
             )
             for name in ("primary", "shadow")
         ]

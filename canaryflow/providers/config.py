@@ -86,6 +86,33 @@ def write_providers(path: Path, providers: ProvidersFile) -> Path:
     return path
 
 
+def merge_providers(user: ProvidersFile, own: ProvidersFile, source: str) -> ProvidersFile:
+    """The user's entries (from `source`) and the stack's own (the sandbox), as one file: what
+    the stack's model services are started with and what its worker and CLI call. A name in
+    both must be the same entry: a `sandbox` of yours pointing elsewhere would silently change
+    what every sandbox manifest calls, so it is refused, naming the entry."""
+    for name, config in own.providers.items():
+        theirs = user.providers.get(name)
+        if theirs is not None and theirs != config:
+            raise ConfigError(
+                f"provider {name!r} in {source} clashes with the stack's own {name!r} "
+                f"({config.base_url}, no key): rename yours (and the origin.provider of its "
+                "manifests), or remove it: the stack adds its own"
+            )
+    return ProvidersFile(providers={**user.providers, **own.providers})
+
+
+def stack_providers(path: Path | None, provider_urls: Mapping[str, str]) -> ProvidersFile:
+    """The providers file at `path` (None: none) merged with a stack's own bare URLs."""
+    own = from_urls(provider_urls)
+    return own if path is None else merge_providers(load_providers(path), own, str(path))
+
+
+def key_variables(providers: ProvidersFile) -> frozenset[str]:
+    """The environment variables the entries take their keys from (names, never values)."""
+    return frozenset(c.api_key_env for c in providers.providers.values() if c.api_key_env)
+
+
 def _api_root(url: str) -> str:
     url = url.rstrip("/")
     return url if url.endswith("/v1") else f"{url}/v1"

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from canaryflow.contracts import (
 from canaryflow.errors import CanaryflowError, ConfigError, ProviderResponseError
 from canaryflow.evaluation.harness import ERROR_PREFIX
 from canaryflow.local import examples
-from canaryflow.local.processes import ManagedProcess, free_port
+from canaryflow.local.processes import ManagedProcess, free_port, withhold
 from canaryflow.providers.client import ProviderClient
 from canaryflow.providers.config import credential_headers, load_providers, resolve_key
 from canaryflow.providers.preflight import check_provider
@@ -331,3 +332,42 @@ def test_runbook_evaluates_offline_over_https_with_the_key(
     )
     assert "provider 'secured' is not configured in the stack's provider_urls" in message
     assert "CANARYFLOW_PROVIDER_URLS" not in message
+
+
+# --------------------------------------------------------------------------- children
+
+
+def test_a_withheld_key_reaches_only_the_servers_that_need_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stack withholds its providers' key variables: a server inherits them only when it
+    names them in `needs` (the model services); every other one (Prefect, MLflow, Envoy...)
+    starts without them, while the rest of the environment still reaches it."""
+    variable = "CANARYFLOW_TEST_WITHHELD_KEY"
+    monkeypatch.setenv(variable, PLANTED)
+    monkeypatch.setenv("CANARYFLOW_TEST_ORDINARY", "kept")
+    withhold({variable})
+    script = (
+        "import os, sys, time\n"
+        f"print(os.environ.get({variable!r}, 'absent'), os.environ.get('CANARYFLOW_TEST_ORDINARY'),"
+        " flush=True)\ntime.sleep(60)\n"
+    )
+    seen = {}
+    for name, needs in (("other", ()), ("service", (variable,))):
+        log = tmp_path / f"{name}.log"
+        process = ManagedProcess(
+            name=name,
+            command=[sys.executable, "-c", script],
+            log_path=log,
+            ready=lambda log=log: log.exists() and bool(log.read_text().strip()),
+            needs=needs,
+        )
+        process.start(timeout_s=10)
+        try:
+            assert process.process is not None
+            environ = Path(f"/proc/{process.process.pid}/environ").read_bytes().decode()
+            seen[name] = (log.read_text().split(), PLANTED in environ)
+        finally:
+            process.stop()
+    assert seen["other"] == (["absent", "kept"], False)
+    assert seen["service"] == ([PLANTED, "kept"], True)

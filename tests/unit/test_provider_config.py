@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from canaryflow.contracts import AuthStyle, ProviderConfig
+from canaryflow.contracts import AuthStyle, Endpoints, ProviderConfig
 from canaryflow.errors import ConfigError
+from canaryflow.local.stack import EmbeddedStack
 from canaryflow.providers.config import (
     credential_headers,
     from_urls,
+    key_variables,
     load_providers,
     resolve_key,
     ssl_context,
+    stack_providers,
 )
 from canaryflow.settings import Settings
 
@@ -191,3 +194,71 @@ def test_settings_name_the_providers_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("CANARYFLOW_PROVIDERS_FILE", str(path))
     providers = Settings().providers()
     assert providers is not None and list(providers.providers) == ["local"]
+
+
+SECURED = (
+    "providers:\n  secured:\n    base_url: https://llm.example/v1\n    api_key_env: SECURED_KEY\n"
+)
+
+
+def test_the_stack_merges_the_users_file_with_its_sandbox(tmp_path: Path) -> None:
+    """What the stack writes for its services and what its worker and CLI call: the user's
+    entries (keys by reference) and the sandbox, one file."""
+    path = write(tmp_path, SECURED)
+    merged = stack_providers(path, {"sandbox": "http://127.0.0.1:8400"})
+    assert list(merged.providers) == ["secured", "sandbox"]
+    assert (
+        merged.providers["sandbox"]
+        == from_urls({"sandbox": "http://127.0.0.1:8400"}).providers["sandbox"]
+    )
+    assert key_variables(merged) == {"SECURED_KEY"}
+    assert stack_providers(None, {"sandbox": "http://127.0.0.1:8400"}) == from_urls(
+        {"sandbox": "http://127.0.0.1:8400"}
+    )
+    endpoints = Endpoints(
+        home=str(tmp_path),
+        mlflow_uri="http://mlflow",
+        keys_dir="keys",
+        provider_urls={"sandbox": "http://127.0.0.1:8400"},
+    )
+    settings = Settings(providers_file=path)
+    assert settings.providers(endpoints) == merged  # the worker sees what the services see
+    alone = settings.providers()
+    assert alone is not None and list(alone.providers) == ["secured"]
+    assert Settings(providers_file=None).providers(endpoints) is None  # bare URLs, as before
+
+
+def test_a_users_entry_named_like_the_stacks_own_is_refused_unless_identical(
+    tmp_path: Path,
+) -> None:
+    elsewhere = write(
+        tmp_path, SECURED + "  sandbox:\n    base_url: http://10.0.0.9:8400/v1\n    auth: none\n"
+    )
+    with pytest.raises(ConfigError) as clash:
+        stack_providers(elsewhere, {"sandbox": "http://127.0.0.1:8400"})
+    assert str(clash.value).startswith(
+        f"provider 'sandbox' in {elsewhere} clashes with the stack's own 'sandbox' "
+        "(http://127.0.0.1:8400/v1, no key)"
+    )
+    same = write(
+        tmp_path,
+        SECURED + "  sandbox:\n    base_url: http://127.0.0.1:8400/v1\n    auth: none\n"
+        "    concurrency: 32\n",
+    )
+    assert list(stack_providers(same, {"sandbox": "http://127.0.0.1:8400"}).providers) == [
+        "secured",
+        "sandbox",
+    ]
+
+
+def test_the_stack_refuses_a_bad_or_clashing_file_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    bad = write(tmp_path, "providers:\n  p:\n    base_url: ftp://x\n    auth: none\n")
+    with pytest.raises(ConfigError, match="is invalid"):
+        EmbeddedStack(tmp_path / "home", providers_file=bad)
+    clashing = write(tmp_path, "providers:\n  sandbox:\n    base_url: http://x:1\n    auth: none\n")
+    stack = EmbeddedStack(tmp_path / "home", providers_file=clashing, webhook=False)
+    with pytest.raises(ConfigError, match="clashes with the stack's own 'sandbox'"):
+        stack.start()
+    assert stack.processes == [] and stack.endpoints is None
