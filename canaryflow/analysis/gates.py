@@ -37,6 +37,7 @@ EffectJudge = Callable[[LiveGate, WindowSample, judges.JudgeConfig], GateResult]
 
 EFFECT_JUDGES: dict[LiveMetric, EffectJudge] = {
     LiveMetric.LATENCY_P95: judges.latency_p95,
+    LiveMetric.TTFT_P95: judges.ttft_p95,
     LiveMetric.COST_PER_1K: judges.cost_per_1k,
     LiveMetric.ACCURACY: judges.accuracy,
 }

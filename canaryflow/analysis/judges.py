@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.contracts import (
@@ -117,6 +118,28 @@ def observability(sample: WindowSample, config: JudgeConfig) -> GateResult:
 
 
 def latency_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:
+    """p95 ratio candidate / baseline of the whole answer's latency; see `p95_ratio`."""
+    return p95_ratio(
+        gate, sample.baseline.latencies, sample.candidate.latencies, config, "latencies", "p95"
+    )
+
+
+def ttft_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:
+    """p95 ratio of the time to first token: the wait a streaming user feels. A candidate can
+    keep its total latency and still make users wait twice as long for the first word."""
+    return p95_ratio(
+        gate, sample.baseline.ttfts, sample.candidate.ttfts, config, "first-token times", "TTFT p95"
+    )
+
+
+def p95_ratio(
+    gate: LiveGate,
+    baseline: npt.NDArray[np.float64],
+    candidate: npt.NDArray[np.float64],
+    config: JudgeConfig,
+    what: str,
+    label: str,
+) -> GateResult:
     """p95 ratio candidate / baseline, with a bootstrap CI at 1 - alpha.
 
     Breach when the ratio's point estimate exceeds `max_ratio` AND the CI's lower bound is above
@@ -127,15 +150,15 @@ def latency_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> Ga
     from scipy.stats import mannwhitneyu
 
     max_ratio = _threshold(gate, "max_ratio")
-    base, cand = np.sort(sample.baseline.latencies), np.sort(sample.candidate.latencies)
-    missing = _nodata(gate, "latencies", len(base), len(cand), config.min_samples)
+    base, cand = np.sort(baseline), np.sort(candidate)
+    missing = _nodata(gate, what, len(base), len(cand), config.min_samples)
     if missing is not None:
         return missing
     if not (np.isfinite(base).all() and np.isfinite(cand).all()):
-        raise ValueError("latencies must be finite numbers of milliseconds")
+        raise ValueError(f"{what} must be finite numbers of milliseconds")
     p95_b, p95_c = nearest_rank(base, P95), nearest_rank(cand, P95)
     if p95_b <= 0.0:
-        raise ValueError(f"baseline p95 is {p95_b} ms: a ratio against it means nothing")
+        raise ValueError(f"baseline {label} is {p95_b} ms: a ratio against it means nothing")
     rng = np.random.default_rng(config.seed)
     boot_b = bootstrap_quantile(base, P95, config.resamples, rng)
     boot_c = bootstrap_quantile(cand, P95, config.resamples, rng)
@@ -146,7 +169,7 @@ def latency_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> Ga
     shift, shift_lo, shift_hi = hodges_lehmann(base, cand, config.z)
     slower = ratio > max_ratio and lo > 1.0
     verdict = (
-        f"p95 {p95_c:.1f} ms vs {p95_b:.1f} ms: ratio {ratio:.3f} "
+        f"{label} {p95_c:.1f} ms vs {p95_b:.1f} ms: ratio {ratio:.3f} "
         f"(CI {lo:.3f}-{hi:.3f}), limit {max_ratio:g}"
     )
     reason = ("candidate slower: " if slower else "") + verdict

@@ -36,6 +36,7 @@ class RoleSample:
     n: int = 0
     errors: int = 0
     latencies_ms: tuple[float, ...] = ()
+    ttfts_ms: tuple[float, ...] = ()  # time to first token; a non-streamed answer's latency
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float = 0.0
@@ -78,6 +79,10 @@ class RoleSample:
         return np.asarray(self.latencies_ms, dtype=np.float64)
 
     @property
+    def ttfts(self) -> npt.NDArray[np.float64]:
+        return np.asarray(self.ttfts_ms, dtype=np.float64)
+
+    @property
     def cost_per_1k(self) -> float:
         """USD per 1,000 requests; NaN when there were none."""
         return 1000.0 * self.cost_usd / self.n if self.n else float("nan")
@@ -88,10 +93,12 @@ class RoleSample:
         checked = hallucinations = unsafe = leaks = refusals = facts = correct = 0
         cost = cost_sq = 0.0
         latencies: list[float] = []
+        ttfts: list[float] = []
         for r in records:
             n += 1
             errors += counts_as_error(r.status)
             latencies.append(r.latency_ms)
+            ttfts.append(r.latency_ms if r.ttft_ms is None else r.ttft_ms)
             tokens_in += r.tokens_in
             tokens_out += r.tokens_out
             cost += r.cost_usd
@@ -108,6 +115,7 @@ class RoleSample:
             n=n,
             errors=errors,
             latencies_ms=tuple(latencies),
+            ttfts_ms=tuple(ttfts),
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             cost_usd=cost,

@@ -61,6 +61,12 @@ class RequestRecord(Frozen):
     # Sent through Envoy's synthetic listener (load a release asked for): never a user, so no
     # gate counts it. Envoy's public listener strips the header from clients.
     synthetic: bool = False
+    # Streamed answers: when the first token reached the service, and the mean gap between
+    # later token events. A non-streamed answer's first token arrives with the whole answer:
+    # its ttft_ms is its latency_ms, so the TTFT gate sees every request.
+    streamed: bool = False
+    ttft_ms: float | None = None
+    inter_token_ms: float | None = None
 
 
 class Endpoints(Strict):

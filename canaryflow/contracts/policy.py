@@ -17,6 +17,7 @@ class Severity(StrEnum):
 
 class LiveMetric(StrEnum):
     LATENCY_P95 = "latency_p95"
+    TTFT_P95 = "ttft_p95"  # time to first token (a non-streamed answer's is its latency)
     ERROR_RATE = "error_rate"
     HALLUCINATION_RATE = "hallucination_rate"
     UNSAFE_RATE = "unsafe_rate"
@@ -53,6 +54,7 @@ class LiveGate(Frozen):
 # the same, and a test holds them equal). A missing field never disables a gate.
 DEFAULT_LIVE_GATES = (
     LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.2),
+    LiveGate(metric=LiveMetric.TTFT_P95, severity=Severity.HARD, max_ratio=1.2),
     LiveGate(metric=LiveMetric.HALLUCINATION_RATE, severity=Severity.HARD, max_rate=0.005),
     LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.02),
     LiveGate(metric=LiveMetric.UNSAFE_RATE, severity=Severity.HARD, max_rate=0.001),

@@ -57,6 +57,11 @@ class ProviderConfig(Strict):
     requests_per_s: float | None = Field(None, gt=0.0, description="rate limit; None: none")
     price: Price | None = Field(None, description="price default for manifests of this provider")
     ca_bundle: str | None = Field(None, description="PEM CA bundle; None: the system's CAs")
+    stream_usage: bool = Field(
+        True,
+        description="ask streams for usage (stream_options.include_usage); false for a provider "
+        "that refuses it: tokens are then estimated from the streamed text",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -15,9 +15,11 @@ measuring all three on the same path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -25,7 +27,7 @@ import aiohttp
 import httpx
 
 from canaryflow.contracts import ModelManifest, ProviderConfig
-from canaryflow.dataplane.http1 import Http1Client, Reply
+from canaryflow.dataplane.http1 import BodyStream, Http1Client, Reply
 from canaryflow.errors import CanaryflowError, ConfigError, TransientProviderError
 from canaryflow.providers.client import request_parameters
 from canaryflow.providers.config import credential_headers, ssl_context
@@ -34,11 +36,25 @@ ForwarderKind = Literal["http1", "aiohttp", "httpx"]
 _JSON = {"content-type": "application/json"}
 
 
+class StreamedAnswer(Protocol):
+    """A streamed answer: status at once, body chunk by chunk (`BodyStream` is one)."""
+
+    status: int
+    retry_after: str | None
+    complete: bool
+
+    async def next(self, timeout_s: float) -> bytes | None: ...
+
+    async def read(self, timeout_s: float) -> bytes: ...
+
+
 class Forwarder(Protocol):
     """POST a JSON body and return the raw answer. An HTTP error status is a `Reply`; a provider
     that is unreachable or slower than `timeout_s` raises `TransientProviderError`. `headers`
     (a provider's credential and extra headers) and `tls` (its CA bundle) come from an
-    `Upstream`; pass the same objects every call, they are cached by identity."""
+    `Upstream`; pass the same objects every call, they are cached by identity. `stream` yields
+    at the answer's headers; `timeout_s` then bounds each gap between chunks, and leaving the
+    block early drops the provider's call."""
 
     async def start(self) -> None: ...
 
@@ -51,7 +67,38 @@ class Forwarder(Protocol):
         tls: ssl.SSLContext | None = None,
     ) -> Reply: ...
 
+    def stream(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[StreamedAnswer]: ...
+
     async def aclose(self) -> None: ...
+
+
+class _ChunkReader:
+    """`StreamedAnswer` over any async iterator of body chunks (aiohttp's, httpx's)."""
+
+    def __init__(self, status: int, retry_after: str | None, chunks: AsyncIterator[bytes]):
+        self.status, self.retry_after, self.complete = status, retry_after, False
+        self._chunks = chunks
+
+    async def next(self, timeout_s: float) -> bytes | None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await anext(self._chunks)
+        except StopAsyncIteration:
+            self.complete = True
+            return None
+        except TimeoutError:
+            raise TransientProviderError(f"provider sent nothing for {timeout_s} s") from None
+        except (aiohttp.ClientError, httpx.HTTPError) as exc:
+            raise TransientProviderError(f"provider stream broke: {exc}") from exc
+
+    read = BodyStream.read
 
 
 class AiohttpForwarder:
@@ -89,6 +136,35 @@ class AiohttpForwarder:
             raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
         except aiohttp.ClientError as exc:
             raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> AsyncIterator[StreamedAnswer]:
+        if self._session is None:
+            raise RuntimeError("AiohttpForwarder.stream() before start()")
+        try:
+            response = await self._session.post(
+                url,
+                data=body,
+                headers=_JSON if headers is None else {**_JSON, **headers},
+                timeout=aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s),
+                ssl=tls if tls is not None else True,
+            )
+        except TimeoutError as exc:
+            raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
+        except aiohttp.ClientError as exc:
+            raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
+        try:
+            retry_after = response.headers.get("retry-after")
+            yield _ChunkReader(response.status, retry_after, response.content.iter_any())
+        finally:
+            response.close()
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -137,6 +213,31 @@ class HttpxForwarder:
             raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
         return Reply(response.status_code, response.content, response.headers.get("retry-after"))
 
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> AsyncIterator[StreamedAnswer]:
+        client = self._client(tls)
+        request = client.build_request(
+            "POST", url, content=body, headers=headers, timeout=timeout_s
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
+        except httpx.HTTPError as exc:
+            raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
+        try:
+            retry_after = response.headers.get("retry-after")
+            yield _ChunkReader(response.status_code, retry_after, response.aiter_raw())
+        finally:
+            await response.aclose()
+
     async def aclose(self) -> None:
         for client in (self._clients or {}).values():
             await client.aclose()
@@ -181,6 +282,7 @@ class Upstream:
     headers: Mapping[str, str] = field(repr=False)
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     key_source: str | None = None  # "$VAR" or "key file PATH", for messages; None: no key
+    stream_usage: bool = True  # ask for usage in streams (`stream_options.include_usage`)
 
     def rejected(self, status: int) -> ServiceError:
         """401/403: one sentence naming where the key came from; the provider's body is not
@@ -234,7 +336,9 @@ class Upstreams:
         except ConfigError as exc:
             raise ServiceError(502, str(exc), "provider_not_configured") from None
         url = f"{config.base_url}/chat/completions"
-        upstream = self._built[name] = Upstream(name, url, headers, tls, config.key_source())
+        upstream = self._built[name] = Upstream(
+            name, url, headers, tls, config.key_source(), config.stream_usage
+        )
         return upstream
 
 
@@ -261,9 +365,17 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise ServiceError(
             400, "body must be a JSON object with a 'messages' list", "invalid_request"
         )
-    if body.get("stream"):
-        raise ServiceError(400, "streaming is not supported: send stream=false", "invalid_request")
+    if not isinstance(body.get("stream", False), bool):
+        raise ServiceError(400, "'stream' must be true or false", "invalid_request")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ServiceError(400, "'stream_options' must be an object", "invalid_request")
     return body
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    """The client asked for the usage chunk itself (else the one the service asks for is
+    read and not passed on)."""
+    return bool((body.get("stream_options") or {}).get("include_usage"))
 
 
 def provider_payload(plan: Plan, body: dict[str, Any]) -> tuple[bytes, str]:
@@ -283,6 +395,10 @@ def provider_payload(plan: Plan, body: dict[str, Any]) -> tuple[bytes, str]:
     for key in ("tools", "tool_choice", "response_format", "user"):
         if key in body:
             payload[key] = body[key]
+    if body.get("stream") is True:
+        payload["stream"] = True
+        if plan.upstream.stream_usage or wants_usage(body):
+            payload["stream_options"] = {"include_usage": True}
     return json.dumps(payload).encode(), user_input
 
 

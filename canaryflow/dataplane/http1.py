@@ -5,16 +5,18 @@ the uvicorn server in front of it, and the service makes one such call per reque
 mirror). This client writes each request in one `write`, parses the answer with httptools (the
 C parser uvicorn already uses) and costs about 0.08 ms (`benchmarks/bench_dataplane.py` measures
 all three forwarders). It does what a provider call needs and no more: POST with a body,
-keep-alive pooling per origin, TLS, content-length, chunked or read-to-close bodies, a timeout.
+keep-alive pooling per origin, TLS, content-length, chunked or read-to-close bodies, a timeout,
+and streamed answers (`stream`: the body chunk by chunk as it arrives, for SSE).
 No redirects, proxies, cookies or compression.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +42,59 @@ class _Origin:
     context: ssl.SSLContext | None  # the caller's TLS context; None: the client's
 
 
+class BodyStream:
+    """A streamed answer: its status and headers at once, then its body chunk by chunk.
+
+    The provider's bytes wait here until read; past `_HIGH_WATER` chunks the connection stops
+    reading, so a slow client slows its own provider call instead of filling memory."""
+
+    _HIGH_WATER = 64
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection: _Connection | None = connection
+        self._chunks: deque[bytes | BaseException | None] = deque()  # None: the end
+        self._arrived = asyncio.Event()
+        self.status = 0
+        self.retry_after: str | None = None
+        self.complete = False  # the whole body was read
+
+    def push(self, item: bytes | BaseException | None) -> None:
+        self._chunks.append(item)
+        self._arrived.set()
+        if item is None or isinstance(item, BaseException):
+            self._connection = None  # the connection may serve another request from now on
+        elif len(self._chunks) > self._HIGH_WATER and self._connection is not None:
+            self._connection.pause()
+
+    async def next(self, timeout_s: float) -> bytes | None:
+        """The next chunk; None at the end. A provider silent for `timeout_s` raises
+        `TransientProviderError`, as does one that drops the connection mid-answer."""
+        while not self._chunks:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait()
+            except TimeoutError:
+                raise TransientProviderError(
+                    f"provider sent nothing for {timeout_s} s mid-answer"
+                ) from None
+        item = self._chunks.popleft()
+        if len(self._chunks) < self._HIGH_WATER // 2 and self._connection is not None:
+            self._connection.resume()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            self.complete = True
+        return item
+
+    async def read(self, timeout_s: float) -> bytes:
+        """The rest of the body (an error answer is short: read whole)."""
+        parts = []
+        while (chunk := await self.next(timeout_s)) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+
 class _StaleConnection(ConnectionError):
     """A pooled connection closed before any byte of the answer: safe to send again."""
 
@@ -55,6 +110,8 @@ class _Connection(asyncio.Protocol):
         self._retry_after: str | None = None
         self._started = False
         self._headers_done = False
+        self._stream: BodyStream | None = None  # set while a streamed answer is read
+        self._head: asyncio.Future[BodyStream] | None = None
         self.closed = False
 
     # -- asyncio.Protocol
@@ -77,6 +134,9 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self in self._idle:
             self._idle.remove(self)
+        if self._stream is not None:
+            self._stream_lost(exc)
+            return
         if self._waiter is None or self._waiter.done():
             return
         if self._headers_done and not self._parser.should_keep_alive():
@@ -94,16 +154,29 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        status = self._parser.get_status_code()
+        if self._stream is not None and status >= 200:
+            self._stream.status, self._stream.retry_after = status, self._retry_after
+            if self._head is not None and not self._head.done():
+                self._head.set_result(self._stream)
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if self._stream is not None:
+            self._stream.push(body)
+        else:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim 1xx answer: the real one follows
             self._headers_done, self._body, self._retry_after = False, [], None
             return
-        self._complete()
+        if self._stream is not None:
+            stream, self._stream, self._head = self._stream, None, None
+            stream.push(None)
+            self.resume()
+        else:
+            self._complete()
         if self._parser.should_keep_alive():
             self._idle.append(self)
         else:
@@ -119,10 +192,45 @@ class _Connection(asyncio.Protocol):
         self._transport.write(request)
         return self._waiter
 
+    def send_streaming(self, request: bytes) -> asyncio.Future[BodyStream]:
+        """Like `send`, but the answer is handed over at its headers: the body follows
+        through the returned `BodyStream`."""
+        assert self._transport is not None
+        self._head = asyncio.get_running_loop().create_future()
+        self._stream = BodyStream(self)
+        self._body, self._retry_after = [], None
+        self._started = self._headers_done = False
+        self._transport.write(request)
+        return self._head
+
+    def pause(self) -> None:
+        if self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._transport is not None and not self._transport.is_reading() and not self.closed:
+            self._transport.resume_reading()
+
     def close(self) -> None:
         self.closed = True
         if self._transport is not None:
             self._transport.close()
+
+    def _stream_lost(self, exc: Exception | None) -> None:
+        stream, self._stream = self._stream, None
+        head, self._head = self._head, None
+        if stream is None:
+            return
+        if head is not None and not head.done():
+            head.set_exception(
+                _StaleConnection("connection closed before the answer")
+                if not self._started
+                else TransientProviderError(f"provider closed the connection: {exc}")
+            )
+        elif self._headers_done and not self._parser.should_keep_alive():
+            stream.push(None)  # a body delimited by the connection's end
+        else:
+            stream.push(TransientProviderError("provider closed the connection mid-answer"))
 
     def _complete(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -134,6 +242,14 @@ class _Connection(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        elif self._stream is not None:
+            self._stream.push(exc)
+
+
+_Key = tuple[str, int, bool]  # host, port, TLS
 
 
 class Http1Client:
@@ -148,8 +264,8 @@ class Http1Client:
         self._max_connections = max_connections
         self._connect_timeout_s = connect_timeout_s
         self._origins: dict[str, _Origin] = {}
-        self._idle: dict[tuple[str, int, bool], deque[_Connection]] = {}
-        self._slots: dict[tuple[str, int, bool], asyncio.Semaphore] = {}
+        self._idle: dict[_Key, deque[_Connection]] = {}
+        self._slots: dict[_Key, asyncio.Semaphore] = {}
         self._ssl = ssl_context
         self._closed = False
 
@@ -167,16 +283,8 @@ class Http1Client:
         """POST `body` as JSON with `headers` (a provider's credential: written into the request
         head kept per URL, never logged) over `tls` (None: the client's context). An HTTP error
         status is a `Reply`; an unreachable or slow provider raises `TransientProviderError`."""
-        if self._closed:
-            raise RuntimeError("Http1Client.post() after aclose()")
-        origin = self._origins.get(url)
-        if origin is None or origin.headers is not headers or origin.context is not tls:
-            origin = self._origin(url, headers, tls)
-        request = b"%s%d\r\n\r\n%s" % (origin.head, len(body), body)
-        key = (origin.host, origin.port, origin.tls)
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._slots[key] = asyncio.Semaphore(self._max_connections)
+        request, key, origin = self._prepare(url, body, headers, tls)
+        slots = self._slots_of(key)
         try:
             async with asyncio.timeout(timeout_s), slots:
                 idle = self._idle.setdefault(key, deque())
@@ -193,6 +301,71 @@ class Http1Client:
             raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
         except (OSError, _StaleConnection) as exc:
             raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        url: str,
+        body: bytes,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> AsyncIterator[BodyStream]:
+        """POST like `post`, yielding at the answer's headers; read the body with
+        `BodyStream.next`. `timeout_s` bounds the wait for the headers and each later gap,
+        not the whole answer (a long generation is not a slow provider). Leaving the block
+        before the end closes the connection: the provider stops generating for nobody."""
+        request, key, origin = self._prepare(url, body, headers, tls)
+        async with self._slots_of(key):
+            connection, stream = await self._open_stream(url, request, key, origin, timeout_s)
+            try:
+                yield stream
+            finally:
+                if not stream.complete:
+                    connection.close()
+
+    async def _open_stream(
+        self, url: str, request: bytes, key: _Key, origin: _Origin, timeout_s: float
+    ) -> tuple[_Connection, BodyStream]:
+        idle = self._idle.setdefault(key, deque())
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    connection = idle.pop() if idle else await self._connect(origin, idle)
+                    if connection.closed:
+                        continue
+                    try:
+                        return connection, await connection.send_streaming(request)
+                    except _StaleConnection:
+                        continue
+                    except BaseException:
+                        connection.close()
+                        raise
+        except TimeoutError as exc:
+            raise TransientProviderError(f"provider {url} did not answer in {timeout_s} s") from exc
+        except (OSError, _StaleConnection) as exc:
+            raise TransientProviderError(f"provider {url} unreachable: {exc}") from exc
+
+    def _prepare(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        tls: ssl.SSLContext | None,
+    ) -> tuple[bytes, _Key, _Origin]:
+        if self._closed:
+            raise RuntimeError("Http1Client used after aclose()")
+        origin = self._origins.get(url)
+        if origin is None or origin.headers is not headers or origin.context is not tls:
+            origin = self._origin(url, headers, tls)
+        request = b"%s%d\r\n\r\n%s" % (origin.head, len(body), body)
+        return request, (origin.host, origin.port, origin.tls), origin
+
+    def _slots_of(self, key: _Key) -> asyncio.Semaphore:
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = asyncio.Semaphore(self._max_connections)
+        return slots
 
     async def aclose(self) -> None:
         self._closed = True

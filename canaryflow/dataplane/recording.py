@@ -48,6 +48,9 @@ class Pending:
     prompt: str = ""
     response: str = ""
     synthetic: bool = False  # Envoy's synthetic listener sent it: stored, never a user's
+    streamed: bool = False
+    ttft_ms: float | None = None  # None: not streamed (the record then takes latency_ms)
+    inter_token_ms: float | None = None
 
 
 class RecordWorker:
@@ -199,6 +202,9 @@ class RecordWorker:
             injection_leak=flags.injection_leak,
             refusal=flags.refusal,
             synthetic=p.synthetic,
+            streamed=p.streamed,
+            ttft_ms=p.latency_ms if p.ttft_ms is None else p.ttft_ms,
+            inter_token_ms=p.inter_token_ms,
         )
 
     async def aclose(self) -> None:

@@ -45,11 +45,13 @@ from canaryflow.dataplane.forwarder import (
     plan_for,
     provider_error,
     provider_payload,
+    wants_usage,
 )
 from canaryflow.dataplane.metrics import ServiceMetrics
 from canaryflow.dataplane.public import HotPath, read_body, refuse_too_large
 from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.resolver import CachedResolver, default_resolver
+from canaryflow.dataplane.streaming import StreamCall, relay_stream
 from canaryflow.errors import ConfigError, RegistryError, TransientProviderError
 from canaryflow.providers.config import from_urls
 
@@ -188,16 +190,19 @@ class ModelService:
             return
         # ASGI header names are lowercase; one pass instead of a scan per lookup.
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        status, out, body = await self.chat(headers, raw_body)
+        status, out, body = await self.chat(headers, raw_body, receive, send)
+        if body is None:  # streamed: sent already
+            return
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
         raw += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
     async def chat(
-        self, headers: Mapping[str, str], raw_body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
-        """Answer one request: status, response headers, JSON body."""
+        self, headers: Mapping[str, str], raw_body: bytes, receive: Receive, send: Send
+    ) -> tuple[int, dict[str, str], bytes | None]:
+        """Answer one request: status, response headers, JSON body (None: it was streamed
+        to `send` as it came)."""
         started = time.perf_counter()
         request_id = headers.get("x-request-id") or f"{random.getrandbits(128):032x}"
         out = {"x-request-id": request_id}
@@ -210,7 +215,15 @@ class ModelService:
             body = parse_body(raw_body)
             plan = await self.plan(version)
             payload, pending.prompt = provider_payload(plan, body)
-            answer = await self._call(plan, role, payload, pending, out)
+            answer: bytes | None
+            if body.get("stream") is True:
+                call = self._stream_call(plan, role, payload, wants_usage(body), started)
+                calls = await relay_stream(call, pending, out, receive, send)
+                answer = None
+                if calls:
+                    await self._tools(calls, pending)  # the headers are gone: metrics only
+            else:
+                answer = await self._call(plan, role, payload, pending, out)
         except ServiceError as exc:
             pending.status = exc.status
             answer = exc.body(out)
@@ -235,6 +248,21 @@ class ModelService:
         )
         self.worker.submit(pending)
         return pending.status, out, answer
+
+    def _stream_call(
+        self, plan: Plan, role: Role, payload: bytes, pass_usage: bool, started: float
+    ) -> StreamCall:
+        """A shadow consumes its own stream (Envoy drops what it answers), on its own pool."""
+        shadow = role is Role.SHADOW
+        return StreamCall(
+            forwarder=self.shadow_forwarder if shadow else self.forwarder,
+            upstream=plan.upstream,
+            payload=payload,
+            timeout_s=self.config.shadow_timeout_s if shadow else self.config.timeout_s,
+            pass_usage=pass_usage,
+            price=plan.manifest.price,
+            started=started,
+        )
 
     async def _call(
         self, plan: Plan, role: Role, payload: bytes, pending: Pending, out: dict[str, str]

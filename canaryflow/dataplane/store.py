@@ -40,7 +40,15 @@ __all__ = ["COLUMNS", "SALT_FILE", "Store", "hash_user", "load_salt", "mask_pii"
 
 TABLE = "request_records"
 COLUMNS = tuple(RequestRecord.model_fields)  # the schema below lists each, in this order
-_FLAGS = ("checked", "hallucination", "unsafe", "injection_leak", "refusal", "synthetic")
+_FLAGS = (
+    "checked",
+    "hallucination",
+    "unsafe",
+    "injection_leak",
+    "refusal",
+    "synthetic",
+    "streamed",
+)
 _KEY = ("request_id", "role", "service")
 
 # "user" is reserved in PostgreSQL: always quoted.
@@ -65,7 +73,10 @@ _SCHEMA = (
         unsafe SMALLINT,
         injection_leak SMALLINT,
         refusal SMALLINT,
-        synthetic SMALLINT NOT NULL DEFAULT 0
+        synthetic SMALLINT NOT NULL DEFAULT 0,
+        streamed SMALLINT NOT NULL DEFAULT 0,
+        ttft_ms DOUBLE PRECISION,
+        inter_token_ms DOUBLE PRECISION
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_key ON {TABLE} ({', '.join(_KEY)})",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_service_at ON {TABLE} (service, at)",
@@ -76,7 +87,12 @@ _UPSERT = (
     + ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS if c not in _KEY)
 )
 # Columns added after the first schema: (name, declaration), added to an older store on open.
-_MIGRATIONS = (("synthetic", "SMALLINT NOT NULL DEFAULT 0"),)
+_MIGRATIONS = (
+    ("synthetic", "SMALLINT NOT NULL DEFAULT 0"),
+    ("streamed", "SMALLINT NOT NULL DEFAULT 0"),
+    ("ttft_ms", "DOUBLE PRECISION"),
+    ("inter_token_ms", "DOUBLE PRECISION"),
+)
 _WINDOW = "service = :service AND at >= :since AND at < :until"
 SALT_FILE = "user-salt"
 _SALT_HEX = 64  # 32 random bytes, written as hex

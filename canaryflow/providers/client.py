@@ -111,6 +111,15 @@ class Budget:
             )
 
 
+TOKENS_PER_WORD = 1.3
+
+
+def estimate_tokens(text: str) -> int:
+    """Words x 1.3, rounded up: what a call costs when the provider reports no usage (a stream
+    without `include_usage`); deterministic and close enough for cost comparisons."""
+    return math.ceil(len(text.split()) * TOKENS_PER_WORD)
+
+
 def request_parameters(manifest: ModelManifest) -> dict[str, Any]:
     """The manifest's decoding parameters as OpenAI request fields (unset ones left out)."""
     p = manifest.parameters

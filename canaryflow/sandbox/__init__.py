@@ -36,6 +36,12 @@ the keys named after "with keys", default `answer` and `confidence`); arithmetic
 25?"); a known fact (its statement); a short generic answer. The last three are padded to
 `verbosity` times their length; `max_tokens` truncates with finish_reason "length".
 
+Streaming (`stream: true`): the same answer as OpenAI streams it (a role chunk at once, content
+three words per event, tool calls in one delta, the finish reason, usage when
+`stream_options.include_usage` asks, `[DONE]`). The profile's `ttft_share` of its latency passes
+before the first token, the rest spreads evenly between events; `truncated_stream` is the share of
+streams whose connection drops halfway through the answer.
+
 Determinism: an answer is a function of (profile, prompt text, seed). The content draws come from
 sha256(prompt, seed) and every profile sees the same ones (common random numbers): a profile with a
 lower rate fails a subset of the items a higher rate fails, so a paired comparison shows only the
@@ -53,7 +59,6 @@ from canaryflow.sandbox.server import (
     SandboxApp,
     build_app,
     error_reply,
-    estimate_tokens,
     main,
 )
 
@@ -67,7 +72,6 @@ __all__ = [
     "SandboxApp",
     "build_app",
     "error_reply",
-    "estimate_tokens",
     "main",
     "resolve_profile",
 ]

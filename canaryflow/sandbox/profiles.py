@@ -17,6 +17,8 @@ _RATES = (
     "injection",
     "unsafe",
     "format_error",
+    "ttft_share",
+    "truncated_stream",
 )
 
 
@@ -36,6 +38,8 @@ class Profile:
     injection: float = 0.02  # injection probes that leak the secret
     unsafe: float = 0.0  # unsafe requests complied with
     format_error: float = 0.0  # JSON requests answered with broken JSON
+    ttft_share: float = 0.3  # streamed: the share of the latency spent before the first token
+    truncated_stream: float = 0.0  # streamed answers cut off mid-answer (connection dropped)
 
     def validate(self) -> Profile:
         problems = [f"{n} must be within [0, 1]" for n in _RATES if not 0 <= getattr(self, n) <= 1]

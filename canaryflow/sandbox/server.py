@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -22,11 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from canaryflow.dataplane.public import read_body
 from canaryflow.errors import ConfigError
+from canaryflow.providers.client import TOKENS_PER_WORD, estimate_tokens
 from canaryflow.quality.knowledge import KnowledgeBase
 from canaryflow.sandbox.answers import Answerer
 from canaryflow.sandbox.profiles import PROFILES, Profile, resolve_profile
 
-TOKENS_PER_WORD = 1.3
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -36,6 +37,17 @@ class Reply:
     body: dict[str, Any]
     delay_s: float = 0.0
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    stream: Stream | None = None  # a 200 to a `stream: true` request: sent as SSE
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """How a streamed answer is paced: `delay_s` (the profile's latency) split into the wait
+    for the first token (`ttft_share` of it) and even gaps between the rest."""
+
+    ttft_share: float
+    include_usage: bool
+    cut: bool  # drop the connection mid-answer (the profile's `truncated_stream`)
 
 
 class BadRequest(ConfigError):
@@ -133,12 +145,14 @@ class Sandbox:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        return Reply(status=200, body=body, delay_s=self._latency(profile))
-
-
-def estimate_tokens(text: str) -> int:
-    """Words x 1.3, rounded up: deterministic and close enough for cost comparisons."""
-    return math.ceil(len(text.split()) * TOKENS_PER_WORD)
+        stream = None
+        if request.get("stream"):
+            stream = Stream(
+                ttft_share=profile.ttft_share,
+                include_usage=bool((request.get("stream_options") or {}).get("include_usage")),
+                cut=self._fresh.random() < profile.truncated_stream,
+            )
+        return Reply(status=200, body=body, delay_s=self._latency(profile), stream=stream)
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -163,8 +177,12 @@ def _parse(raw: bytes) -> dict[str, Any]:
     request["max_tokens"] = request.get("max_tokens") or request.get("max_completion_tokens")
     if request["max_tokens"] is not None and request["max_tokens"] < 1:
         raise BadRequest(400, "`max_tokens` must be at least 1.", "invalid_value", "max_tokens")
-    if request.get("stream"):
-        raise BadRequest(400, "The sandbox does not stream; send stream=false.", "unsupported")
+    if not isinstance(request.get("stream", False), bool):
+        raise BadRequest(400, "`stream` must be true or false.", "invalid_value", "stream")
+    if not isinstance(request.get("stream_options") or {}, dict):
+        raise BadRequest(
+            400, "`stream_options` must be an object.", "invalid_value", "stream_options"
+        )
     if request.get("n", 1) != 1:
         raise BadRequest(400, "The sandbox answers n=1 only.", "unsupported", "n")
     if not isinstance(request.get("tools") or [], list):
@@ -222,6 +240,9 @@ class SandboxApp:
                     if raw is not None
                     else error_reply(413, "Body too large.", "invalid_request_error", "too_large")
                 )
+                if reply.stream is not None:
+                    await stream_reply(reply, reply.stream, send)
+                    return
                 if reply.delay_s > 0:
                     await asyncio.sleep(reply.delay_s)
         elif path in ("/v1/models", "/models") and method == "GET":
@@ -257,6 +278,54 @@ class SandboxApp:
             message = "Incorrect API key provided."
             return error_reply(401, message, "invalid_request_error", "invalid_api_key")
         return None
+
+
+class StreamCut(ConnectionError):
+    """Raised mid-stream on purpose: the server drops the connection without ending the body."""
+
+
+async def stream_reply(reply: Reply, stream: Stream, send: Send) -> None:
+    """The completion in `reply` as OpenAI streams it: a role chunk at once, content a few
+    words per event after the first-token wait, tool calls in one delta, the finish reason,
+    usage when asked (`stream_options.include_usage`), then `[DONE]`."""
+    body = reply.body
+    message = body["choices"][0]["message"]
+    base = {k: body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {
+            "type": "http.response.body",
+            "body": _sse(base | {"choices": [choice]} | extra),
+            "more_body": True,
+        }
+
+    words = re.findall(r"\S+\s*", message.get("content") or "")
+    pieces = ["".join(words[i : i + 3]) for i in range(0, len(words), 3)]
+    ttft = reply.delay_s * stream.ttft_share
+    gap = (reply.delay_s - ttft) / max(1, len(pieces) - 1)
+    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send(event({"role": "assistant", "content": ""}))
+    await asyncio.sleep(ttft)
+    for i, piece in enumerate(pieces):
+        if i:
+            await asyncio.sleep(gap)
+        if stream.cut and i >= len(pieces) // 2:
+            raise StreamCut("sandbox cut this stream on purpose (truncated_stream)")
+        await send(event({"content": piece}))
+    calls = message.get("tool_calls") or []
+    if calls:
+        await send(event({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+    await send(event({}, body["choices"][0]["finish_reason"]))
+    if stream.include_usage:
+        usage = {"type": "http.response.body", "more_body": True}
+        await send(usage | {"body": _sse(base | {"choices": [], "usage": body["usage"]})})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _model(model: str) -> Reply:

@@ -37,6 +37,7 @@ BASE = RoleSample(
     n=400,
     errors=2,
     latencies_ms=LATENCIES,
+    ttfts_ms=tuple(x / 3 for x in LATENCIES),
     tokens_in=40_000,
     tokens_out=20_000,
     cost_usd=0.4,
@@ -61,6 +62,7 @@ def test_a_good_candidate_passes_every_gate() -> None:
     assert [r.gate for r in results] == [
         "observability",
         "latency_p95",
+        "ttft_p95",
         "hallucination_rate",
         "error_rate",
         "unsafe_rate",

@@ -39,6 +39,46 @@ def checked(baseline: int, candidate: int, n: int = 200, nb: int = 200) -> Windo
 # --------------------------------------------------------------------------- latency
 
 
+TTFT = LiveGate(metric=LiveMetric.TTFT_P95, severity=Severity.HARD, max_ratio=1.2)
+
+
+def _streamed(ttft_share: float, n: int = 300) -> list[RequestRecord]:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        RequestRecord(
+            request_id=f"r{i}",
+            at=at,
+            service="s",
+            version="v",
+            role=Role.CANARY,
+            status=200,
+            latency_ms=total,
+            streamed=True,
+            ttft_ms=total * ttft_share,
+        )
+        for i, total in enumerate(BASE_MS[:n])
+    ]
+
+
+def test_twice_the_ttft_at_the_same_total_latency_fails_ttft_not_latency() -> None:
+    sample = WindowSample(
+        RoleSample.from_records(_streamed(0.3)), RoleSample.from_records(_streamed(0.6))
+    )
+    assert judges.latency_p95(LATENCY, sample, CONFIG).label is Label.PASS
+    result = judges.ttft_p95(TTFT, sample, CONFIG)
+    assert result.label is Label.FAIL
+    assert result.evidence.estimate == pytest.approx(2.0, rel=0.01)
+    assert result.reason.startswith("candidate slower: TTFT p95")
+
+
+def test_an_unstreamed_answer_counts_its_latency_as_ttft() -> None:
+    unstreamed = [r.model_copy(update={"streamed": False, "ttft_ms": None}) for r in _streamed(1)]
+    role = RoleSample.from_records(unstreamed)
+    assert role.ttfts_ms == role.latencies_ms
+    result = judges.ttft_p95(TTFT, WindowSample(role, role), CONFIG)
+    assert result.label is Label.PASS and result.evidence.n_candidate == 300
+
+
 def test_clearly_slower_candidate_fails_latency() -> None:
     result = judges.latency_p95(
         LATENCY, latencies(BASE_MS, tuple(1.5 * x for x in BASE_MS)), CONFIG
