@@ -125,11 +125,21 @@ def latency_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> Ga
 
 
 def ttft_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:
-    """p95 ratio of the time to first token: the wait a streaming user feels. A candidate can
-    keep its total latency and still make users wait twice as long for the first word."""
-    return p95_ratio(
-        gate, sample.baseline.ttfts, sample.candidate.ttfts, config, "first-token times", "TTFT p95"
-    )
+    """p95 ratio of the time to first token of streamed answers: the wait a streaming user
+    feels. A candidate can keep its total latency and still make users wait twice as long for
+    the first word. Unstreamed answers are left out (they would dilute the shift); a window
+    with no streamed answer at all is judged on latency, which is then the first token's."""
+    base, cand = sample.baseline.ttfts, sample.candidate.ttfts
+    if len(base) == 0 and len(cand) == 0:
+        return p95_ratio(
+            gate,
+            sample.baseline.latencies,
+            sample.candidate.latencies,
+            config,
+            "latencies",
+            "no streamed answers; first token = whole answer: p95",
+        )
+    return p95_ratio(gate, base, cand, config, "streamed first-token times", "TTFT p95")
 
 
 def p95_ratio(

@@ -36,7 +36,7 @@ class RoleSample:
     n: int = 0
     errors: int = 0
     latencies_ms: tuple[float, ...] = ()
-    ttfts_ms: tuple[float, ...] = ()  # time to first token; a non-streamed answer's latency
+    ttfts_ms: tuple[float, ...] = ()  # time to first token of the streamed answers only
     tokens_in: int = 0
     tokens_out: int = 0
     cost_usd: float = 0.0
@@ -98,7 +98,8 @@ class RoleSample:
             n += 1
             errors += counts_as_error(r.status)
             latencies.append(r.latency_ms)
-            ttfts.append(r.latency_ms if r.ttft_ms is None else r.ttft_ms)
+            if r.streamed and r.ttft_ms is not None:
+                ttfts.append(r.ttft_ms)
             tokens_in += r.tokens_in
             tokens_out += r.tokens_out
             cost += r.cost_usd

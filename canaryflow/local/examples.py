@@ -33,6 +33,7 @@ SERVICE = "my-assistant"
 TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
 USER_CORPUS = "live"
 USER_RATE_RPS = 250.0  # a 4 s window at a 5 % canary step: ~50 candidate requests
+USER_STREAM_SHARE = 0.5  # chat products mostly stream; the rest asks for whole answers
 
 
 def manifest(
@@ -91,14 +92,23 @@ def demo_spec(
 
 @contextlib.contextmanager
 def simulated_users(
-    endpoints: Endpoints, rate_rps: float = USER_RATE_RPS, *, users: int = 50
+    endpoints: Endpoints,
+    rate_rps: float = USER_RATE_RPS,
+    *,
+    users: int = 50,
+    stream_share: float = USER_STREAM_SHARE,
 ) -> Iterator[TrafficRunner]:
     """Users of the embedded stack for as long as the block runs: `users` distinct user ids
-    sending the example corpus to Envoy's public listener at `rate_rps` (open loop). Call the
+    sending the example corpus to Envoy's public listener at `rate_rps` (open loop), the
+    `stream_share` of them asking for streamed answers, as chat products do. Call the
     runner's `stop()` inside the block for its report; leaving the block stops it anyway."""
     if endpoints.envoy_url is None:
         raise StackError("simulated users need Envoy: start the stack's data plane first")
     with TrafficRunner(
-        endpoints.envoy_url, load_corpus(USER_CORPUS), rate_rps, users=users
+        endpoints.envoy_url,
+        load_corpus(USER_CORPUS),
+        rate_rps,
+        users=users,
+        stream_share=stream_share,
     ) as runner:
         yield runner

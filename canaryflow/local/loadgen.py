@@ -178,18 +178,32 @@ async def run_traffic(
     on_progress: Callable[[TrafficStats], None] | None = None,
     stop: asyncio.Event | None = None,
     max_in_flight: int = 2000,
+    stream_share: float = 0.0,
 ) -> TrafficReport:
     """Send chat completions on a fixed schedule for duration_s (or until `stop` is set).
 
     A request due while `max_in_flight` are still open is not sent and counts as the error
-    `client_overload`, so the schedule never silently turns into a queue.
+    `client_overload`, so the schedule never silently turns into a queue. `stream_share` of
+    the requests ask for a streamed answer (read whole; latency is the last byte's).
     """
     _check(prompts, rate_rps, duration_s, users)
+    if not 0.0 <= stream_share <= 1.0:
+        raise ConfigError(f"stream_share must be within [0, 1], got {stream_share}")
     endpoint = _endpoint(url)
     rng = random.Random(seed)
     bodies = [
         json.dumps(
             {"model": "canaryflow", "messages": [{"role": "user", "content": p.input}]}
+        ).encode()
+        for p in prompts
+    ]
+    streamed = [
+        json.dumps(
+            {
+                "model": "canaryflow",
+                "messages": [{"role": "user", "content": p.input}],
+                "stream": True,
+            }
         ).encode()
         for p in prompts
     ]
@@ -221,7 +235,8 @@ async def run_traffic(
                 tally.errors["client_overload"] += 1
             else:
                 request_headers = {**base_headers, USER_HEADER: f"user-{rng.randrange(users)}"}
-                body = bodies[rng.randrange(len(bodies))]
+                choice = rng.randrange(len(bodies))
+                body = streamed[choice] if rng.random() < stream_share else bodies[choice]
                 task = asyncio.create_task(
                     _request(session, endpoint, body, request_headers, tally)
                 )

@@ -37,7 +37,6 @@ BASE = RoleSample(
     n=400,
     errors=2,
     latencies_ms=LATENCIES,
-    ttfts_ms=tuple(x / 3 for x in LATENCIES),
     tokens_in=40_000,
     tokens_out=20_000,
     cost_usd=0.4,

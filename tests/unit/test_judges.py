@@ -71,12 +71,30 @@ def test_twice_the_ttft_at_the_same_total_latency_fails_ttft_not_latency() -> No
     assert result.reason.startswith("candidate slower: TTFT p95")
 
 
-def test_an_unstreamed_answer_counts_its_latency_as_ttft() -> None:
-    unstreamed = [r.model_copy(update={"streamed": False, "ttft_ms": None}) for r in _streamed(1)]
+def test_unstreamed_answers_do_not_dilute_the_streamed_ones() -> None:
+    unstreamed = [
+        r.model_copy(update={"request_id": f"u{i}", "streamed": False, "ttft_ms": r.latency_ms})
+        for i, r in enumerate(_streamed(1))
+    ]
+    sample = WindowSample(
+        RoleSample.from_records(_streamed(0.3) + unstreamed),
+        RoleSample.from_records(_streamed(0.6) + unstreamed),
+    )
+    result = judges.ttft_p95(TTFT, sample, CONFIG)
+    assert result.label is Label.FAIL and result.evidence.n_candidate == 300
+
+
+def test_a_window_without_streamed_answers_is_judged_on_latency() -> None:
+    unstreamed = [r.model_copy(update={"streamed": False}) for r in _streamed(1)]
     role = RoleSample.from_records(unstreamed)
-    assert role.ttfts_ms == role.latencies_ms
+    assert role.ttfts_ms == ()
     result = judges.ttft_p95(TTFT, WindowSample(role, role), CONFIG)
     assert result.label is Label.PASS and result.evidence.n_candidate == 300
+    assert "no streamed answers" in result.reason
+    slower = RoleSample.from_records(
+        [r.model_copy(update={"latency_ms": 2 * r.latency_ms}) for r in unstreamed]
+    )
+    assert judges.ttft_p95(TTFT, WindowSample(role, slower), CONFIG).label is Label.FAIL
 
 
 def test_clearly_slower_candidate_fails_latency() -> None:
