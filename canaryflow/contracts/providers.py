@@ -53,8 +53,16 @@ class ProviderConfig(Strict):
         default_factory=dict, description="extra headers, e.g. OpenAI-Organization; no credential"
     )
     timeout_s: float = Field(30.0, gt=0.0, le=600.0)
-    concurrency: int = Field(16, ge=1, le=1024, description="requests in flight at most")
-    requests_per_s: float | None = Field(None, gt=0.0, description="rate limit; None: none")
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="requests in flight at most, per caller process (each model service, an "
+        "evaluation); None: no cap on live traffic, 16 at a time for an evaluation",
+    )
+    requests_per_s: float | None = Field(
+        None, gt=0.0, description="rate limit per caller process; None: none"
+    )
     price: Price | None = Field(None, description="price default for manifests of this provider")
     ca_bundle: str | None = Field(None, description="PEM CA bundle; None: the system's CAs")
     stream_usage: bool = Field(

@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -283,6 +284,19 @@ class Upstream:
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     key_source: str | None = None  # "$VAR" or "key file PATH", for messages; None: no key
     stream_usage: bool = True  # ask for usage in streams (`stream_options.include_usage`)
+    timeout_s: float | None = None  # the entry's; the service's own timeout still caps it
+    limits: Limits | None = None
+
+    def timeout(self, service_timeout_s: float) -> float:
+        """The entry's timeout may shorten the service's, never lengthen it: the release's
+        late-record look waits for the service's timeout, so nothing may outlive it."""
+        return (
+            service_timeout_s if self.timeout_s is None else min(self.timeout_s, service_timeout_s)
+        )
+
+    def admission(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while a call is in flight; raises `ServiceError` over the entry's limits."""
+        return self.limits.admit() if self.limits is not None else contextlib.nullcontext()
 
     def rejected(self, status: int) -> ServiceError:
         """401/403: one sentence naming where the key came from; the provider's body is not
@@ -302,6 +316,50 @@ class Upstream:
                 if len(secret) >= 4 and secret in text:
                     text = text.replace(secret, "[redacted]")
         return text
+
+
+class Limits:
+    """A providers-file entry's `concurrency` and `requests_per_s`, kept by this process.
+
+    Over a limit a request is refused at once, as Envoy's circuit breakers do, instead of
+    queueing: a queue in front of a rate-limited provider only grows, and every user in it
+    waits. The refusal is what the provider would answer (503 / 429 with Retry-After) and is
+    recorded and counted like one."""
+
+    def __init__(self, name: str, concurrency: int | None, per_s: float | None) -> None:
+        self.name, self.concurrency, self.per_s = name, concurrency, per_s
+        self.in_flight = 0
+        self._tokens = per_s or 0.0  # a token bucket holding one second's worth
+        self._filled = time.monotonic()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.concurrency is not None and self.in_flight >= self.concurrency:
+            raise ServiceError(
+                503,
+                f"provider {self.name}: {self.in_flight} requests in flight, the providers "
+                f"file's concurrency limit; raise it or add capacity",
+                "provider_concurrency_limit",
+            )
+        if self.per_s is not None:
+            now = time.monotonic()
+            self._tokens = min(self.per_s, self._tokens + (now - self._filled) * self.per_s)
+            self._filled = now
+            if self._tokens < 1.0:
+                wait = (1.0 - self._tokens) / self.per_s
+                raise ServiceError(
+                    429,
+                    f"provider {self.name}: over the providers file's requests_per_s "
+                    f"({self.per_s:g}/s)",
+                    "rate_limited",
+                    retry_after=f"{max(wait, 0.001):.3f}",
+                )
+            self._tokens -= 1.0
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 class Upstreams:
@@ -336,8 +394,20 @@ class Upstreams:
         except ConfigError as exc:
             raise ServiceError(502, str(exc), "provider_not_configured") from None
         url = f"{config.base_url}/chat/completions"
+        limits = None
+        if config.concurrency is not None or config.requests_per_s is not None:
+            # A rotated key keeps the count of calls in flight.
+            limits = known_upstream.limits if known_upstream is not None else None
+            limits = limits or Limits(name, config.concurrency, config.requests_per_s)
         upstream = self._built[name] = Upstream(
-            name, url, headers, tls, config.key_source(), config.stream_usage
+            name,
+            url,
+            headers,
+            tls,
+            config.key_source(),
+            config.stream_usage,
+            config.timeout_s,
+            limits,
         )
         return upstream
 

@@ -258,7 +258,9 @@ class ModelService:
             forwarder=self.shadow_forwarder if shadow else self.forwarder,
             upstream=plan.upstream,
             payload=payload,
-            timeout_s=self.config.shadow_timeout_s if shadow else self.config.timeout_s,
+            timeout_s=plan.upstream.timeout(
+                self.config.shadow_timeout_s if shadow else self.config.timeout_s
+            ),
             pass_usage=pass_usage,
             price=plan.manifest.price,
             started=started,
@@ -269,12 +271,15 @@ class ModelService:
     ) -> bytes:
         shadow = role is Role.SHADOW
         forwarder = self.shadow_forwarder if shadow else self.forwarder
-        timeout = self.config.shadow_timeout_s if shadow else self.config.timeout_s
         upstream = plan.upstream
+        timeout = upstream.timeout(
+            self.config.shadow_timeout_s if shadow else self.config.timeout_s
+        )
         try:
-            reply = await forwarder.post(
-                upstream.url, payload, timeout, upstream.headers, upstream.tls
-            )
+            with upstream.admission():
+                reply = await forwarder.post(
+                    upstream.url, payload, timeout, upstream.headers, upstream.tls
+                )
         except TransientProviderError as exc:
             raise ServiceError(502, str(exc), "provider_unavailable") from exc
         if reply.status != 200:

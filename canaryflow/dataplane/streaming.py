@@ -58,25 +58,33 @@ async def relay_stream(
     caller answers it as JSON, as for an unstreamed request."""
     assembly = StreamAssembly()
     try:
-        async with call.forwarder.stream(
-            call.upstream.url,
-            call.payload,
-            call.timeout_s,
-            call.upstream.headers,
-            call.upstream.tls,
-        ) as answer:
-            if answer.status != 200:
-                body = await _error_body(answer, call.timeout_s)
-                raise provider_error(answer.status, body, answer.retry_after, call.upstream)
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS}
-            )
-            pending.status = await _pump_until_hang_up(answer, call, assembly, receive, send)
+        with call.upstream.admission():
+            pending.status = await _relay(call, assembly, out, receive, send)
     except TransientProviderError as exc:
         raise ServiceError(502, str(exc), "provider_unavailable") from exc
     _fill(pending, assembly, call)
     return assembly.assembled_tool_calls()
+
+
+async def _relay(
+    call: StreamCall, assembly: StreamAssembly, out: dict[str, str], receive: Receive, send: Send
+) -> int:
+    """The provider's stream to the client; the status to record."""
+    async with call.forwarder.stream(
+        call.upstream.url,
+        call.payload,
+        call.timeout_s,
+        call.upstream.headers,
+        call.upstream.tls,
+    ) as answer:
+        if answer.status != 200:
+            body = await _error_body(answer, call.timeout_s)
+            raise provider_error(answer.status, body, answer.retry_after, call.upstream)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": headers + _SSE_HEADERS}
+        )
+        return await _pump_until_hang_up(answer, call, assembly, receive, send)
 
 
 async def _error_body(answer: StreamedAnswer, timeout_s: float) -> bytes:

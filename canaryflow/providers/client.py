@@ -112,6 +112,7 @@ class Budget:
 
 
 TOKENS_PER_WORD = 1.3
+EVALUATION_CONCURRENCY = 16  # an evaluation's calls in flight when the providers file sets none
 
 
 def estimate_tokens(text: str) -> int:
@@ -163,7 +164,7 @@ class ProviderClient:
         self,
         base_url: str,
         *,
-        concurrency: int = 16,
+        concurrency: int = EVALUATION_CONCURRENCY,
         timeout_s: float = 30.0,
         max_retries: int = 4,
         backoff_s: float = 0.1,
@@ -210,7 +211,7 @@ class ProviderClient:
         **options: Any,
     ) -> ProviderClient:
         """The client for one providers-file entry; `options` as for the constructor."""
-        options.setdefault("concurrency", config.concurrency)
+        options.setdefault("concurrency", config.concurrency or EVALUATION_CONCURRENCY)
         options.setdefault("timeout_s", config.timeout_s)
         options.setdefault("requests_per_s", config.requests_per_s)
         return cls(

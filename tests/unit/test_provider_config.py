@@ -68,7 +68,7 @@ providers:
     assert azure.base_url == "https://my-resource.openai.azure.com/openai/v1"
     assert azure.auth is AuthStyle.API_KEY and azure.requests_per_s == 5
     assert azure.price is not None and azure.price.output_per_1k == 0.01
-    assert (local.timeout_s, local.concurrency, local.key_source()) == (30.0, 16, None)
+    assert (local.timeout_s, local.concurrency, local.key_source()) == (30.0, None, None)
 
 
 @pytest.mark.parametrize("field", ["api_key", "key", "token", "API-Key"])
