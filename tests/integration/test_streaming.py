@@ -344,3 +344,44 @@ def test_a_malformed_stream_flag_is_refused(streaming: Streaming) -> None:
         headers=streaming.headers("fast", "bad-1"),
     )
     assert r.status_code == 400 and "'stream' must be true or false" in r.text
+
+
+def test_hang_ups_lose_or_slow_no_other_request(streaming: Streaming) -> None:
+    """Twenty clients leave mid-stream while twenty others ask: every other one is answered,
+    and as fast as without the hang-ups."""
+
+    def unary_ms(n: int) -> list[float]:
+        times = []
+        for i in range(n):
+            r = streaming.client.post(
+                "/v1/chat/completions",
+                json={"model": "x", "messages": [{"role": "user", "content": QUESTION}]},
+                headers=streaming.headers("fast", f"calm-{n}-{i}"),
+            )
+            assert r.status_code == 200, r.text
+            times.append(r.elapsed.total_seconds() * 1000)
+        return times
+
+    quiet = unary_ms(20)
+
+    def hang_up(i: int) -> None:
+        with (
+            httpx.Client(base_url=streaming.url, timeout=10) as client,
+            client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=streaming.body("slow-events"),
+                headers=streaming.headers("slow-events", f"leaver-{i}"),
+            ) as response,
+        ):
+            next(response.iter_raw())
+
+    leavers = [threading.Thread(target=hang_up, args=(i,)) for i in range(20)]
+    for thread in leavers:
+        thread.start()
+    busy = unary_ms(20)
+    for thread in leavers:
+        thread.join(10)
+    assert sorted(busy)[len(busy) // 2] < sorted(quiet)[len(quiet) // 2] + 50, (quiet, busy)
+    for i in range(20):
+        assert streaming.record(f"leaver-{i}").status == 499
