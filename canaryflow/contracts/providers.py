@@ -58,7 +58,7 @@ class ProviderConfig(Strict):
         ge=1,
         le=100_000,
         description="requests in flight at most, per caller process (each model service, an "
-        "evaluation); None: no cap on live traffic, 16 at a time for an evaluation",
+        "evaluation); None: no cap on live traffic, 32 at a time for an evaluation",
     )
     requests_per_s: float | None = Field(
         None, gt=0.0, description="rate limit per caller process; None: none"

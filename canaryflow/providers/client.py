@@ -112,7 +112,7 @@ class Budget:
 
 
 TOKENS_PER_WORD = 1.3
-EVALUATION_CONCURRENCY = 16  # an evaluation's calls in flight when the providers file sets none
+EVALUATION_CONCURRENCY = 32  # an evaluation's calls in flight when the providers file sets none
 
 
 def estimate_tokens(text: str) -> int:

@@ -55,19 +55,14 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-# What the offline evaluation sent to a bare URL at once before providers had a `concurrency`.
-BARE_URL_CONCURRENCY = 32
-
-
 def from_urls(provider_urls: Mapping[str, str]) -> ProvidersFile:
     """Bare URLs (`Endpoints.provider_urls`, `serve --provider-url`): origins (`/v1` added) or
-    API roots ending in `/v1`, called without a credential."""
+    API roots ending in `/v1`, called without a credential and without limits."""
     return ProvidersFile(
         providers={
             name: ProviderConfig(
                 base_url=_api_root(url),
                 auth=AuthStyle.NONE,
-                concurrency=BARE_URL_CONCURRENCY,
             )
             for name, url in provider_urls.items()
         }

@@ -242,8 +242,7 @@ def test_a_users_entry_named_like_the_stacks_own_is_refused_unless_identical(
     )
     same = write(
         tmp_path,
-        SECURED + "  sandbox:\n    base_url: http://127.0.0.1:8400/v1\n    auth: none\n"
-        "    concurrency: 32\n",
+        SECURED + "  sandbox:\n    base_url: http://127.0.0.1:8400/v1\n    auth: none\n",
     )
     assert list(stack_providers(same, {"sandbox": "http://127.0.0.1:8400"}).providers) == [
         "secured",
