@@ -33,7 +33,7 @@ SERVICE = "my-assistant"
 TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
 USER_CORPUS = "live"
 USER_RATE_RPS = 250.0  # a 4 s window at a 5 % canary step: ~50 candidate requests
-USER_STREAM_SHARE = 0.5  # chat products mostly stream; the rest asks for whole answers
+USER_STREAM_SHARE = 0.9  # chat products mostly stream; a tenth ask for whole answers
 
 
 def manifest(

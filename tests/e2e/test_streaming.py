@@ -62,7 +62,7 @@ def test_a_streamed_chat_through_envoy_arrives_event_by_event(live: LiveStack) -
         assert record.response and record.tokens_out > 0
 
 
-@pytest.mark.usefixtures("users")  # half of them stream
+@pytest.mark.usefixtures("users")  # nine in ten stream
 def test_twice_the_time_to_first_token_is_rolled_back_by_ttft_p95(live: LiveStack) -> None:
     before = champion(live)
     # Same latency distribution as the champion's profile, first token at 60% instead of 30%.
