@@ -12,7 +12,7 @@ import datetime as dt
 import ipaddress
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,8 @@ class Certificates:
     key: Path  # its private key, 0600
 
 
-def make_certificates(folder: Path) -> Certificates:
+def make_certificates(folder: Path, hosts: Sequence[str] = ()) -> Certificates:
+    """A CA, and a server certificate it signs for 127.0.0.1, localhost and `hosts`."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "canaryflow test CA")])
@@ -54,7 +55,11 @@ def make_certificates(folder: Path) -> Certificates:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        *(x509.DNSName(host) for host in hosts),
+    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
@@ -107,10 +112,14 @@ def answers_over_tls(url: str, ca: Path) -> bool:
 
 
 @contextlib.contextmanager
-def secured_sandbox(folder: Path, key_var: str, key: str) -> Iterator[SecuredSandbox]:
+def secured_sandbox(
+    folder: Path, key_var: str, key: str, log_level: str = "info", hosts: Sequence[str] = ()
+) -> Iterator[SecuredSandbox]:
     """The sandbox as a secured provider: HTTPS with a certificate of a fresh CA, and a key it
-    requires, read from `key_var` in its own environment (never its command line)."""
-    certs = make_certificates(folder / "certs")
+    requires, read from `key_var` in its own environment (never its command line). At `info`
+    its log has a line per request; under sustained load, `warning` keeps it lighter. Its
+    certificate also names `hosts` (a name a proxy resolves, say)."""
+    certs = make_certificates(folder / "certs", hosts)
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     log = folder / "sandbox.log"
@@ -119,7 +128,7 @@ def secured_sandbox(folder: Path, key_var: str, key: str) -> Iterator[SecuredSan
         command=[
             sys.executable, "-m", "canaryflow.sandbox", "--port", str(port),
             "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-            "--require-key", key_var, "--log-level", "info",
+            "--require-key", key_var, "--log-level", log_level,
         ],
         log_path=log,
         ready=lambda: answers_over_tls(url, certs.ca),

@@ -7,15 +7,50 @@ benchmarks/bench_evaluation.py; the model service's forwarder saw the same). aio
 does not, so the provider client sends through it.
 
 TLS: the caller's context (a provider's CA bundle), else aiohttp's default (the system's CAs).
-`trust_env` makes aiohttp honour HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as httpx would.
+Proxies: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (`env_proxy`), looked up once per origin, never
+for a loopback host. aiohttp's own `trust_env` is off: it looks the proxy up again on a thread
+for every request, proxies loopback too, and adds ~/.netrc credentials.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 
 import aiohttp
 import httpx
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
+
+Origin = tuple[str, str, int | None]
+Proxy = tuple[URL | None, aiohttp.BasicAuth | None]
+
+
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1, localhost and *.localhost: this machine."""
+    if not host:
+        return False
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def env_proxy(url: URL) -> Proxy:
+    """The proxy HTTPS_PROXY / HTTP_PROXY name for `url` (with its credentials, if the variable
+    has any), or none: when NO_PROXY lists the host, or the host is this machine. A proxy
+    elsewhere cannot reach this machine's 127.0.0.1, so the stack's sandbox and a local vLLM or
+    Ollama keep answering behind a corporate proxy without a NO_PROXY entry (Go's HTTP client
+    does the same)."""
+    if is_loopback(url.host):
+        return None, None
+    try:
+        return get_env_proxy_for_url(url)
+    except LookupError:
+        return None, None
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -23,16 +58,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self.limit = limit
         self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[Origin, Proxy] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self.limit, ttl_dns_cache=300, ssl=self.ssl_context or True
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=True, trust_env=True
-            )
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self._session
+
+    def _proxy(self, url: httpx.URL) -> Proxy:
+        origin = (url.scheme, url.host, url.port)
+        if origin not in self._proxies:
+            self._proxies[origin] = env_proxy(URL(str(url)))
+        return self._proxies[origin]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
@@ -41,10 +81,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_read=timeouts.get("read"),
             total=None,
         )
+        proxy, proxy_auth = self._proxy(request.url)
         try:
             async with self._client().request(
                 request.method,
                 str(request.url),
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 headers=[(k, v) for k, v in request.headers.items() if k != "host"],
                 data=await request.aread(),
                 timeout=timeout,
