@@ -298,7 +298,17 @@ class ProviderClient:
             self._manifests[id(manifest)] = entry
         return entry[1], dict(entry[2])
 
-    async def _post_with_retries(self, payload: dict[str, Any]) -> tuple[int, bytes, float]:
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[int, bytes, float]:
+        """One POST under the API root (`/chat/completions`, `/moderations`, `/embeddings`) with
+        this client's key, TLS, concurrency, pacing and retry policy: what the live checkers
+        send. Returns the answering attempt's status, body and round trip (ms); raises as
+        `complete` does (TransientProviderError after the retries, ProviderResponseError on a 4xx).
+        """
+        return await self._post_with_retries(payload, path)
+
+    async def _post_with_retries(
+        self, payload: dict[str, Any], path: str = "/chat/completions"
+    ) -> tuple[int, bytes, float]:
         if self._http is None or self._semaphore is None:
             raise RuntimeError("use ProviderClient inside `async with` before calling complete()")
         http, semaphore = self._http, self._semaphore
@@ -310,7 +320,7 @@ class ProviderClient:
                 if self._pacer is not None:
                     await self._pacer.wait()
                 started = time.perf_counter()
-                response = await http.post(f"{self._api_root}/chat/completions", json=payload)
+                response = await http.post(f"{self._api_root}{path}", json=payload)
                 latency_ms = (time.perf_counter() - started) * 1000
                 return response
 

@@ -147,6 +147,21 @@ class Fact:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A fact the text states, and the value it states for it (None: a value not on record)."""
+
+    fact: Fact
+    value: str | None
+    said: str  # the words the text put where the answer goes
+
+    def agrees_with(self, truth: str) -> bool:
+        said = f" {self.said} "
+        return f" {words_without_punctuation(truth, self.fact.case_sensitive)} " in said or (
+            self.value is not None and self.value == truth
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FactCheck:
     fact: Fact | None
     correct: bool | None  # None: the prompt asks no known fact
@@ -171,6 +186,9 @@ class KnowledgeBase:
         self._ends = frozenset(words[-1] for words in keys)
         self._min_words = min((len(words) for words in keys), default=1)
         self._max_words = max((len(words) for words in keys), default=1)
+        self._statement_index: (
+            tuple[tuple[Fact, str, str, tuple[tuple[str, str], ...]], ...] | None
+        ) = None
 
     @classmethod
     def load(cls, path: Path | None = None) -> KnowledgeBase:
@@ -245,6 +263,77 @@ class KnowledgeBase:
                         return fact
         return None
 
+    def claims(self, text: str) -> list[Claim]:
+        """The facts `text` states in their statement's words ("The capital of France is Lyon"),
+        with the value it gives each: the judge's way to read an answer's factual claims.
+
+        A statement is found by the words around its `{answer}` (both, when it has both), whatever
+        the case (a case-sensitive fact's value keeps its case). Scans every fact: for judges and
+        offline tools, not for the model service's hot path."""
+        cased = words_without_punctuation(text, case_sensitive=True)
+        lowered = f" {cased.lower()} "
+        cased = f" {cased} "
+        found: list[Claim] = []
+        for fact, before, after, values in self._statements():
+            at = lowered.find(f" {before} " if before else f" {after} ")
+            while at >= 0:
+                claim = self._claim_at(fact, cased, lowered, at, before, after, values)
+                if claim is not None:
+                    found.append(claim)
+                    break
+                at = lowered.find(f" {before} " if before else f" {after} ", at + 1)
+        return found
+
+    def _claim_at(
+        self,
+        fact: Fact,
+        cased: str,
+        lowered: str,
+        at: int,
+        before: str,
+        after: str,
+        values: tuple[tuple[str, str], ...],
+    ) -> Claim | None:
+        source = cased if fact.case_sensitive else lowered
+        if before:
+            rest = source[at + len(before) + 2 :].split()[:8]
+            for value, words in values:
+                n = len(words.split())
+                if rest[:n] == words.split() and (not after or _starts(rest[n:], after)):
+                    return Claim(fact, value, words)
+            if after:  # an unknown value sits between the two halves
+                for n in range(1, 5):
+                    if _starts([w.lower() for w in rest[n:]], after):
+                        return Claim(fact, None, " ".join(rest[:n]))
+                return None
+            return Claim(fact, None, " ".join(rest[:3])) if rest else None
+        head = source[:at].split()[-6:]
+        for value, words in values:
+            n = len(words.split())
+            if head[-n:] == words.split():
+                return Claim(fact, value, words)
+        return Claim(fact, None, " ".join(head[-2:])) if head else None
+
+    def _statements(self) -> tuple[tuple[Fact, str, str, tuple[tuple[str, str], ...]], ...]:
+        if self._statement_index is None:
+            index = []
+            for fact in self.facts:
+                before, _, after = fact.statement.partition("{answer}")
+                values = tuple(
+                    (value, words_without_punctuation(value, fact.case_sensitive))
+                    for value in (fact.answer, *fact.wrong_answers)
+                )
+                index.append(
+                    (
+                        fact,
+                        words_without_punctuation(before),
+                        words_without_punctuation(after),
+                        values,
+                    )
+                )
+            self._statement_index = tuple(index)
+        return self._statement_index
+
     def check(self, prompt: str, output: str) -> FactCheck:
         """Did `output` answer the fact `prompt` asks, if any?
 
@@ -263,6 +352,11 @@ class KnowledgeBase:
         correct = right and not wrong
         hallucinated = wrong or (not right and not is_refusal(output))
         return FactCheck(fact=fact, correct=correct, hallucinated=hallucinated)
+
+
+def _starts(words: list[str], phrase: str) -> bool:
+    wanted = phrase.split()
+    return [w.lower() for w in words[: len(wanted)]] == wanted
 
 
 @functools.cache
