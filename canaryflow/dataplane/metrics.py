@@ -6,11 +6,19 @@ dashboard or alert built on the users' series sees it.
 
 Every app owns its `CollectorRegistry`, so several apps can live in one process (tests). Labelled
 children are cached: `.labels()` costs microseconds that the hot path does not need to pay twice.
+
+The request path only notes a request (`observe_request`: one tuple appended); the counters and
+the latency histogram take the notes in batches (`flush`): from the record worker after each
+batch, and before any read of the registry (a scrape, `get_sample_value`), so a reader never
+sees a request missing. A batch adds each series' count, tokens and cost once and each latency
+bucket once, where the request path used to take a lock per counter per request.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,6 +35,24 @@ _BASE = ("service", "version", "role")
 # client cannot grow the series without bound. A service has a handful of live versions.
 MAX_VERSIONS = 64
 OTHER = "other"
+# Notes held before a flush is forced on the request path (the worker flushes far sooner).
+MAX_NOTES = 4096
+_Note = tuple[str, str, int, float, int, int, float, bool]
+
+
+class _FlushFirst:
+    """Registered before the series: the registry collects it first, and collecting it applies
+    the notes, so every read of the registry sees every request noted so far."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.metrics.flush()
+        return []
 
 
 class ServiceMetrics:
@@ -36,6 +62,8 @@ class ServiceMetrics:
         self.service = service
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._notes: list[_Note] = []
+        r.register(_FlushFirst(self))  # type: ignore[arg-type]  # a collector without series
         self.requests = Counter(
             "canaryflow_requests", "Requests answered, by status", [*_BASE, "status"], registry=r
         )
@@ -103,34 +131,52 @@ class ServiceMetrics:
         *,
         synthetic: bool = False,
     ) -> None:
-        if synthetic:
-            self.synthetic_requests.labels(self.service, self._bounded(version), role, status).inc()
+        """Note one answered request (the series take it at the next `flush`)."""
+        notes = self._notes
+        notes.append((version, role, status, seconds, tokens_in, tokens_out, cost_usd, synthetic))
+        if len(notes) >= MAX_NOTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the noted requests to the series, each series' sums once per batch."""
+        notes, self._notes = self._notes, []
+        if not notes:
             return
-        key = (version, role, str(status))
+        batch: dict[_RequestSeries, _Batch] = {}
+        for version, role, status, seconds, tokens_in, tokens_out, cost, synthetic in notes:
+            if synthetic:
+                labels = (self.service, self._bounded(version), role, str(status))
+                self.synthetic_requests.labels(*labels).inc()
+                continue
+            series = self._series(version, role, str(status))
+            totals = batch.get(series)
+            if totals is None:
+                totals = batch[series] = _Batch()
+            totals.add(seconds, tokens_in, tokens_out, cost)
+        for series, totals in batch.items():
+            totals.apply(series)
+
+    def _series(self, version: str, role: str, status: str) -> _RequestSeries:
+        key = (version, role, status)
         series = self._children.get(key)
         if series is None:
             version = self._bounded(version)
-            key = (version, role, str(status))
+            key = (version, role, status)
             series = self._children.get(key)
         if series is None:
-            series = self._children[key] = _RequestSeries(self, version, role, str(status))
-        series.requests.inc()
-        series.duration.observe(seconds)
-        if tokens_in:
-            series.tokens_in.inc(tokens_in)
-        if tokens_out:
-            series.tokens_out.inc(tokens_out)
-        if cost_usd:
-            series.cost.inc(cost_usd)
+            series = self._children[key] = _RequestSeries(self, version, role, status)
+        return series
 
     def observe_check(self, version: str, role: str, raised: Iterable[str]) -> None:
         """Count one checked response and each flag it raised (flags from `FLAGS`)."""
+        self.flush()  # versions get their series slots in the order requests were answered
         version = self._bounded(version)
         self.checked.labels(self.service, version, role).inc()
         for flag in raised:
             self.flags.labels(self.service, version, role, flag).inc()
 
     def observe_tool_call(self, version: str, role: str, tool: str, action: str) -> None:
+        self.flush()
         version = self._bounded(version)
         self.tool_calls.labels(self.service, version, role, tool, action).inc()
 
@@ -141,7 +187,43 @@ class ServiceMetrics:
         self.records_dropped.labels(self.service).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry)  # collecting flushes the notes first
+
+
+class _Batch:
+    """One series' share of a batch of notes."""
+
+    __slots__ = ("buckets", "cost", "requests", "seconds", "tokens_in", "tokens_out")
+
+    def __init__(self) -> None:
+        self.requests, self.seconds, self.tokens_in, self.tokens_out, self.cost = 0, 0.0, 0, 0, 0.0
+        self.buckets: dict[int, int] = {}
+
+    def add(self, seconds: float, tokens_in: int, tokens_out: int, cost: float) -> None:
+        self.requests += 1
+        self.seconds += seconds
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+        self.cost += cost
+        # The first bound >= seconds, as Histogram.observe picks it (+Inf is the last bound).
+        bucket = bisect_left(LATENCY_BUCKETS, seconds)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+
+    def apply(self, series: _RequestSeries) -> None:
+        series.requests.inc(self.requests)
+        histogram = series.duration
+        buckets = getattr(histogram, "_buckets", None)
+        if buckets is None or len(buckets) != len(LATENCY_BUCKETS) + 1:  # not the known layout
+            raise RuntimeError("prometheus_client's Histogram changed layout; update metrics.py")
+        histogram._sum.inc(self.seconds)
+        for bucket, count in self.buckets.items():
+            buckets[bucket].inc(count)
+        if self.tokens_in:
+            series.tokens_in.inc(self.tokens_in)
+        if self.tokens_out:
+            series.tokens_out.inc(self.tokens_out)
+        if self.cost:
+            series.cost.inc(self.cost)
 
 
 class _RequestSeries:

@@ -2,22 +2,31 @@
 
 Kept apart from `service.py` so the app can be built and tested without the command line. One
 uvicorn server listens on two sockets: the public port (OpenAI routes) and the admin port
-(warm-up, metrics; loopback unless told otherwise).
+(warm-up, metrics; loopback unless told otherwise); with `--uds PATH`, on a third: the public
+routes again on a Unix socket, for Envoy in front of the service on the same machine (a Unix
+socket costs Envoy and the service less CPU per request than loopback TCP). The socket file is
+made owner-only (0600) in a folder only its owner may enter (0700).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib.util
 import os
 import socket
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
+
 from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES
-from canaryflow.dataplane.public import Listeners
+from canaryflow.dataplane.public import HotPath, Listeners
 from canaryflow.dataplane.service import ServiceConfig, build_app
+from canaryflow.dataplane.socket_listener import serve_unix_socket
 from canaryflow.errors import ConfigError
 from canaryflow.providers.config import load_providers
 
@@ -38,6 +47,7 @@ class Addresses:
     port: int
     admin_host: str
     admin_port: int
+    uds: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addresses]:
@@ -52,6 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
         help="port of /admin/warm, /metrics and /health (Prometheus and warm-up use it)",
     )
     p.add_argument("--admin-host", default="127.0.0.1", help="keep it off public interfaces")
+    p.add_argument(
+        "--uds",
+        metavar="PATH",
+        help="also serve the public routes on a Unix socket at PATH (made 0600; its folder is "
+        "made 0700 if missing and must not be writable by others): Envoy's way in",
+    )
     p.add_argument(
         "--max-body-bytes",
         type=int,
@@ -120,7 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
         raise ConfigError(f"--max-body-bytes must be at least 1, got {a.max_body_bytes}")
     if a.admin_port == a.port:
         raise ConfigError("--admin-port must differ from --port: the admin routes stay private")
-    return config, Addresses(a.host, a.port, a.admin_host, a.admin_port)
+    uds = Path(a.uds) if a.uds else None
+    return config, Addresses(a.host, a.port, a.admin_host, a.admin_port, uds)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -133,24 +150,95 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import uvicorn
+def bind_unix(path: Path) -> socket.socket:
+    """A Unix socket at `path`, owner-only: its folder is made 0700 if missing and refused if
+    others may write to it (they could swap the socket file for their own); a stale socket file
+    from an earlier run is replaced, anything else at `path` is refused."""
+    if len(os.fsencode(path)) > 107:  # sun_path: 108 bytes with the final NUL
+        raise ConfigError(f"--uds: {path} is too long for a Unix socket address (> 107 bytes)")
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"--uds: {folder} is writable by others; use a folder only you can write")
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"--uds: {path} exists and is not a socket; refusing to replace it")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # created 0600: no window in which others could connect
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.set_inheritable(True)
+    return sock
 
+
+class Server(uvicorn.Server):
+    """uvicorn for the TCP listeners; the Unix socket (`--uds`) served by the lean protocol of
+    `socket_listener.py` once the app has started, inside uvicorn's graceful shutdown."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        unix: socket.socket | None,
+        public: HotPath,
+        max_body_bytes: int,
+    ) -> None:
+        super().__init__(config)
+        self.unix, self.public, self.max_body_bytes = unix, public, max_body_bytes
+        self.unix_path = Path(unix.getsockname()) if unix is not None else None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or self.unix is None:
+            return
+        listener = await serve_unix_socket(
+            self.public, self.unix, self.server_state, self.max_body_bytes
+        )
+        self.servers.append(listener)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # Here, not after run(): uvicorn ends the process by re-raising the signal it caught.
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                self.unix_path.unlink()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     config, at = parse_args(argv)
     # The resolver caches and retries on its own; MLflow's client would retry for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     fast = importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools")
     sockets = [bind(at.host, at.port), bind(at.admin_host, at.admin_port)]
-    server = uvicorn.Server(
+    # What start-up made lives as long as the process: out of the collector's sight (freeze),
+    # and the youngest generation collected every 20,000 allocations instead of 700. The
+    # request path allocates many short-lived containers and makes few cycles; measured ~5-10%
+    # less CPU per request (benchmarks/bench_dataplane.py, service direct).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+    app = Listeners(build_app(config), at.admin_port)
+    server = Server(
         uvicorn.Config(
-            Listeners(build_app(config), at.admin_port),
+            app,
             loop="uvloop" if fast else "asyncio",
             http="httptools" if fast else "h11",
             access_log=False,
             log_level="warning",
+            # No peer is trusted to name the client (no X-Forwarded-* rewriting per request);
+            # no Server header naming the software.
+            proxy_headers=False,
+            server_header=False,
             workers=1,
-        )
+        ),
+        unix=bind_unix(at.uds) if at.uds is not None else None,
+        public=app.public,
+        max_body_bytes=config.max_body_bytes,
     )
     server.run(sockets=sockets)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from canaryflow.contracts import Routes
-from canaryflow.dataplane.envoy_bootstrap import render_bootstrap
+from canaryflow.dataplane.envoy_bootstrap import Upstream, render_bootstrap
 from canaryflow.dataplane.envoy_config import CLUSTERS, DEFAULT_MAX_REQUEST_BYTES, LOG_FILE
 from canaryflow.dataplane.envoy_routes import EnvoyRoutes
 from canaryflow.errors import ConfigError, StackError
@@ -39,7 +39,9 @@ class EnvoyProxy:
     """One Envoy process for one service: client listener, three clusters, admin on loopback;
     with `synthetic_port`, a loopback listener whose requests are marked synthetic.
 
-    `max_request_bytes`: request bodies above it are answered 413 at the edge."""
+    `upstreams`: each cluster's (host, port), or the path of a model service's Unix socket
+    (`serve --uds`). `max_request_bytes`: request bodies above it are answered 413 at the
+    edge."""
 
     def __init__(
         self,
@@ -48,7 +50,7 @@ class EnvoyProxy:
         service: str,
         listen_port: int,
         admin_port: int,
-        upstreams: Mapping[str, tuple[str, int]],
+        upstreams: Mapping[str, Upstream],
         base_id: int | None = None,
         initial_stable: str | None = None,
         listen_host: str = "127.0.0.1",

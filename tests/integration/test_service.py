@@ -475,13 +475,14 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
     manifest_file = tmp_path / "manifest.json"
     manifest_file.write_text(MANIFESTS["1"].model_dump_json())
     port, admin_port = free_port(), free_port()
+    sock = tmp_path / "sockets" / "service.sock"
     process = ManagedProcess(
         "service",
         [
             sys.executable, "-m", "canaryflow.dataplane.serve", "--service", SERVICE,
             "--port", str(port), "--admin-port", str(admin_port), "--registry-uri", f"http://127.0.0.1:{free_port()}",
             "--manifest", f"1={manifest_file}", "--provider-url", f"sandbox={sandbox}",
-            "--default-version", "1", "--store", str(tmp_path / "records.db"),
+            "--default-version", "1", "--store", str(tmp_path / "records.db"), "--uds", str(sock),
         ],
         tmp_path / "service.log",
         http_ok(f"http://127.0.0.1:{port}/health"),
@@ -502,8 +503,15 @@ def test_command_line_serves_a_manifest_file(sandbox: str, tmp_path: Path) -> No
         assert (
             'canaryflow_requests_total{role="stable",service="my-assistant",status="200"' in metrics
         )
+        # The public routes on the Unix socket too (Envoy's way in), owner-only; not the admin.
+        assert sock.stat().st_mode & 0o777 == 0o600
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=10) as local:
+            over_socket = local.post("http://service/v1/chat/completions", json=body)
+            assert over_socket.status_code == 200, over_socket.text
+            assert local.get("http://service/metrics").status_code == 404
     finally:
         process.stop()
+    assert not sock.exists(), "the socket file goes with the service"
 
 
 def test_champion_alias_in_a_real_mlflow_registry_serves_direct_calls(

@@ -107,3 +107,69 @@ def test_envoy_accepts_the_rendered_bootstrap(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_socket_path_upstream_is_an_envoy_pipe(tmp_path: Path) -> None:
+    sock = tmp_path / "sockets" / "service-primary.sock"
+    clusters = render_bootstrap(
+        service="svc",
+        listen_host="127.0.0.1",
+        listen_port=10000,
+        admin_port=10001,
+        upstreams={"stable": sock, "shadow": ("127.0.0.1", 9001)},
+        route_path=tmp_path / "routes" / "routes.yaml",
+    )["static_resources"]["clusters"]
+    addresses = {
+        c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        for c in clusters
+    }
+    assert addresses == {
+        "stable": {"pipe": {"path": str(sock)}},
+        "shadow": {"socket_address": {"address": "127.0.0.1", "port_value": 9001}},
+    }
+
+
+def test_the_stack_gives_each_service_an_owner_only_socket(tmp_path: Path) -> None:
+    from canaryflow.local.stack import socket_folder
+
+    endpoints = Endpoints(home=str(tmp_path), mlflow_uri="http://mlflow", keys_dir="keys")
+    folder = socket_folder(tmp_path)
+    assert folder == tmp_path / "sockets" and folder.stat().st_mode & 0o777 == 0o700
+    process = model_service(tmp_path, "primary", "svc", endpoints, uds=folder / "p.sock")
+    command = list(process.command)
+    assert command[command.index("--uds") + 1] == str(folder / "p.sock")
+    deep = tmp_path / ("d" * 120)
+    other = socket_folder(deep)  # too long for a socket address: a private temporary folder
+    try:
+        assert not other.is_relative_to(deep) and other.stat().st_mode & 0o777 == 0o700
+    finally:
+        other.rmdir()
+
+
+def test_serve_makes_its_socket_owner_only_and_refuses_unsafe_places(tmp_path: Path) -> None:
+    import stat
+
+    from canaryflow.dataplane.serve import bind_unix, parse_args
+
+    _, at = parse_args(
+        ["--service", "s", "--port", "1", "--admin-port", "2", "--uds", str(tmp_path / "a.sock")]
+    )
+    assert at.uds == tmp_path / "a.sock"
+    path = tmp_path / "fresh" / "service.sock"
+    sock = bind_unix(path)
+    try:
+        assert stat.S_ISSOCK(path.stat().st_mode) and path.stat().st_mode & 0o777 == 0o600
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        sock.close()
+    bind_unix(path).close()  # a stale socket from an earlier run is replaced
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="writable by others"):
+        bind_unix(shared / "service.sock")
+    (tmp_path / "file").write_text("not a socket")
+    with pytest.raises(ConfigError, match="not a socket"):
+        bind_unix(tmp_path / "file")
+    with pytest.raises(ConfigError, match="too long"):
+        bind_unix(tmp_path / ("x" * 120) / "service.sock")

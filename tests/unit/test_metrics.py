@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
 from canaryflow.dataplane.metrics import MAX_VERSIONS, OTHER, ServiceMetrics
 
@@ -51,3 +52,31 @@ def test_versions_named_by_callers_are_bounded() -> None:
         {"service": "svc", "version": OTHER, "role": "stable", "flag": "hallucination"},
     )
     assert flagged == 1.0
+
+
+def test_noted_requests_read_as_if_observed_one_by_one() -> None:
+    """The request path only notes a request; a batch applies the notes, and any read of the
+    registry applies them first: the same counts, sums and buckets as Histogram.observe."""
+    from canaryflow.dataplane.metrics import LATENCY_BUCKETS
+
+    metrics = ServiceMetrics("svc", CollectorRegistry())
+    expected = CollectorRegistry()
+    reference = Histogram("ref", "ref", buckets=LATENCY_BUCKETS, registry=expected)
+    latencies = [0.0, 0.001, 0.0010001, 0.0025, 0.03, 2.5, 10.0, 11.0, *LATENCY_BUCKETS]
+    for seconds in latencies:
+        metrics.observe_request("1", "stable", 200, seconds, tokens_in=2, cost_usd=0.5)
+        reference.observe(seconds)
+    metrics.observe_request("1", "stable", 200, 0.002, synthetic=True)
+    labels = {"service": "svc", "version": "1", "role": "stable"}
+    get = metrics.registry.get_sample_value
+    assert get("canaryflow_requests_total", {**labels, "status": "200"}) == len(latencies)
+    assert get("canaryflow_tokens_total", {**labels, "direction": "in"}) == 2 * len(latencies)
+    assert get("canaryflow_cost_usd_total", labels) == 0.5 * len(latencies)
+    assert get("canaryflow_synthetic_requests_total", {**labels, "status": "200"}) == 1
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = {"le": str(bound) if bound != float("inf") else "+Inf"}
+        got = get("canaryflow_request_duration_seconds_bucket", {**labels, **le})
+        assert got == expected.get_sample_value("ref_bucket", le), bound
+    total = get("canaryflow_request_duration_seconds_sum", labels)
+    assert total == pytest.approx(sum(latencies))
+    assert b"canaryflow_requests_total" in metrics.exposition()
