@@ -380,6 +380,15 @@ def is_unsafe_request(text: str, *, normalised: bool = False) -> bool:
     return _UNSAFE.search(words) is not None
 
 
+def unsafe_topic(text: str, *, normalised: bool = False) -> str | None:
+    """The harmful thing `text` names (one of UNSAFE_TOPICS), or None."""
+    words = text if normalised else words_without_punctuation(text)
+    if not any(hint in words for hint in _UNSAFE_HINTS):
+        return None
+    match = _UNSAFE.search(words)
+    return match.group(0) if match else None
+
+
 def is_injection_attempt(text: str, *, normalised: bool = False) -> bool:
     """Tries to override instructions or extract a token, secret, password or system prompt."""
     words = text if normalised else words_without_punctuation(text)

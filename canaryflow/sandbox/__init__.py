@@ -2,7 +2,7 @@
 
 The demo, the tests and the benchmarks need a provider whose faults are known in advance, so a gate
 that should catch a regression can be shown to catch it. Endpoints: `POST /v1/chat/completions`,
-`GET /v1/models`, `GET /health`. Start it with
+`POST /v1/moderations`, `POST /v1/embeddings`, `GET /v1/models`, `GET /health`. Start it with
 `python -m canaryflow.sandbox --host 127.0.0.1 --port N`, or serve `build_app()` in-process.
 
 Profiles, chosen by the request's `model` (each rate applies to the requests of its kind):
@@ -23,6 +23,12 @@ Profiles, chosen by the request's `model` (each rate applies to the requests of 
     sandbox-injectable          leaks the planted secret in 40% of injection probes
     sandbox-unsafe              complies with 30% of unsafe requests
     sandbox-flaky               10% HTTP 500 and 10% HTTP 429 with `Retry-After: 0.05`
+    sandbox-judge               answers the live checkers' rubric prompts with a JSON verdict,
+                                read from the answer's claims against its context and the
+                                knowledge base (`judging.py`); `garbage` sets the share of replies
+                                that are no verdict; other prompts as base
+    sandbox-moderation          the default model of `/v1/moderations` (keyword categories)
+    sandbox-embedding           a model for `/v1/embeddings` (hashed bag of words, unit length)
 
 Any `Profile` field can be overridden in the model name, e.g.
 `sandbox-base@latency_ms=0,error_rate=0.3,weak_categories=currency|units`: an unknown field or a bad

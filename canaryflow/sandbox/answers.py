@@ -16,7 +16,7 @@ from canaryflow.quality.knowledge import (
     KnowledgeBase,
     find_secret,
     is_injection_attempt,
-    is_unsafe_request,
+    unsafe_topic,
     words_without_punctuation,
 )
 from canaryflow.sandbox.profiles import Profile
@@ -55,7 +55,7 @@ _PADDING = (
 _LEAK = "Sure, here it is: the token is {secret}."
 _KEEP_SECRET = "I can't share that information, but I'm happy to help with something else."
 _COMPLY = (
-    f"{UNSAFE_MARKER}: Sure, here is how to do that. Step one ... "
+    f"{UNSAFE_MARKER}: Sure, here is how to {{topic}}. Step one ... "
     "[sandbox placeholder for a harmful answer; no real instructions]"
 )
 
@@ -86,8 +86,10 @@ class Answerer:
             secret = find_secret(prompt)
             leak = secret is not None and self.u_inject < p.injection
             return (_LEAK.format(secret=secret) if leak else _KEEP_SECRET), None
-        if is_unsafe_request(words, normalised=True):
-            return (_COMPLY if self.u_unsafe < p.unsafe else REFUSAL_TEXT), None
+        topic = unsafe_topic(words, normalised=True)
+        if topic is not None:
+            comply = self.u_unsafe < p.unsafe
+            return (_COMPLY.format(topic=topic) if comply else REFUSAL_TEXT), None
         question = _question_of(user)
         call = self._tool_call(tools, question) if tools else None
         if call is not None:

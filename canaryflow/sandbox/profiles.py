@@ -19,6 +19,7 @@ _RATES = (
     "format_error",
     "ttft_share",
     "truncated_stream",
+    "garbage",
 )
 
 
@@ -40,6 +41,7 @@ class Profile:
     format_error: float = 0.0  # JSON requests answered with broken JSON
     ttft_share: float = 0.3  # streamed: the share of the latency spent before the first token
     truncated_stream: float = 0.0  # streamed answers cut off mid-answer (connection dropped)
+    garbage: float = 0.0  # sandbox-judge: verdicts that are not a verdict (prose, missing fields)
 
     def validate(self) -> Profile:
         problems = [f"{n} must be within [0, 1]" for n in _RATES if not 0 <= getattr(self, n) <= 1]
@@ -73,6 +75,10 @@ PROFILES: dict[str, Profile] = {
         replace(BASE, name="sandbox-injectable", injection=0.4),
         replace(BASE, name="sandbox-unsafe", unsafe=0.3),
         replace(BASE, name="sandbox-flaky", error_rate=0.1, rate_429=0.1),
+        # Checker endpoints (sandbox/judging.py): the judge answers rubric prompts with verdicts.
+        replace(BASE, name="sandbox-judge", latency_ms=20.0, error_rate=0.0, refusal=0.0),
+        replace(BASE, name="sandbox-moderation", latency_ms=5.0, sigma=0.0, error_rate=0.0),
+        replace(BASE, name="sandbox-embedding", latency_ms=5.0, sigma=0.0, error_rate=0.0),
     )
 }
 _FIELDS = {f.name: type(getattr(BASE, f.name)) for f in fields(Profile) if f.name != "name"}

@@ -26,9 +26,12 @@ from canaryflow.errors import ConfigError
 from canaryflow.providers.client import TOKENS_PER_WORD, estimate_tokens
 from canaryflow.quality.knowledge import KnowledgeBase
 from canaryflow.sandbox.answers import Answerer
+from canaryflow.sandbox.judging import EMBEDDING_DIMENSIONS, embed, inputs, judge_reply, moderate
 from canaryflow.sandbox.profiles import PROFILES, Profile, resolve_profile
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+JUDGE_MODEL = "sandbox-judge"
+MODERATION_MODEL = "sandbox-moderation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +117,24 @@ class Sandbox:
         messages: list[tuple[str, str]] = request["messages"]
         prompt = "\n".join(f"{role}: {text}" for role, text in messages)
         user = next((text for role, text in reversed(messages) if role == "user"), messages[-1][1])
-        seed = request.get("seed")
-        if seed is None:
-            digest = self._fresh.getrandbits(256).to_bytes(32, "big")
+        verdict = None
+        content: str | None
+        tool_calls: list[dict[str, Any]] | None
+        if request["model"].partition("@")[0].strip() == JUDGE_MODEL:
+            system = "\n".join(text for role, text in messages if role in ("system", "developer"))
+            garbage_draw = self._fresh.random()
+            verdict = judge_reply(system, user, self.knowledge, garbage_draw, profile.garbage)
+        if verdict is not None:
+            content, tool_calls = verdict, None
         else:
-            digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
-        content, tool_calls = Answerer(self.knowledge, profile, digest).answer(
-            user, prompt, request.get("tools") or ()
-        )
+            seed = request.get("seed")
+            if seed is None:
+                digest = self._fresh.getrandbits(256).to_bytes(32, "big")
+            else:
+                digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
+            content, tool_calls = Answerer(self.knowledge, profile, digest).answer(
+                user, prompt, request.get("tools") or ()
+            )
         finish = "tool_calls" if tool_calls else "stop"
         produced = json.dumps(tool_calls) if tool_calls else content or ""
         completion_tokens = estimate_tokens(produced)
@@ -153,6 +166,64 @@ class Sandbox:
                 cut=self._fresh.random() < profile.truncated_stream,
             )
         return Reply(status=200, body=body, delay_s=self._latency(profile), stream=stream)
+
+    def checker_reply(self, path: str, raw: bytes) -> Reply:
+        """`/moderations` or `/embeddings`: the model (default: the sandbox's own) picks the
+        profile whose error rate and latency apply."""
+        moderation = path.endswith("/moderations")
+        try:
+            request = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error_reply(400, f"The body is not valid JSON ({exc}).", *_INVALID)
+        if not isinstance(request, dict):
+            return error_reply(400, "The body must be a JSON object.", *_INVALID)
+        model = request.get("model") or (MODERATION_MODEL if moderation else None)
+        if not isinstance(model, str):
+            message = "Missing `model`: name a sandbox profile, e.g. sandbox-embedding."
+            return error_reply(400, message, "invalid_request_error", "missing_model", "model")
+        texts = inputs(request.get("input"))
+        if texts is None:
+            message = "`input` must be a string or a non-empty list of strings."
+            return error_reply(400, message, "invalid_request_error", "invalid_value", "input")
+        try:
+            profile = self.profile(model)
+        except ConfigError as exc:
+            return error_reply(400, str(exc), "invalid_request_error", "invalid_override", "model")
+        if profile is None:
+            message = (
+                f"The model `{model}` does not exist. Sandbox profiles: {', '.join(PROFILES)}."
+            )
+            return error_reply(404, message, "invalid_request_error", "model_not_found", "model")
+        faulted = self._transport(profile)
+        if faulted is not None:
+            return faulted
+        delay = self._latency(profile)
+        if moderation:
+            body = {
+                "id": f"modr-{self._fresh.getrandbits(64):016x}",
+                "model": model,
+                "results": [moderate(text) for text in texts],
+            }
+            return Reply(200, body, delay_s=delay)
+        dimensions = request.get("dimensions", EMBEDDING_DIMENSIONS)
+        if (
+            isinstance(dimensions, bool)
+            or not isinstance(dimensions, int)
+            or not 1 <= dimensions <= 4096
+        ):
+            message = "`dimensions` must be an integer within [1, 4096]."
+            return error_reply(400, message, "invalid_request_error", "invalid_value", "dimensions")
+        data = [
+            {"object": "embedding", "index": i, "embedding": embed(text, dimensions)}
+            for i, text in enumerate(texts)
+        ]
+        tokens = sum(estimate_tokens(text) for text in texts)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Reply(200, {"object": "list", "data": data, "model": model, "usage": usage}, delay)
+
+
+_INVALID = ("invalid_request_error", "invalid_json")
+CHECKER_PATHS = ("/v1/moderations", "/moderations", "/v1/embeddings", "/embeddings")
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
@@ -243,6 +314,18 @@ class SandboxApp:
                 if reply.stream is not None:
                     await stream_reply(reply, reply.stream, send)
                     return
+                if reply.delay_s > 0:
+                    await asyncio.sleep(reply.delay_s)
+        elif path in CHECKER_PATHS:
+            if method != "POST":
+                reply = error_reply(405, "Use POST.", "invalid_request_error", "method_not_allowed")
+            else:
+                raw = await read_body(scope, receive, MAX_BODY_BYTES)
+                reply = (
+                    self.sandbox.checker_reply(path, raw)
+                    if raw is not None
+                    else error_reply(413, "Body too large.", "invalid_request_error", "too_large")
+                )
                 if reply.delay_s > 0:
                     await asyncio.sleep(reply.delay_s)
         elif path in ("/v1/models", "/models") and method == "GET":
