@@ -296,11 +296,17 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    from canaryflow.app.judge_cli import main as judge
+
+    return judge(args.rest, providers=args.providers, home=args.home)
+
+
 # Commands whose options belong to a module's own parser (`python -m canaryflow.dataplane.serve`,
 # `python -m canaryflow.sandbox`): everything after the command's name, `--help` included, is
 # handed to that parser unread, so the two entry points accept exactly the same options and
 # `canaryflow --help` still imports neither module.
-PASS_THROUGH = ("serve", "sandbox")
+PASS_THROUGH = ("serve", "sandbox", "judge")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("serve", cmd_serve, "run one model service (its options: serve --help)"),
         ("sandbox", cmd_sandbox, "run the sandbox LLM provider (its options: sandbox --help)"),
+        ("judge", cmd_judge, "judge agreement on a labelled set (its options: judge check --help)"),
     ):
         command = sub.add_parser(name, help=text, description=text, add_help=False)
         command.set_defaults(handler=handler)
