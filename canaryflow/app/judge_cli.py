@@ -34,7 +34,9 @@ def build_parser(prog: str = "canaryflow judge") -> argparse.ArgumentParser:
     check.add_argument("--mlflow", metavar="URI", help="log the table to this MLflow server")
     check.add_argument("--concurrency", type=int, default=16)
     check.add_argument("--timeout", type=float, default=30.0, help="seconds per judge call")
-    check.add_argument("--limit", type=int, default=None, help="the first N items only")
+    check.add_argument(
+        "--limit", type=int, default=None, help="N items spread evenly over the set (every label)"
+    )
     return parser
 
 
@@ -65,7 +67,10 @@ def run_check(args: argparse.Namespace, home: str | None) -> int:
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {args.concurrency}")
     labels = Path(args.labels)
-    items = load_labels(labels)[: args.limit]
+    items = load_labels(labels)
+    if args.limit is not None and 0 < args.limit < len(items):
+        step = len(items) / args.limit  # evenly spread: the set is ordered by label
+        items = [items[int(i * step)] for i in range(args.limit)]
     config = LlmJudgeChecker(
         provider=args.provider,
         model=args.model,

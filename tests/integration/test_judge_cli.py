@@ -52,12 +52,12 @@ def test_judge_check_prints_and_logs_the_agreement(
 ) -> None:
     done = judge(
         "judge", "check", "--providers", str(providers_file), "--model",
-        "sandbox-judge@latency_ms=0", "--mlflow", mlflow_server,
+        "sandbox-judge@latency_ms=0", "--mlflow", mlflow_server, "--limit", "200",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if "│" in line}
     assert {"hallucination", "unsafe"} <= set(rows)
-    assert "942 labelled items" in done.stdout
+    assert "200 labelled items" in done.stdout  # the whole set's table: docs/benchmarks.md
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
