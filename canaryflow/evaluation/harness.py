@@ -37,7 +37,10 @@ async def evaluate(
     sample_per_suite: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    baseline_client: ProviderClient | None = None,
 ) -> EvalReport:
+    """Both models answer every sampled item: the candidate through `client`, the baseline
+    through `baseline_client` when it lives at another provider (None: `client` too)."""
     started = time.perf_counter()
     work: list[tuple[Suite, EvalItem]] = []
     for suite in suites:
@@ -50,8 +53,9 @@ async def evaluate(
 
     async def answer(manifest: ModelManifest, item: EvalItem) -> _Answer:
         nonlocal done
+        asked = baseline_client if manifest is baseline and baseline_client else client
         try:
-            completion = await client.complete(manifest, item.input)
+            completion = await asked.complete(manifest, item.input)
         except ProviderError as exc:
             result = _Answer(f"{ERROR_PREFIX}{exc}", False, None)
         else:

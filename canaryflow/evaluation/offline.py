@@ -1,18 +1,20 @@
 """One paired offline evaluation against a configured provider: the client, the cache, the loop.
 
 `runbook.evaluate_manifests` decides which providers apply (the worker's providers file, else the
-stack's bare `provider_urls`); this module builds the provider's client from its entry (key by
-reference, TLS, limits) and runs the harness once.
+stack's bare `provider_urls`); this module builds each provider's client from its entry (key by
+reference, TLS, limits): one when both models live at the same provider, two when a release
+moves to another one (the sandbox's champion against a candidate at your provider), and runs
+the harness once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from canaryflow.contracts import EvalReport, ModelManifest, OfflineGate, ProvidersFile
-from canaryflow.errors import ConfigError
 from canaryflow.evaluation.harness import evaluate
 from canaryflow.evaluation.suites import load_suite
 from canaryflow.providers.cache import ResponseCache
@@ -32,24 +34,30 @@ def evaluate_paired(
     sample_per_suite: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
-    """Both models answer the same items; answers are cached by (digest, messages, parameters)."""
-    name = candidate.origin.provider
-    if name != baseline.origin.provider:
-        raise ConfigError("candidate and baseline must use the same provider for a paired eval")
-    config = provider_config(providers, name, source=source)
+    """Both models answer the same items; answers are cached by (digest, messages, parameters).
+    Both providers are looked up before any call: an unknown one costs no tokens."""
+    names = dict.fromkeys([candidate.origin.provider, baseline.origin.provider])
+    configs = {name: provider_config(providers, name, source=source) for name in names}
     suites = [load_suite(suite) for suite in suite_names]
     cache = ResponseCache(cache_path)
 
     async def run() -> EvalReport:
-        async with ProviderClient.for_provider(name, config, cache=cache) as client:
+        async with AsyncExitStack() as entered:
+            clients = {
+                name: await entered.enter_async_context(
+                    ProviderClient.for_provider(name, config, cache=cache)
+                )
+                for name, config in configs.items()
+            }
             return await evaluate(
                 candidate,
                 baseline,
                 suites,
-                client,
+                clients[candidate.origin.provider],
                 gate,
                 sample_per_suite=sample_per_suite,
                 progress=progress,
+                baseline_client=clients[baseline.origin.provider],
             )
 
     try:

@@ -1,8 +1,15 @@
-"""One embedded stack for the end-to-end tests: Prefect, MLflow, sandbox, Envoy, services."""
+"""One embedded stack for the end-to-end tests: Prefect, MLflow, sandbox, Envoy, services.
+
+It runs as a user's would with their own provider: a providers file naming `tls-sandbox` (the
+sandbox over HTTPS with a CA made for the session, requiring a bearer key) is given to the stack
+(merged with its own sandbox) and to the worker (`CANARYFLOW_PROVIDERS_FILE`), and the key is in
+this process's environment when the stack starts, as `export KEY=...; canaryflow up` puts it.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,12 +20,20 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from canaryflow import connections
-from canaryflow.contracts import Endpoints, ModelManifest, SignedManifest
+from canaryflow.contracts import Endpoints, ModelManifest, ProvidersFile, SignedManifest
 from canaryflow.local import examples
 from canaryflow.local.loadgen import TrafficRunner
 from canaryflow.local.stack import EmbeddedStack
+from canaryflow.providers.config import write_providers
 from canaryflow.registry.signing import generate_keypair, sign
 from canaryflow.settings import pinned_endpoints
+from tests.certificates import SecuredSandbox, secured_sandbox
+
+PROVIDER = "tls-sandbox"  # the user's provider entry, in the providers file given to the stack
+PROVIDER_KEY_VAR = "CANARYFLOW_E2E_TLS_SANDBOX_KEY"  # where the stack and the worker find its key
+# Planted: a long random key that must show up nowhere but where it is needed. Read it from
+# `LiveStack.provider_key`: this module may be imported twice (as a conftest and by name).
+PROVIDER_KEY = f"sk-e2e-{secrets.token_urlsafe(36)}"
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,8 @@ class LiveStack:
     endpoints: Endpoints
     key: Path
     champion: str
+    provider: SecuredSandbox  # the user's own provider: HTTPS, a key required
+    provider_key: str  # its key, in $PROVIDER_KEY_VAR here and in the model services only
 
     def sign(self, manifest: ModelManifest) -> SignedManifest:
         return sign(manifest, self.key)
@@ -34,8 +51,31 @@ class LiveStack:
 @pytest.fixture(scope="session")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     home = tmp_path_factory.mktemp("stack")
+    folder = tmp_path_factory.mktemp("provider")
+    with (
+        pytest.MonkeyPatch.context() as env,
+        secured_sandbox(folder, "CANARYFLOW_E2E_EXPECTED_KEY", PROVIDER_KEY, "warning") as provider,
+    ):
+        entry = {
+            "base_url": f"{provider.url}/v1",
+            "api_key_env": PROVIDER_KEY_VAR,
+            "ca_bundle": str(provider.certs.ca),
+            "timeout_s": E2E_REQUEST_TIMEOUT_S,
+        }
+        providers_file = write_providers(
+            folder / "providers.yaml",
+            ProvidersFile.model_validate({"providers": {PROVIDER: entry}}),
+        )
+        env.setenv(PROVIDER_KEY_VAR, PROVIDER_KEY)
+        env.setenv("CANARYFLOW_PROVIDERS_FILE", str(providers_file))
+        yield from _live(home, provider, providers_file)
+
+
+def _live(home: Path, provider: SecuredSandbox, providers_file: Path) -> Iterator[LiveStack]:
     # A short provider timeout: a promotion waits that long for the last window's late finishers.
-    stack = EmbeddedStack(home, ui=False, request_timeout_s=E2E_REQUEST_TIMEOUT_S)
+    stack = EmbeddedStack(
+        home, ui=False, request_timeout_s=E2E_REQUEST_TIMEOUT_S, providers_file=providers_file
+    )
     try:
         endpoints = stack.start()
         keys = generate_keypair(Path(endpoints.keys_dir), "ci", [examples.SERVICE])
@@ -51,7 +91,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}),
             pinned_endpoints(endpoints),
         ):
-            yield LiveStack(endpoints, keys.private_path, champion.version)
+            yield LiveStack(
+                endpoints,
+                keys.private_path,
+                champion.version,
+                provider,
+                PROVIDER_KEY,
+            )
     finally:
         stack.stop()
 

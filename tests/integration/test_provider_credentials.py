@@ -13,9 +13,11 @@ import asyncio
 import logging
 import os
 import secrets
+import stat
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -371,3 +373,21 @@ def test_a_withheld_key_reaches_only_the_servers_that_need_it(
             process.stop()
     assert seen["other"] == (["absent", "kept"], False)
     assert seen["service"] == ([PLANTED, "kept"], True)
+
+
+def test_the_request_store_and_the_answer_cache_are_owner_only(tmp_path: Path) -> None:
+    """Both hold prompts and answers; SQLite would make them with the umask's mode (0644)."""
+    from canaryflow.dataplane.store import Store
+    from canaryflow.providers.cache import ResponseCache
+
+    with Store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.records(examples.SERVICE, datetime.now(UTC), datetime.now(UTC))
+    ResponseCache(tmp_path / "cache.db").close()
+    shared = tmp_path / "old.db"
+    shared.touch(mode=0o644)
+    shared.chmod(0o644)  # made by an older version
+    ResponseCache(shared).close()
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert {"store.db", "cache.db", "old.db"} <= set(made)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path.name}: {path.stat().st_mode:o}"
