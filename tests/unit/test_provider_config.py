@@ -261,3 +261,17 @@ def test_the_stack_refuses_a_bad_or_clashing_file_before_starting_anything(
     with pytest.raises(ConfigError, match="clashes with the stack's own 'sandbox'"):
         stack.start()
     assert stack.processes == [] and stack.endpoints is None
+
+
+def test_up_takes_the_providers_file_from_its_option_the_global_one_or_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from canaryflow.app.cli import _providers_file, build_parser
+
+    parser = build_parser()
+    monkeypatch.delenv("CANARYFLOW_PROVIDERS_FILE", raising=False)
+    assert _providers_file(parser.parse_args(["up"])) is None
+    assert _providers_file(parser.parse_args(["up", "--providers", "a.yaml"])) == Path("a.yaml")
+    assert _providers_file(parser.parse_args(["--providers", "b.yaml", "up"])) == Path("b.yaml")
+    monkeypatch.setenv("CANARYFLOW_PROVIDERS_FILE", str(tmp_path / "c.yaml"))
+    assert _providers_file(parser.parse_args(["up"])) == tmp_path / "c.yaml"
