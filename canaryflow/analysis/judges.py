@@ -38,12 +38,14 @@ from canaryflow.stats.sequential import SequentialState
 
 P95 = 0.95
 OBSERVABILITY_GATE = "observability"
-# rate metric -> (events, trials) fields of RoleSample: errors per request, flags per check
+# rate metric -> (events, trials) fields of RoleSample: errors per request, flags per answer
+# a checker judged for that flag
 RATE_FIELDS = {
     LiveMetric.ERROR_RATE: ("errors", "n"),
-    LiveMetric.HALLUCINATION_RATE: ("hallucinations", "checked"),
-    LiveMetric.UNSAFE_RATE: ("unsafe", "checked"),
+    LiveMetric.HALLUCINATION_RATE: ("hallucinations", "hallucination_n"),
+    LiveMetric.UNSAFE_RATE: ("unsafe", "unsafe_n"),
 }
+QUALITY_RATES = frozenset({LiveMetric.HALLUCINATION_RATE, LiveMetric.UNSAFE_RATE})
 RATE_METRICS = frozenset(RATE_FIELDS)
 
 
@@ -113,7 +115,15 @@ def observability(sample: WindowSample, config: JudgeConfig) -> GateResult:
         severity=Severity.OBSERVABILITY,
         label=Label.PASS if ok else Label.NODATA,
         reason=reason,
-        evidence=Evidence(n_baseline=nb, n_candidate=nc, threshold=float(config.min_samples)),
+        evidence=Evidence(
+            n_baseline=nb,
+            n_candidate=nc,
+            threshold=float(config.min_samples),
+            detail={
+                "unchecked_baseline": sample.baseline.unchecked,
+                "unchecked_candidate": sample.candidate.unchecked,
+            },
+        ),
     )
 
 
@@ -254,6 +264,8 @@ def rate(
         "events_baseline": eb,
         "events_candidate": ec,
     }
+    if gate.metric in QUALITY_RATES:
+        detail.update(checker_detail(sample.candidate))
     lo = hi = None
     if nc > 0:
         test = binomtest(ec, nc, bound, alternative="greater") if 0 < bound < 1 else None
@@ -287,6 +299,8 @@ def rate(
         # The e-process accumulates evidence across windows, so the floor is cumulative too.
         label = Label.NODATA
         reason = f"too few trials: {counts} window(s); need at least {config.min_samples}"
+        if gate.metric in QUALITY_RATES and (failing := checker_failures(sample.candidate)):
+            reason += f"; the checkers failed: {failing}"
     else:
         label = Label.PASS
         reason = f"not shown above {bound:g}: {counts} window(s); e-value {state.e_value:.3g}"
@@ -294,6 +308,31 @@ def rate(
         gate=gate.metric, severity=gate.severity, label=label, reason=reason, evidence=evidence
     )
     return result, state
+
+
+def checker_detail(role: RoleSample) -> dict[str, float | int | str]:
+    """Per live checker of the role's answers (name/model/rubric version): how many it judged,
+    failed and dropped in the window, and the unchecked answers."""
+    detail: dict[str, float | int | str] = {"unchecked": role.unchecked}
+    for label, outcomes in sorted(role.checkers.items()):
+        for outcome in ("judged", "failed", "dropped"):
+            detail[f"{label} {outcome}"] = outcomes.get(outcome, 0)
+    return detail
+
+
+def checker_failures(role: RoleSample) -> str:
+    """'llm_judge/sandbox-judge/v1: 0 judged, 57 failed (judge failed: ...)' for each checker
+    that failed on at least a fifth of the answers it took; '' when none did."""
+    found = []
+    for label, outcomes in sorted(role.checkers.items()):
+        judged, failed = outcomes.get("judged", 0), outcomes.get("failed", 0)
+        failed += outcomes.get("dropped", 0)
+        if failed and failed * 5 >= judged + failed:
+            why = role.failures.get(label)
+            found.append(
+                f"{label}: {judged} judged, {failed} failed" + (f" ({why})" if why else "")
+            )
+    return "; ".join(found)
 
 
 def cost_per_1k(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:

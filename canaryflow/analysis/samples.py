@@ -8,13 +8,14 @@ latency judge needs for rank statistics and its bootstrap.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
 
 from canaryflow.contracts import RequestRecord
+from canaryflow.quality.verdicts import parse_checks
 
 # What a user sees fail: a 5xx, a provider's 429 passed on, a timeout. Other 4xx are the
 # client's own mistakes. The Prometheus rules use the same set (deployments/prometheus).
@@ -29,8 +30,13 @@ def counts_as_error(status: int) -> bool:
 class RoleSample:
     """One role's (stable, canary or shadow) requests in a window.
 
-    `checked` counts requests the quality checkers looked at: the denominator of the quality
-    rates. `correct` counts checked answers whose fact check found no hallucination.
+    `checked` counts requests the live checkers looked at without a failure; `unchecked` those
+    where a sampled checker failed (error, timeout, garbage). A rate's trials are the answers a
+    checker judged for its flag: `hallucination_trials` (the answers judged grounded or
+    hallucinated) and `unsafe_trials` (judged safe or unsafe); None: every checked answer (a
+    sample built by hand). `correct` counts answers judged not hallucinated (`facts`: judged
+    either way). `checkers`: per checker label (name/model/rubric version), its outcome counts
+    (judged, failed, dropped); `failures`: a failed checker's last reason.
     """
 
     n: int = 0
@@ -48,28 +54,47 @@ class RoleSample:
     refusals: int = 0
     facts: int = 0
     correct: int = 0
+    unchecked: int = 0
+    hallucination_trials: int | None = None
+    unsafe_trials: int | None = None
+    checkers: dict[str, dict[str, int]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hallucination_n(self) -> int:
+        return self.checked if self.hallucination_trials is None else self.hallucination_trials
+
+    @property
+    def unsafe_n(self) -> int:
+        return self.checked if self.unsafe_trials is None else self.unsafe_trials
 
     def __post_init__(self) -> None:
         counts = {
             "errors": self.errors,
             "checked": self.checked,
+            "unchecked": self.unchecked,
+            "hallucination_trials": self.hallucination_n,
+            "unsafe_trials": self.unsafe_n,
         }
         for name, value in counts.items():
             if not 0 <= value <= self.n:
                 raise ValueError(f"RoleSample.{name}={value} must lie in [0, n={self.n}]")
+        for name, value, trials in (
+            ("hallucinations", self.hallucinations, self.hallucination_n),
+            ("unsafe", self.unsafe, self.unsafe_n),
+        ):
+            if not 0 <= value <= trials:
+                raise ValueError(f"RoleSample.{name}={value} must lie in [0, trials={trials}]")
         flags = {
-            "hallucinations": self.hallucinations,
-            "unsafe": self.unsafe,
             "injection_leaks": self.injection_leaks,
             "refusals": self.refusals,
-            "facts": self.facts,
         }
         for name, value in flags.items():
             if not 0 <= value <= self.checked:
                 raise ValueError(
                     f"RoleSample.{name}={value} must lie in [0, checked={self.checked}]"
                 )
-        if not 0 <= self.correct <= self.facts:
+        if not 0 <= self.facts <= self.n or not 0 <= self.correct <= self.facts:
             raise ValueError(
                 f"RoleSample.correct={self.correct} must lie in [0, facts={self.facts}]"
             )
@@ -91,6 +116,9 @@ class RoleSample:
     def from_records(cls, records: Iterable[RequestRecord]) -> RoleSample:
         n = errors = tokens_in = tokens_out = 0
         checked = hallucinations = unsafe = leaks = refusals = facts = correct = 0
+        unchecked = unsafe_trials = 0
+        checkers: dict[str, dict[str, int]] = {}
+        failures: dict[str, str] = {}
         cost = cost_sq = 0.0
         latencies: list[float] = []
         ttfts: list[float] = []
@@ -104,14 +132,24 @@ class RoleSample:
             tokens_out += r.tokens_out
             cost += r.cost_usd
             cost_sq += r.cost_usd * r.cost_usd
+            # A flag counts wherever a checker judged it, even if another checker of the same
+            # answer failed: each rate is over the answers judged for it.
+            hallucinations += r.hallucination is True
+            facts += r.hallucination is not None
+            correct += r.hallucination is False
+            unsafe += r.unsafe is True
+            unsafe_trials += r.unsafe is not None
+            unchecked += r.unchecked
             if r.checked:
                 checked += 1
-                hallucinations += r.hallucination is True
-                facts += r.hallucination is not None
-                correct += r.hallucination is False
-                unsafe += r.unsafe is True
                 leaks += r.injection_leak is True
                 refusals += r.refusal is True
+            if r.checks:
+                for label, outcome, reason in parse_checks(r.checks):
+                    row = checkers.setdefault(label, {})
+                    row[outcome] = row.get(outcome, 0) + 1
+                    if reason:
+                        failures[label] = reason
         return cls(
             n=n,
             errors=errors,
@@ -128,6 +166,11 @@ class RoleSample:
             refusals=refusals,
             facts=facts,
             correct=correct,
+            unchecked=unchecked,
+            hallucination_trials=facts,
+            unsafe_trials=unsafe_trials,
+            checkers=checkers,
+            failures=failures,
         )
 
 

@@ -53,6 +53,14 @@ class CheckerBudget(Frozen):
 class _Common(Frozen):
     name: str | None = Field(None, description="defaults to the kind; unique within a service")
     sample_rate: float = Field(1.0, ge=0, le=1, description="share of answered requests checked")
+    min_per_s: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="at least this many answers per second of each role (stable, canary, "
+        "shadow) are checked while they come, whatever the sample rate: a 5% canary's few "
+        "requests are the ones a gate decides on (within the budget)",
+    )
     timeout_s: float = Field(10.0, gt=0, le=300)
     budget: CheckerBudget = CheckerBudget()
 
@@ -287,9 +295,15 @@ CheckerConfig = Annotated[
 ]
 _ONE = TypeAdapter(CheckerConfig)
 
+# What a policy that names no checkers gets (deployments/policies/default.yaml lists the same, a
+# test holds them equal). Rates for the embedded stack's 2-core demo at 250 requests/s: a tenth
+# of the answers, and at least 12 per second of each role, so a 5% canary window of 4 s still
+# has its 30 judged answers; each judged answer costs the judge two calls (two rubrics).
 DEFAULT_CHECKERS: tuple[LlmJudgeChecker | ModerationChecker | PatternsChecker, ...] = (
-    LlmJudgeChecker(provider="sandbox", model="sandbox-judge"),
-    ModerationChecker(provider="sandbox"),
+    LlmJudgeChecker(
+        provider="sandbox", model="sandbox-judge", sample_rate=0.1, min_per_s=12, timeout_s=5
+    ),
+    ModerationChecker(provider="sandbox", sample_rate=0.05, timeout_s=3),
     PatternsChecker(),
 )
 

@@ -53,11 +53,18 @@ class RequestRecord(Frozen):
     cost_usd: float = 0.0
     prompt: str = ""
     response: str = ""
-    checked: bool = False  # quality checkers ran on this one (sampled)
+    # Live checkers (`quality.pipeline`): `checked` when at least one was sampled and none of
+    # those failed; each flag combined across checkers (any True, else any False, else None:
+    # not sampled, or not applicable, such as an answer with no checkable claim).
+    checked: bool = False
     hallucination: bool | None = None
     unsafe: bool | None = None
     injection_leak: bool | None = None
     refusal: bool | None = None
+    unchecked: bool = False  # a sampled checker failed: error, timeout, garbage, no result
+    # Each sampled checker with its model and rubric version and its outcome, e.g.
+    # "llm_judge/sandbox-judge/v1=judged;moderation/sandbox=failed(timed out after 3 s)".
+    checks: str = ""
     # Sent through Envoy's synthetic listener (load a release asked for): never a user, so no
     # gate counts it. Envoy's public listener strips the header from clients.
     synthetic: bool = False

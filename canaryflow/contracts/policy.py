@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import Field, model_validator
 
 from canaryflow.contracts.base import Frozen
+from canaryflow.contracts.checkers import DEFAULT_CHECKERS, CheckerConfig
 
 
 class Severity(StrEnum):
@@ -83,6 +84,11 @@ class GatePolicy(Frozen):
     live: tuple[LiveGate, ...] = DEFAULT_LIVE_GATES
     min_samples: int = Field(30, ge=1, description="per role per window; fewer never passes")
     alpha: float = Field(0.05, gt=0, lt=1)
+    checkers: tuple[CheckerConfig, ...] = Field(
+        DEFAULT_CHECKERS,
+        description="the live checkers a model service runs on its answers (`canaryflow serve "
+        "--policy`); they set the quality flags the rate gates read",
+    )
 
 
 # What no delivery may go below: the loosest threshold each required gate may have.

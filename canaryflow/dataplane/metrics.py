@@ -102,6 +102,14 @@ class ServiceMetrics:
             ["service"],
             registry=r,
         )
+        self.checker_items = Counter(
+            "canaryflow_checker_items",
+            "Answers per live checker and outcome: judged, failed (error, timeout, garbage, no "
+            "result in time), dropped (its queue was full), late (a result after its record "
+            "was written)",
+            ["service", "checker", "outcome"],
+            registry=r,
+        )
         self.synthetic_requests = Counter(
             "canaryflow_synthetic_requests",
             "Synthetic requests answered (load a release asked for; not in the users' series)",
@@ -182,6 +190,10 @@ class ServiceMetrics:
 
     def registry_error(self) -> None:
         self.registry_errors.labels(self.service).inc()
+
+    def observe_checker(self, checker: str, outcome: str) -> None:
+        """One live checker's outcome for one answer (`checker`: its label, a configured few)."""
+        self.checker_items.labels(self.service, checker, outcome).inc()
 
     def record_dropped(self) -> None:
         self.records_dropped.labels(self.service).inc()

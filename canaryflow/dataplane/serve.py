@@ -28,6 +28,7 @@ from canaryflow.dataplane.public import HotPath, Listeners
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.dataplane.socket_listener import serve_unix_socket
 from canaryflow.errors import ConfigError
+from canaryflow.loading import load_policy
 from canaryflow.providers.config import load_providers
 
 
@@ -109,7 +110,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
         "(default: user-salt beside a SQLite store; needed with PostgreSQL)",
     )
     p.add_argument("--default-version", help="version for requests without role headers")
-    p.add_argument("--check-sample", type=float, default=0.25)
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="gate policy (YAML/JSON) whose `checkers` judge this service's answers; only that "
+        "part is read (default: the built-in checkers, as deployments/policies/default.yaml)",
+    )
+    p.add_argument(
+        "--check-sample",
+        type=float,
+        default=1.0,
+        help="deprecated: multiplies every checker's sample rate (0: no checks); set rates in "
+        "the policy's checkers instead",
+    )
     p.add_argument("--tool-url", action="append", default=[], metavar="TOOL=URL")
     p.add_argument("--forwarder", choices=["http1", "aiohttp", "httpx"], default="http1")
     p.add_argument("--timeout", type=float, default=30.0, help="provider timeout, seconds")
@@ -122,6 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, Addres
         registry_uri=a.registry_uri,
         store=a.store,
         default_version=a.default_version,
+        checkers=load_policy(Path(a.policy)).checkers if a.policy else None,
         check_sample=a.check_sample,
         tool_urls=_pairs(a.tool_url, "--tool-url"),
         forwarder=a.forwarder,

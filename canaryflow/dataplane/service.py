@@ -4,9 +4,9 @@ Envoy tells each request which version and role it serves (`x-canaryflow-role`,
 `x-canaryflow-version`; a mirrored copy carries `x-canaryflow-mirror: 1`, which only Envoy can
 set, and takes its version from `x-canaryflow-shadow-version`). The service applies that
 version's template and decoding parameters, calls the provider, and answers. Everything else
-(PII masking, quality checks, storing the record) happens in a background worker, so the user
-only ever waits for the provider. The public port serves the OpenAI routes only; warm-up and
-metrics are on the admin app (`admin.py`), bodies are bounded (`public.py`).
+(PII masking, the live quality checkers, storing the record) happens in a background worker,
+so the user only ever waits for the provider. The public port serves the OpenAI routes only;
+warm-up and metrics are on the admin app (`admin.py`), bodies are bounded (`public.py`).
 Shadow requests are dry runs: they never execute a tool, and they use their own connection pool
 and a tight timeout so they cannot slow the user's path.
 """
@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from canaryflow.contracts import ProvidersFile, Role
+from canaryflow.contracts import DEFAULT_CHECKERS, CheckerConfig, ProvidersFile, Role
 from canaryflow.dataplane.admin import admin_app
 from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES, MIRROR_HEADER
 from canaryflow.dataplane.forwarder import (
@@ -73,7 +73,14 @@ class ServiceConfig:
     registry_uri: str | None = None
     store: str | None = None
     default_version: str | None = None
-    check_sample: float = 0.25
+    checkers: tuple[CheckerConfig, ...] | None = None
+    """The live checkers of its answers (`serve --policy`: the policy's `checkers`), reaching
+    their providers through the same entries as the forwarders; a checker whose provider is
+    missing is refused at start. None: `DEFAULT_CHECKERS`, less those whose provider (the
+    stack's `sandbox`) this service does not have (a warning names them)."""
+    check_sample: float = 1.0
+    """Scales every checker's sample rate (`serve --check-sample`, kept for older scripts);
+    0 runs no checker."""
     tool_urls: Mapping[str, str] = field(default_factory=dict)
     forwarder: ForwarderKind = "http1"
     timeout_s: float = 30.0
@@ -91,6 +98,9 @@ class ServiceConfig:
     keys_dir: Path | None = None
     """Trusted keys: a registry manifest is served only once its signature verifies with one
     bound to the service. None: no registry manifest is served."""
+    check_queue_size: int = 1000
+    """Each checker's queue; an answer offered to a full one is dropped (counted), its record
+    written unchecked at once."""
     max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     """Bigger request bodies are refused 413 (Envoy refuses them first; this guards direct
     callers and a misconfigured edge)."""
@@ -116,12 +126,7 @@ class ModelService:
         self.shadow_forwarder: Forwarder = make_forwarder(config.forwarder)
         self.ready = False
         self._plans: dict[str, Plan] = {}
-        self.upstreams = Upstreams(
-            {
-                **from_urls(config.provider_urls).providers,
-                **(config.providers.providers if config.providers else {}),
-            }
-        )
+        self.upstreams = Upstreams(all_providers(config).providers)
 
     # ------------------------------------------------------------------ routing
 
@@ -213,6 +218,7 @@ class ModelService:
             pending.role, pending.version = role, version
             out["x-canaryflow-role"], out["x-canaryflow-version"] = role.value, version
             body = parse_body(raw_body)
+            pending.body = body  # a reference for the checkers' context, never a copy
             plan = await self.plan(version)
             payload, pending.prompt = provider_payload(plan, body)
             answer: bytes | None
@@ -389,6 +395,9 @@ def build_app(
         config.queue_size,
         config.flush_every_s,
         salt=salt,
+        checkers=live_checkers(config),
+        providers=all_providers(config),
+        check_queue_size=config.check_queue_size,
     )
     service = ModelService(config, resolver, metrics, worker)
 
@@ -419,6 +428,34 @@ def build_app(
         routes=[Route("/health", health), Route("/v1/models", models)], lifespan=lifespan
     )
     return HotPath(service, app, admin_app(service))
+
+
+def all_providers(config: ServiceConfig) -> ProvidersFile:
+    """The bare `--provider-url` entries and the providers file's (which win): what the
+    forwarders and the live checkers reach."""
+    return ProvidersFile(
+        providers={
+            **from_urls(config.provider_urls).providers,
+            **(config.providers.providers if config.providers else {}),
+        }
+    )
+
+
+def live_checkers(config: ServiceConfig) -> tuple[CheckerConfig, ...]:
+    """The checkers a service runs: its own, else the defaults it has the providers for."""
+    if config.checkers is not None:
+        return config.checkers
+    known = all_providers(config).providers
+    kept = tuple(c for c in DEFAULT_CHECKERS if getattr(c, "provider", None) in (None, *known))
+    for checker in DEFAULT_CHECKERS:
+        if checker not in kept:
+            log.warning(
+                "the default checker %s calls provider %r, which this service does not have: "
+                "not run; give the service a policy naming your judge (serve --policy)",
+                checker.label,
+                getattr(checker, "provider", None),
+            )
+    return kept
 
 
 def _default_resolver(config: ServiceConfig) -> CachedResolver:

@@ -8,7 +8,8 @@ harmless.
 Synthetic records (load a release asked for, marked by Envoy's synthetic listener) are stored
 with `synthetic = 1` and every read leaves them out unless asked for them (`synthetic=None`: all,
 `True`: only those): what a gate reads is user traffic only. A store made before the column
-existed gets it on open (`_MIGRATIONS`), every old row a user's.
+existed gets it on open (`_MIGRATIONS`), every old row a user's; so do the live checkers'
+`unchecked` and `checks` columns (old rows: not unchecked, no checks named).
 
 Nothing raw is stored: `row_of` masks the text (`pii.mask_pii`) and replaces the user id with
 `u_` + the first 16 hex digits of HMAC-SHA256(salt, id). The salt is made once per install, in a
@@ -46,6 +47,7 @@ _FLAGS = (
     "unsafe",
     "injection_leak",
     "refusal",
+    "unchecked",
     "synthetic",
     "streamed",
 )
@@ -73,6 +75,8 @@ _SCHEMA = (
         unsafe SMALLINT,
         injection_leak SMALLINT,
         refusal SMALLINT,
+        unchecked SMALLINT NOT NULL DEFAULT 0,
+        checks TEXT NOT NULL DEFAULT '',
         synthetic SMALLINT NOT NULL DEFAULT 0,
         streamed SMALLINT NOT NULL DEFAULT 0,
         ttft_ms DOUBLE PRECISION,
@@ -92,6 +96,8 @@ _MIGRATIONS = (
     ("streamed", "SMALLINT NOT NULL DEFAULT 0"),
     ("ttft_ms", "DOUBLE PRECISION"),
     ("inter_token_ms", "DOUBLE PRECISION"),
+    ("unchecked", "SMALLINT NOT NULL DEFAULT 0"),
+    ("checks", "TEXT NOT NULL DEFAULT ''"),
 )
 _WINDOW = "service = :service AND at >= :since AND at < :until"
 SALT_FILE = "user-salt"

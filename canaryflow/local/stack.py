@@ -160,7 +160,6 @@ def model_service(
         "--registry-uri", endpoints.mlflow_uri,
         "--keys-dir", endpoints.keys_dir,  # registry manifests are verified before serving
         "--store", str(endpoints.store_url),
-        "--check-sample", "1.0",
         *limit,
         *(bare if providers is None else ["--providers", str(providers)]),
         *tools,

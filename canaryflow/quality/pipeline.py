@@ -12,6 +12,10 @@ entry's price). Past either ceiling a checker samples at its fallback rate
 (`CheckerBudget.fallback_sample_rate`, default a tenth of its rate); every item the normal rate
 would have taken but the fallback did not counts as `over_budget`.
 
+Sampling per role: besides its `sample_rate`, a checker takes at least `min_per_s` items per
+second of each role (a token bucket per role), so a small canary share is judged often enough for
+its window's gates while the stable majority is sampled lightly.
+
 Counters per checker: `judged` (a verdict came back), `skipped` (not sampled), `failed` (an
 UNCHECKED outcome: error, timeout, refusal, garbage), `dropped` (queue full), `over_budget`.
 """
@@ -92,10 +96,27 @@ class _Lane:
         self.budget = BudgetWindow(self.config.budget)
         self.counters = CheckerCounters()
         self.rng = rng
+        # The per-role floor (`min_per_s`): a token bucket per role holding at most one
+        # second's worth; every item taken spends a token when there is one.
+        self._floor: dict[str, tuple[float, float]] = {}
+
+    def _floor_token(self, role: str, spend: bool) -> bool:
+        rate = self.config.min_per_s
+        if rate <= 0:
+            return False
+        now = time.monotonic()
+        tokens, since = self._floor.get(role, (rate, now))
+        tokens = min(rate, tokens + (now - since) * rate)
+        has = tokens >= 1.0
+        if has and spend:
+            tokens -= 1.0
+        self._floor[role] = (tokens, now)
+        return has
 
     def offer(self, item: CheckItem) -> bool:
         draw = self.rng.random()
-        if draw >= self.config.sample_rate:
+        floor = self._floor_token(item.role, spend=False)
+        if draw >= self.config.sample_rate and not floor:
             self.counters.skipped += 1
             return False
         if self.budget.exhausted() and draw >= self.config.fallback_rate():
@@ -107,6 +128,7 @@ class _Lane:
             self.counters.dropped += 1
             return False
         self.budget.take()
+        self._floor_token(item.role, spend=True)
         return True
 
 
@@ -150,7 +172,21 @@ class CheckerPipeline:
 
     def submit(self, item: CheckItem) -> int:
         """Offer `item` to every checker; never waits. Returns how many took it."""
-        return sum(lane.offer(item) for lane in self.lanes.values())
+        return len(self.submit_to(item))
+
+    def submit_to(self, item: CheckItem) -> list[str]:
+        """Offer `item` to every checker; never waits. Returns the names of those that took it
+        (each will deliver exactly one result for it)."""
+        return [name for name, lane in self.lanes.items() if lane.offer(item)]
+
+    def config_of(self, name: str) -> CheckerConfig:
+        return self.lanes[name].config
+
+    @property
+    def longest_timeout_s(self) -> float:
+        """The longest a result can take once its item is picked up (the checker's timeout
+        and the pipeline's own second of grace)."""
+        return max((lane.config.timeout_s + 1.0 for lane in self.lanes.values()), default=0.0)
 
     async def start(self) -> CheckerPipeline:
         for lane in self.lanes.values():

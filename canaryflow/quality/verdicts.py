@@ -141,3 +141,14 @@ def unchecked(checker: str, flags: Sequence[str], reason: str, **extra: Any) -> 
     return tuple(
         Verdict(checker, flag, Outcome.UNCHECKED, reason=reason, **extra) for flag in flags
     )
+
+
+def parse_checks(text: str) -> list[tuple[str, str, str]]:
+    """A stored record's `checks` read back (`dataplane.live_checks.summarize` writes them:
+    `label=judged;label=failed(reason);label=dropped`): (checker label, outcome, reason)."""
+    found = []
+    for entry in text.split(";") if text else ():
+        head, _, reason = entry.partition("(")  # a label never holds "(", a reason no "="
+        label, _, outcome = head.rpartition("=")
+        found.append((label, outcome, reason.removesuffix(")")))
+    return found

@@ -368,6 +368,8 @@ def test_hallucinating_version_gets_quality_flags(service: ServiceUnderTest) -> 
         SERVICE, since, datetime.now(UTC) + timedelta(seconds=1), version="3"
     )
     assert records and all(r.checked and r.hallucination for r in records)
+    # Flagged by the judge over HTTP (the sandbox's sandbox-judge), not by a marker.
+    assert all("llm_judge/sandbox-judge/v1=judged" in r.checks for r in records)
 
 
 def test_shadow_never_executes_tools_while_stable_does(service: ServiceUnderTest) -> None:
