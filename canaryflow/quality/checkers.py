@@ -75,7 +75,11 @@ class QualityFlags:
 
 
 class QualityChecks:
-    """All checkers over one response; a checker that raises leaves its flag unset (None)."""
+    """All checkers over one response; a checker that raises leaves its flag unset (None).
+
+    Not on the live path: the model services run the policy's live checkers
+    (`quality.pipeline`, `dataplane.live_checks`); `UnsafeOutputChecker` reads the sandbox's own
+    marker and means nothing on a real model."""
 
     def __init__(self, checkers: Sequence[Checker] | None = None) -> None:
         self.checkers: Sequence[Checker] = (
