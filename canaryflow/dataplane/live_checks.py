@@ -128,7 +128,7 @@ class LiveChecks:
         metrics: Metrics,
         *,
         queue_size: int = 1000,
-        workers: int = 4,
+        workers: int = 16,  # per checker; coroutines: a judge's ~50 ms round trips overlap
         source: str = "providers",
     ) -> None:
         checkers = build_checkers(configs, providers, source=source)
