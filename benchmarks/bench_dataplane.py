@@ -38,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -215,8 +215,16 @@ class Service:
     socket: Path  # the public routes on a Unix socket (`serve --uds`): Envoy's way in
 
 
-def service(stack: ExitStack, home: Path, name: str, provider: str, forwarder: str) -> Service:
-    """Start a model service (TCP public port and a Unix socket for Envoy)."""
+def service(
+    stack: ExitStack,
+    home: Path,
+    name: str,
+    provider: str,
+    forwarder: str,
+    extra: Sequence[str] = (),
+) -> Service:
+    """Start a model service (TCP public port and a Unix socket for Envoy); `extra`: more
+    `serve` options."""
     port = free_port()
     sockets = home / "sockets"
     manifests = write_manifests(home)
@@ -226,7 +234,7 @@ def service(stack: ExitStack, home: Path, name: str, provider: str, forwarder: s
         "--provider-url", f"sandbox={provider}", "--default-version", "1",
         "--manifest", f"1={manifests['1']}", "--manifest", f"2={manifests['2']}",
         "--store", str(home / f"{name}.db"), "--forwarder", forwarder,
-        "--uds", str(sockets / f"{name}.sock"),
+        "--uds", str(sockets / f"{name}.sock"), *extra,
     ]  # fmt: skip
     process = python_server(name, args, port, home)
     stack.callback(process.stop)
