@@ -25,18 +25,8 @@ prometheus:
 demo: $(STAMP) prometheus
 	$(VENV)/bin/canaryflow demo
 
-# Tests that mostly wait (a Prefect lease that cannot expire in under 60 s, whole `canaryflow up`
-# runs stopped by signals) run in a second pytest beside the rest; both must pass.
-APART := tests/e2e/test_automation.py tests/e2e/test_up_signals.py
-PYTEST := $(PY) -m pytest -q -p no:cacheprovider
-
 test: $(STAMP) prometheus lint
-	@$(PYTEST) --durations=5 $(APART) > $(VENV)/pytest-apart.log 2>&1 & apart=$$!; \
-	trap "kill $$apart 2>/dev/null" INT TERM; \
-	$(PYTEST) --durations=15 $(addprefix --ignore=,$(APART)); main=$$?; \
-	wait $$apart; other=$$?; \
-	echo "---------------- beside it: $(APART)"; cat $(VENV)/pytest-apart.log; \
-	exit $$(( main != 0 || other != 0 ))
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check canaryflow tasks flows deployments tests benchmarks
