@@ -63,9 +63,13 @@ class Responder(asyncio.Protocol):
             total = end + 4 + length
             if len(self.buffer) < total:
                 return
-            self.buffer = self.buffer[total:]
+            body, self.buffer = self.buffer[end + 4 : total], self.buffer[total:]
             assert self.transport is not None
-            self.transport.write(HEALTH if head.startswith(b"get /health") else REPLY)
+            self.answer(head, body, self.transport)
+
+    def answer(self, head: bytes, body: bytes, transport: asyncio.WriteTransport) -> None:
+        """One request's answer (`head` lowercased); a subclass may answer otherwise."""
+        transport.write(HEALTH if head.startswith(b"get /health") else REPLY)
 
 
 async def serve(host: str, port: int) -> None:

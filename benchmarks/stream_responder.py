@@ -15,7 +15,7 @@ import asyncio
 import json
 import ssl
 
-from benchmarks.responder import HEALTH, REPLY
+from benchmarks.responder import Responder
 
 
 def _event(delta: dict[str, object], finish: str | None = None) -> bytes:
@@ -39,40 +39,19 @@ STREAM_HEAD = (
 )
 
 
-class StreamResponder(asyncio.Protocol):
-    """One complete request at a time from the buffer; streamed answers finish in order."""
+class StreamResponder(Responder):
+    """`Responder`, but a request asking `"stream": true` gets server-sent events."""
 
     def __init__(self, gap_s: float) -> None:
+        super().__init__()
         self.gap_s = gap_s
-        self.buffer = b""
-        self.transport: asyncio.WriteTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a TCP transport writes
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = self.buffer[:end].lower()
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.startswith(b"content-length:"):
-                    length = int(line[15:])
-            total = end + 4 + length
-            if len(self.buffer) < total:
-                return
-            body, self.buffer = self.buffer[end + 4 : total], self.buffer[total:]
-            assert self.transport is not None
-            if head.startswith(b"get /health"):
-                self.transport.write(HEALTH)
-            elif b'"stream":true' in body.replace(b" ", b""):
-                self.transport.write(STREAM_HEAD + FIRST)
-                asyncio.get_running_loop().call_later(self.gap_s, self._finish, self.transport)
-            else:
-                self.transport.write(REPLY)
+    def answer(self, head: bytes, body: bytes, transport: asyncio.WriteTransport) -> None:
+        if not head.startswith(b"get /health") and b'"stream":true' in body.replace(b" ", b""):
+            transport.write(STREAM_HEAD + FIRST)
+            asyncio.get_running_loop().call_later(self.gap_s, self._finish, transport)
+        else:
+            super().answer(head, body, transport)
 
     @staticmethod
     def _finish(transport: asyncio.WriteTransport) -> None:

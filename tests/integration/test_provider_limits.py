@@ -14,8 +14,7 @@ import pytest
 from canaryflow.contracts import ProvidersFile
 from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
-from tests.integration.test_service import SERVICE, manifest, running
-from tests.integration.test_streaming import sandbox_url  # noqa: F401  (fixture)
+from tests.integration.test_service import SERVICE, manifest, running, sandbox  # noqa: F401
 
 SLOW = "sandbox-base@latency_ms=600,sigma=0,error_rate=0"
 MANIFESTS = {
@@ -26,11 +25,11 @@ MANIFESTS = {
 
 
 @pytest.fixture(scope="module")
-def service_url(sandbox_url: str) -> Iterator[str]:  # noqa: F811
+def service_url(sandbox: str) -> Iterator[str]:  # noqa: F811
     entries: dict[str, Any] = {
-        "narrow": {"base_url": f"{sandbox_url}/v1", "auth": "none", "concurrency": 1},
-        "paced": {"base_url": f"{sandbox_url}/v1", "auth": "none", "requests_per_s": 2},
-        "impatient": {"base_url": f"{sandbox_url}/v1", "auth": "none", "timeout_s": 0.2},
+        "narrow": {"base_url": f"{sandbox}/v1", "auth": "none", "concurrency": 1},
+        "paced": {"base_url": f"{sandbox}/v1", "auth": "none", "requests_per_s": 2},
+        "impatient": {"base_url": f"{sandbox}/v1", "auth": "none", "timeout_s": 0.2},
     }
     config = ServiceConfig(
         service=SERVICE,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +22,14 @@ from canaryflow.contracts import Role
 from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.dataplane.store import Store
-from canaryflow.local.processes import ManagedProcess, free_port, http_ok
-from tests.integration.test_service import SERVICE, Registry, manifest, running
+from canaryflow.local.processes import free_port, http_ok
+from tests.integration.test_service import (  # noqa: F401  (sandbox: a fixture)
+    SERVICE,
+    Registry,
+    manifest,
+    running,
+    sandbox,
+)
 from tests.waiting import wait_for
 
 PACED = "sandbox-base@latency_ms=800,sigma=0,error_rate=0,verbosity=6"
@@ -168,22 +173,8 @@ def _text(events: list[tuple[float, bytes]]) -> str:
 
 
 @pytest.fixture(scope="module")
-def sandbox_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = ManagedProcess(
-        "sandbox",
-        [sys.executable, "-m", "canaryflow.sandbox", "--host", "127.0.0.1", "--port", str(port)],
-        tmp_path_factory.mktemp("sandbox") / "sandbox.log",
-        http_ok(f"{url}/health"),
-    ).start(timeout_s=30)
-    yield url
-    process.stop()
-
-
-@pytest.fixture(scope="module")
 def streaming(
-    sandbox_url: str,
+    sandbox: str,  # noqa: F811
     trickle: tuple[str, TrickleProvider],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Streaming]:
@@ -197,7 +188,7 @@ def streaming(
     trickle_url, provider = trickle
     config = ServiceConfig(
         service=SERVICE,
-        provider_urls={"sandbox": sandbox_url, "trickle": trickle_url},
+        provider_urls={"sandbox": sandbox, "trickle": trickle_url},
         default_version="fast",
         check_sample=1.0,
         timeout_s=5.0,
