@@ -171,7 +171,12 @@ class RecordWorker:
         whose verdicts are in, then move the watermark (never past a held record)."""
         batch = taken
         if self.live is not None:
-            batch = [p for p in taken if not self._check(p)]
+            batch = []
+            for i, pending in enumerate(taken, 1):
+                if not self._check(pending):
+                    batch.append(pending)
+                if i % _SLICE == 0:
+                    await asyncio.sleep(0)  # a batch's offers, in slices: users' answers go first
             batch.extend(self.live.take_ready())
         self._held = []
         if batch:
