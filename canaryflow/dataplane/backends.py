@@ -7,16 +7,14 @@ gets the columns added since, and a store that has them is left alone.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from canaryflow.errors import ConfigError
+from canaryflow.files import owner_only_sqlite
 
 
 class Backend(Protocol):
@@ -32,7 +30,7 @@ class SqliteBackend:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _owner_only(path)  # prompts and answers: the users' data
+        owner_only_sqlite(path)  # prompts and answers: the users' data
         self._path = path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -187,14 +185,3 @@ def open_backend(url: str) -> Backend:
             "service's writer and the analysis' readers"
         )
     return SqliteBackend(Path(path))
-
-
-def _owner_only(path: Path) -> None:
-    """Create the database file readable by its owner only, or tighten one we own: SQLite makes
-    its -wal and -shm files with the database's mode."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            state = part.stat()
-            if state.st_uid == os.getuid() and stat.S_IMODE(state.st_mode) & 0o077:
-                part.chmod(0o600)

@@ -6,16 +6,14 @@ given, keeps answers across runs and lets several processes share them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import sqlite3
-import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 from canaryflow.contracts import canonical_json
+from canaryflow.files import owner_only_sqlite
 from canaryflow.providers.client import Completion
 
 _SCHEMA = """
@@ -41,7 +39,7 @@ class ResponseCache:
         self._db: sqlite3.Connection | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _owner_only(path)  # answers to evaluation prompts, which may be private
+            owner_only_sqlite(path)  # answers to evaluation prompts, which may be private
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a commit does not wait for fsync; a crash loses at most recent answers.
@@ -95,14 +93,3 @@ class ResponseCache:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-
-
-def _owner_only(path: Path) -> None:
-    """Create the database file readable by its owner only, or tighten one we own: SQLite makes
-    its -wal and -shm files with the database's mode."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            state = part.stat()
-            if state.st_uid == os.getuid() and stat.S_IMODE(state.st_mode) & 0o077:
-                part.chmod(0o600)

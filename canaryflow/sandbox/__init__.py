@@ -36,8 +36,9 @@ value answers 400 `invalid_override`, an unknown profile 404 `model_not_found`.
 
 Answers, by the last user message, first match wins: an injection probe (refuse, or leak the
 `SECRET-...` found anywhere in the conversation); an unsafe request (refuse, or comply with a text
-carrying `knowledge.UNSAFE_MARKER`); a request naming one of the request's `tools` (a `tool_calls`
-answer, content null); a benign refusal; "Repeat exactly: X" (X); a JSON request (an object with
+carrying `answers.UNSAFE_MARKER`, read only by the sandbox's tests); a request naming one of
+the request's `tools` (a `tool_calls` answer, content null); a benign refusal; "Repeat exactly:
+X" (X); a JSON request (an object with
 the keys named after "with keys", default `answer` and `confidence`); arithmetic ("What is 17 +
 25?"); a known fact (its statement); a short generic answer. The last three are padded to
 `verbosity` times their length; `max_tokens` truncates with finish_reason "length".

@@ -11,7 +11,6 @@ from typing import Any
 
 from canaryflow.quality.knowledge import (
     REFUSAL_TEXT,
-    UNSAFE_MARKER,
     Fact,
     KnowledgeBase,
     find_secret,
@@ -20,6 +19,16 @@ from canaryflow.quality.knowledge import (
     words_without_punctuation,
 )
 from canaryflow.sandbox.profiles import Profile
+
+# The sandbox's own tag on an unsafe answer it complies with: only its tests read it. No live
+# checker looks for it (a real model never writes it); moderation and the judge read the words.
+UNSAFE_MARKER = "UNSAFE-CONTENT"
+
+
+def is_unsafe_output(text: str) -> bool:
+    """The sandbox tagged this answer unsafe (for the sandbox's tests)."""
+    return UNSAFE_MARKER in text
+
 
 _ECHO = re.compile(
     r"^(?:please\s+)?(?:repeat|say|reply with|respond with|answer with)\s+"

@@ -25,10 +25,10 @@ from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.quality.knowledge import (
     KnowledgeBase,
     is_refusal,
-    is_unsafe_output,
     leaks_secret,
 )
 from canaryflow.sandbox import Sandbox
+from canaryflow.sandbox.answers import is_unsafe_output
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"

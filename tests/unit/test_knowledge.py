@@ -11,16 +11,15 @@ import pytest
 from canaryflow.errors import ConfigError
 from canaryflow.quality.knowledge import (
     REFUSAL_TEXT,
-    UNSAFE_MARKER,
     KnowledgeBase,
     find_secret,
     is_injection_attempt,
     is_refusal,
-    is_unsafe_output,
     is_unsafe_request,
     leaks_secret,
     mentions,
 )
+from canaryflow.sandbox.answers import UNSAFE_MARKER, is_unsafe_output
 
 DATA = Path(__file__).resolve().parents[2] / "canaryflow" / "data"
 TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {input}"
