@@ -33,7 +33,7 @@ def admin_app(service: ModelService) -> Starlette:
         """Resolve a version before traffic moves to it: its first users must not pay the fetch."""
         try:
             body = await request.json()
-            plan = await service.plan(str(body["version"]))
+            plan = await service.warm(str(body["version"]))
         except ServiceError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except (KeyError, TypeError, ValueError):

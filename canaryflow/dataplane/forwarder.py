@@ -77,6 +77,14 @@ class Forwarder(Protocol):
         tls: ssl.SSLContext | None = None,
     ) -> contextlib.AbstractAsyncContextManager[StreamedAnswer]: ...
 
+    async def preconnect(
+        self,
+        url: str,
+        count: int,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> int: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -167,6 +175,17 @@ class AiohttpForwarder:
         finally:
             response.close()
 
+    async def preconnect(
+        self,
+        url: str,
+        count: int,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> int:
+        """Not done: aiohttp opens connections on demand only (the default forwarder,
+        `http1`, preconnects)."""
+        return 0
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -238,6 +257,17 @@ class HttpxForwarder:
             yield _ChunkReader(response.status_code, retry_after, response.aiter_raw())
         finally:
             await response.aclose()
+
+    async def preconnect(
+        self,
+        url: str,
+        count: int,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> int:
+        """Not done: httpx opens connections on demand only (the default forwarder, `http1`,
+        preconnects)."""
+        return 0
 
     async def aclose(self) -> None:
         for client in (self._clients or {}).values():

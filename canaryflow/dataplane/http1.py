@@ -324,6 +324,26 @@ class Http1Client:
                 if not stream.complete:
                     connection.close()
 
+    async def preconnect(
+        self,
+        url: str,
+        count: int,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> int:
+        """Open connections to `url`'s origin until `count` are idle; returns how many were
+        opened. A version's first requests then skip the TCP and TLS handshakes: on a new
+        pool (the shadow's, a new provider's) those land in the first window's tail."""
+        _, key, origin = self._prepare(url, b"", headers, tls)
+        idle = self._idle.setdefault(key, deque())
+        wanted = max(0, min(count, self._max_connections) - len(idle))
+        opened = await asyncio.gather(
+            *(self._connect(origin, idle) for _ in range(wanted)), return_exceptions=True
+        )
+        connections = [c for c in opened if isinstance(c, _Connection)]
+        idle.extend(connections)
+        return len(connections)
+
     async def _open_stream(
         self, url: str, request: bytes, key: _Key, origin: _Origin, timeout_s: float
     ) -> tuple[_Connection, BodyStream]:

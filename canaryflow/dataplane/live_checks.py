@@ -8,7 +8,8 @@ bounded: a record is written when all the checkers that took it have answered, o
 longest checker timeout and `HOLD_SLACK_S` have passed; a checker with no answer by then counts
 as failed ("unchecked"), never as passed. An item a checker's full queue refused is counted
 (`dropped`) and its record is written at once, unchecked. The user's request never waits for any
-of this: it was answered before the record reached the worker.
+of this: it was answered before the record reached the worker, and the checkers run in a process
+of their own (`quality.remote`), so their CPU is not spent between users' requests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 from canaryflow.contracts import CheckerConfig, ProvidersFile
 from canaryflow.quality.pipeline import CheckerPipeline, build_checkers
+from canaryflow.quality.remote import RemoteCheckers
 from canaryflow.quality.verdicts import CheckItem, CheckResult, Outcome
 
 HOLD_SLACK_S = 1.0
@@ -128,16 +130,20 @@ class LiveChecks:
         metrics: Metrics,
         *,
         queue_size: int = 1000,
-        workers: int = 4,  # per checker: each wakes for ~1 ms of CPU per call, on the users' loop
         source: str = "providers",
+        in_process: bool = False,
     ) -> None:
-        checkers = build_checkers(configs, providers, source=source)
-        self.pipeline = CheckerPipeline(
-            checkers, self._on_result, queue_size=queue_size, workers=workers
-        )
-        self.labels = {
-            name: checker_label(lane.config) for name, lane in self.pipeline.lanes.items()
-        }
+        self.pipeline: CheckerPipeline | RemoteCheckers
+        if in_process:  # on the caller's loop: 4 workers, each ~1 ms of CPU per call
+            checkers = build_checkers(configs, providers, source=source)
+            self.pipeline = CheckerPipeline(
+                checkers, self._on_result, queue_size=queue_size, workers=4
+            )
+        else:
+            self.pipeline = RemoteCheckers(
+                configs, providers, self._on_result, queue_size=queue_size, source=source
+            )
+        self.labels = {name: checker_label(c) for name, c in self.pipeline.configs.items()}
         self.metrics = metrics
         self.hold_s = self.pipeline.longest_timeout_s + HOLD_SLACK_S
         self._held: dict[int, _Held] = {}  # id(CheckItem) -> its record; the item is kept alive

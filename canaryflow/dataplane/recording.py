@@ -111,6 +111,7 @@ class RecordWorker:
         checkers: Sequence[CheckerConfig] = (),
         providers: ProvidersFile | None = None,
         check_queue_size: int = 1000,
+        checkers_in_process: bool = False,
     ) -> None:
         self.service = service
         self.metrics = metrics
@@ -119,7 +120,13 @@ class RecordWorker:
         self.batch_size = batch_size
         configs = scaled(checkers, check_sample)
         self.live = (
-            LiveChecks(configs, providers, metrics, queue_size=check_queue_size)
+            LiveChecks(
+                configs,
+                providers,
+                metrics,
+                queue_size=check_queue_size,
+                in_process=checkers_in_process,
+            )
             if configs
             else None
         )

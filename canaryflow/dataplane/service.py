@@ -34,6 +34,12 @@ from starlette.types import Receive, Scope, Send
 from canaryflow.contracts import DEFAULT_CHECKERS, CheckerConfig, ProvidersFile, Role
 from canaryflow.dataplane.admin import admin_app
 from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES, MIRROR_HEADER
+from canaryflow.dataplane.feedback import (
+    FEEDBACK_PATH,
+    FeedbackRoute,
+    feedback_config,
+    pipeline_checkers,
+)
 from canaryflow.dataplane.forwarder import (
     Forwarder,
     ForwarderKind,
@@ -90,6 +96,8 @@ class ServiceConfig:
     queue_size: int = 10_000
     flush_every_s: float = 0.2
     warmup_s: float = 15.0
+    warm_connections: int = 16
+    """Connections opened to a version's provider on each pool when it is warmed."""
     manifests: Mapping[str, Path] = field(default_factory=dict)
     """version -> manifest file served without a registry (local runs, benchmarks)."""
     user_salt: Path | None = None
@@ -179,6 +187,19 @@ class ModelService:
         if plan is None or plan.manifest is not manifest:
             upstream = self.upstreams.get(manifest.origin.provider)
             plan = self._plans[version] = plan_for(manifest, upstream)
+        return plan
+
+    async def warm(self, version: str) -> Plan:
+        """Ready `version` before traffic moves to it: resolve its manifest and open
+        connections to its provider on both pools, so its first users (and the first
+        shadow window's tail) pay neither the registry nor TCP and TLS handshakes. A provider
+        that refuses connections now is left to the requests to report."""
+        plan = await self.plan(version)
+        upstream = plan.upstream
+        count = self.config.warm_connections
+        for forwarder in (self.forwarder, self.shadow_forwarder):
+            with contextlib.suppress(OSError, TimeoutError, ConfigError):
+                await forwarder.preconnect(upstream.url, count, upstream.headers, upstream.tls)
         return plan
 
     # ------------------------------------------------------------------ the request
@@ -346,7 +367,7 @@ class ModelService:
         deadline = time.monotonic() + self.config.warmup_s
         while True:
             try:
-                await self.plan(await self.default_version())
+                await self.warm(await self.default_version())
                 break
             except ServiceError as exc:
                 if exc.kind == "provider_not_configured":  # waiting cannot fix the file or env
@@ -395,7 +416,7 @@ def build_app(
         config.queue_size,
         config.flush_every_s,
         salt=salt,
-        checkers=live_checkers(config),
+        checkers=pipeline_checkers(live_checkers(config)),
         providers=all_providers(config),
         check_queue_size=config.check_queue_size,
     )
@@ -423,9 +444,21 @@ def build_app(
             if owned_store is not None:
                 owned_store.close()
 
+    feedback = FeedbackRoute(
+        config.service,
+        store,
+        metrics,
+        feedback_config(config.checkers or ()),
+        config.max_body_bytes,
+    )
     # The public listener has the OpenAI routes and /health only; the rest is `admin`'s.
     app = Starlette(
-        routes=[Route("/health", health), Route("/v1/models", models)], lifespan=lifespan
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route(FEEDBACK_PATH, feedback, methods=["POST"]),
+        ],
+        lifespan=lifespan,
     )
     return HotPath(service, app, admin_app(service))
 

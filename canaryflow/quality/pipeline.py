@@ -86,14 +86,15 @@ class BudgetWindow:
         return self._spent
 
 
-class _Lane:
-    """One checker's queue, sampler, budget, counters and workers."""
+class Sampler:
+    """Whether a checker takes an item: its sample rate, per-role floor and budget, counted.
 
-    def __init__(self, checker: LiveChecker, queue_size: int, rng: random.Random) -> None:
-        self.checker = checker
-        self.config = checker.config
-        self.queue: asyncio.Queue[CheckItem] = asyncio.Queue(maxsize=queue_size)
-        self.budget = BudgetWindow(self.config.budget)
+    Shared by the in-process pipeline and the checker process's parent side
+    (`quality.remote`), so an item is sampled the same way wherever it is checked."""
+
+    def __init__(self, config: CheckerConfig, rng: random.Random) -> None:
+        self.config = config
+        self.budget = BudgetWindow(config.budget)
         self.counters = CheckerCounters()
         self.rng = rng
         # The per-role floor (`min_per_s`): a token bucket per role holding at most one
@@ -113,22 +114,52 @@ class _Lane:
         self._floor[role] = (tokens, now)
         return has
 
-    def offer(self, item: CheckItem) -> bool:
+    def wants(self, role: str) -> bool:
+        """Sampled and within budget (else counted as skipped or over budget)."""
         draw = self.rng.random()
-        floor = self._floor_token(item.role, spend=False)
+        floor = self._floor_token(role, spend=False)
         if draw >= self.config.sample_rate and not floor:
             self.counters.skipped += 1
             return False
         if self.budget.exhausted() and draw >= self.config.fallback_rate():
             self.counters.over_budget += 1
             return False
+        return True
+
+    def took(self, role: str) -> None:
+        """The item was queued: it spends a call of the budget and a floor token."""
+        self.budget.take()
+        self._floor_token(role, spend=True)
+
+    def count(self, result: CheckResult) -> None:
+        """A result came back: charge what it cost and count its outcome."""
+        self.budget.charge(result.cost_usd)
+        if result.unchecked:
+            self.counters.failed += 1
+        else:
+            self.counters.judged += 1
+
+
+class _Lane:
+    """One checker's sampler, queue and workers."""
+
+    def __init__(self, checker: LiveChecker, queue_size: int, rng: random.Random) -> None:
+        self.checker = checker
+        self.config = checker.config
+        self.queue: asyncio.Queue[CheckItem] = asyncio.Queue(maxsize=queue_size)
+        self.sampler = Sampler(self.config, rng)
+        self.counters = self.sampler.counters
+        self.budget = self.sampler.budget
+
+    def offer(self, item: CheckItem) -> bool:
+        if not self.sampler.wants(item.role):
+            return False
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.counters.dropped += 1
             return False
-        self.budget.take()
-        self._floor_token(item.role, spend=True)
+        self.sampler.took(item.role)
         return True
 
 
@@ -183,6 +214,24 @@ class CheckerPipeline:
         return self.lanes[name].config
 
     @property
+    def configs(self) -> dict[str, CheckerConfig]:
+        return {name: lane.config for name, lane in self.lanes.items()}
+
+    def enqueue(self, item: CheckItem, names: Sequence[str]) -> list[str]:
+        """Queue `item` for the named checkers, already sampled elsewhere (the checker
+        process's parent); a full queue drops it, counted. Returns the names that took it."""
+        taken = []
+        for name in names:
+            lane = self.lanes[name]
+            try:
+                lane.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                lane.counters.dropped += 1
+            else:
+                taken.append(name)
+        return taken
+
+    @property
     def longest_timeout_s(self) -> float:
         """The longest a result can take once its item is picked up (the checker's timeout
         and the pipeline's own second of grace)."""
@@ -224,11 +273,7 @@ class CheckerPipeline:
             item = await lane.queue.get()
             try:
                 result = await self._check(lane, item)
-                lane.budget.charge(result.cost_usd)
-                if result.unchecked:
-                    lane.counters.failed += 1
-                else:
-                    lane.counters.judged += 1
+                lane.sampler.count(result)
                 await self._deliver(result)
             finally:
                 lane.queue.task_done()

@@ -476,6 +476,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m canaryflow.sa
         log_level=args.log_level,
         server_header=False,
         date_header=False,
+        timeout_keep_alive=75,  # as hosted providers do (uvicorn's 5 s would drop warm pools)
         ssl_certfile=args.tls_cert,
         ssl_keyfile=args.tls_key,
     )

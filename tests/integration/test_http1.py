@@ -136,6 +136,18 @@ async def test_concurrent_calls_open_their_own_connections(
     assert 1 < server.connections <= 8
 
 
+async def test_preconnected_connections_serve_the_first_concurrent_calls(
+    server: RawServer, client: Http1Client
+) -> None:
+    opened = await client.preconnect(url(server, "/ok"), 4)
+    assert opened == 4
+    await async_wait_for("4 connections", lambda: server.connections == 4, timeout_s=5)
+    replies = await asyncio.gather(*(client.post(url(server, "/ok"), b"{}", 5) for _ in range(4)))
+    assert [r.status for r in replies] == [200] * 4
+    assert server.connections == 4  # no handshake on the request path
+    assert await client.preconnect(url(server, "/ok"), 4) == 0  # already idle: nothing opened
+
+
 async def test_chunked_and_close_delimited_bodies_are_read_whole(
     server: RawServer, client: Http1Client
 ) -> None:
