@@ -13,7 +13,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,7 @@ class LiveStack:
     key: Path
     champion: str
     provider: SecuredSandbox  # the user's own provider: HTTPS, a key required
-    provider_key: str  # its key, in $PROVIDER_KEY_VAR here and in the model services only
+    provider_key: str = field(repr=False)  # in $PROVIDER_KEY_VAR here and the services only
 
     def sign(self, manifest: ModelManifest) -> SignedManifest:
         return sign(manifest, self.key)

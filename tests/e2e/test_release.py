@@ -363,9 +363,12 @@ def test_live_metrics_are_queryable_with_promql(live: LiveStack) -> None:
     began = datetime.now(UTC)
     before = role_totals(source)
 
+    seen_last: dict[str, Any] = {}
+
     def since_began() -> dict[str, Any]:
         seen = source.summaries(examples.SERVICE, began, datetime.now(UTC))
         found = {role: seen.get((version, role)) for role in roles}
+        seen_last.update(every=sorted(seen), routes=controller.current())  # for the failure
         return found if all(found.values()) else {}
 
     split = Routes(service=examples.SERVICE, stable=version, canary=version, weight=50,
@@ -375,7 +378,12 @@ def test_live_metrics_are_queryable_with_promql(live: LiveStack) -> None:
         url = str(live.endpoints.envoy_url)
         with TrafficRunner(url, load_corpus("live"), rate_rps=50) as runner:
             # Traffic flows until Prometheus has scraped each role's series over several samples.
-            wait_for("stable, canary and shadow series since the test began", since_began, 60, 0.5)
+            try:
+                wait_for("stable, canary and shadow series since the test began", since_began,
+                         60, 0.5)  # fmt: skip
+            except BaseException:
+                print(f"series seen (version, role): {seen_last}; client: {runner.stop()}")
+                raise
             report = runner.stop()
     finally:
         controller.set_routes(previous)
