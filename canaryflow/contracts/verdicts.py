@@ -95,6 +95,11 @@ class EvalItemResult(Frozen):
     candidate_passed: bool
     baseline_output: str
     candidate_output: str
+    unscored: str | None = Field(
+        None,
+        description="why the pair could not be scored (a judge or embeddings call failed); "
+        "such a pair is left out of the suite's comparison, never counted as a pass",
+    )
 
 
 class EvalReport(Frozen):

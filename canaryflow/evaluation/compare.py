@@ -39,9 +39,11 @@ def _p(p: float) -> str:
 
 
 def compare_suite(
-    suite_name: str, pairs: Sequence[tuple[bool, bool]], gate: OfflineGate
+    suite_name: str, pairs: Sequence[tuple[bool, bool]], gate: OfflineGate, unscored: int = 0
 ) -> SuiteComparison:
-    """`pairs` holds one (baseline_passed, candidate_passed) per item, in either order of items."""
+    """`pairs` holds one (baseline_passed, candidate_passed) per item, in either order of items;
+    `unscored` counts the items left out because their scorer could not tell (said in the
+    reason: they are missing evidence, not passes)."""
     n = len(pairs)
     confidence = 1 - gate.alpha
     margin = gate.margin_for(suite_name)
@@ -61,6 +63,8 @@ def compare_suite(
         f"(diff {_pts(diff)} pts, {100 * confidence:g}% CI [{_pts(diff_ci[0])}, "
         f"{_pts(diff_ci[1])}]), McNemar {_p(p)}: {verdict}"
     )
+    if unscored:
+        summary += f" ({unscored} unscored item(s) left out)"
     result = GateResult(
         gate=f"offline.{suite_name}",
         severity=Severity.HARD,
@@ -76,7 +80,8 @@ def compare_suite(
             ci_high=diff_ci[1],
             p_value=p,
             threshold=-margin,
-            detail={"only_baseline": b, "only_candidate": c, "confidence": confidence},
+            detail={"only_baseline": b, "only_candidate": c, "confidence": confidence}
+            | ({"unscored": unscored} if unscored else {}),
         ),
     )
     return SuiteComparison(

@@ -4,7 +4,8 @@
 stack's bare `provider_urls`); this module builds each provider's client from its entry (key by
 reference, TLS, limits): one when both models live at the same provider, two when a release
 moves to another one (the sandbox's champion against a candidate at your provider), and runs
-the harness once.
+the harness once. Suites whose items use a model-backed scorer also need `embedding_model`
+(asked of the candidate's provider) or a judge (`judge_provider`, `judge_model`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from canaryflow.contracts import EvalReport, ModelManifest, OfflineGate, ProvidersFile
 from canaryflow.evaluation.harness import evaluate
+from canaryflow.evaluation.model_scorers import ModelScorers
 from canaryflow.evaluation.suites import load_suite
 from canaryflow.providers.cache import ResponseCache
 from canaryflow.providers.client import ProviderClient
@@ -33,10 +35,14 @@ def evaluate_paired(
     source: str = "the providers file",
     sample_per_suite: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    embedding_model: str | None = None,
+    judge_provider: str | None = None,
+    judge_model: str | None = None,
 ) -> EvalReport:
     """Both models answer the same items; answers are cached by (digest, messages, parameters).
-    Both providers are looked up before any call: an unknown one costs no tokens."""
-    names = dict.fromkeys([candidate.origin.provider, baseline.origin.provider])
+    Every provider is looked up before any call: an unknown one costs no tokens."""
+    judging = [judge_provider] if judge_provider and judge_model else []
+    names = dict.fromkeys([candidate.origin.provider, baseline.origin.provider, *judging])
     configs = {name: provider_config(providers, name, source=source) for name in names}
     suites = [load_suite(suite) for suite in suite_names]
     cache = ResponseCache(cache_path)
@@ -49,6 +55,12 @@ def evaluate_paired(
                 )
                 for name, config in configs.items()
             }
+            scorer_models = ModelScorers(
+                embeddings=clients[candidate.origin.provider],
+                embedding_model=embedding_model,
+                judge=clients[judging[0]] if judging else None,
+                judge_model=judge_model,
+            )
             return await evaluate(
                 candidate,
                 baseline,
@@ -58,6 +70,7 @@ def evaluate_paired(
                 sample_per_suite=sample_per_suite,
                 progress=progress,
                 baseline_client=clients[baseline.origin.provider],
+                scorer_models=scorer_models,
             )
 
     try:

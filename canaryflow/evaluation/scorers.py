@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import unicodedata
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +20,21 @@ import jsonschema
 from canaryflow.contracts import canonical_json
 from canaryflow.evaluation.suites import EvalItem
 from canaryflow.quality.knowledge import is_refusal, leaks_secret
+from canaryflow.quality.verdicts import bounded
 
 
 @dataclass(frozen=True, slots=True)
 class ScoreResult:
+    """`scored` is False when the scorer could not tell (a judge or embeddings call failed):
+    never a pass, and the harness leaves the pair out of the comparison."""
+
     passed: bool
     reason: str
+    scored: bool = True
+
+
+def unscored(reason: str) -> ScoreResult:
+    return ScoreResult(False, f"unscored: {reason}", scored=False)
 
 
 Scorer = Callable[[dict[str, Any], str], ScoreResult]
@@ -130,6 +141,78 @@ def reference_fact(expected: dict[str, Any], output: str) -> ScoreResult:
     return ScoreResult(False, f"does not state {expected['answer']!r}: {_short(output)}")
 
 
+def at_least(name: str, value: float, threshold: float) -> ScoreResult:
+    """Pass at or above the threshold; the reason states both, so a near miss reads as one."""
+    passed = value >= threshold
+    return ScoreResult(passed, f"{name} {value:.3f} {'>=' if passed else '<'} {threshold:g}")
+
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+
+
+def f1_tokens(text: str) -> list[str]:
+    """SQuAD's answer normalisation (lower case, punctuation and English articles dropped),
+    with Unicode case folding and Unicode punctuation, so accented answers compare fairly."""
+    return _ARTICLES.sub(" ", _NOT_WORD.sub("", bounded(text).casefold())).split()
+
+
+def token_f1_score(output: str, reference: str) -> float:
+    """SQuAD's F1: harmonic mean of token precision and recall over the shared bag of tokens.
+    Two empty texts agree (1.0); one empty text shares nothing (0.0)."""
+    predicted, gold = f1_tokens(output), f1_tokens(reference)
+    if not predicted or not gold:
+        return float(predicted == gold)
+    same = sum((Counter(predicted) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(expected: dict[str, Any], output: str) -> ScoreResult:
+    value = token_f1_score(output, str(expected["reference"]))
+    return at_least("token F1", value, float(expected.get("min_f1", 0.5)))
+
+
+BLEU_ORDER = 4
+BLEU_EPSILON = 0.1  # Chen & Cherry (2014) smoothing method 1, as NLTK's `method1`
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """Case-folded words, each punctuation mark a token of its own."""
+    return re.findall(r"\w+|[^\w\s]", bounded(text).casefold())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu_score(output: str, reference: str) -> float:
+    """Sentence BLEU-4 against one reference: clipped n-gram precisions (n = 1..4), uniform
+    weights, brevity penalty; an order without a match counts epsilon matches instead of
+    zeroing the whole score (a short answer has no 4-gram to match). No shared word: 0."""
+    hypothesis, ref = bleu_tokens(output), bleu_tokens(reference)
+    if not hypothesis or not ref:
+        return 0.0
+    log_sum = 0.0
+    for n in range(1, BLEU_ORDER + 1):
+        produced, wanted = _ngrams(hypothesis, n), _ngrams(ref, n)
+        matches = sum((produced & wanted).values())
+        if n == 1 and matches == 0:
+            return 0.0
+        total = max(1, sum(produced.values()))
+        log_sum += math.log((matches or BLEU_EPSILON) / total) / BLEU_ORDER
+    c, r = len(hypothesis), len(ref)
+    brevity = 1.0 if c > r else math.exp(1 - r / c)
+    return brevity * math.exp(log_sum)
+
+
+def bleu(expected: dict[str, Any], output: str) -> ScoreResult:
+    value = bleu_score(output, str(expected["reference"]))
+    return at_least("BLEU", value, float(expected.get("min_bleu", 0.3)))
+
+
 SCORERS: dict[str, Scorer] = {
     "exact": exact,
     "contains": contains,
@@ -138,8 +221,15 @@ SCORERS: dict[str, Scorer] = {
     "refusal": refusal,
     "injection_leak": injection_leak,
     "reference_fact": reference_fact,
+    "token_f1": token_f1,
+    "bleu": bleu,
 }
 
 
 def score(item: EvalItem, output: str) -> ScoreResult:
-    return SCORERS[item.scorer](item.expected, output)
+    """One answer scored on its own; the model-backed scorers (`MODEL_SCORERS`) are not here:
+    they need a client and see both answers (`evaluation.model_scorers`)."""
+    scorer = SCORERS.get(item.scorer)
+    if scorer is None:
+        raise ValueError(f"scorer {item.scorer!r} calls a model: use evaluation.model_scorers")
+    return scorer(item.expected, output)

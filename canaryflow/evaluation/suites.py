@@ -22,8 +22,21 @@ from canaryflow.errors import ConfigError
 SUITES_DIR = Path(__file__).resolve().parent.parent / "data" / "suites"
 
 ScorerName = Literal[
-    "exact", "contains", "regex", "json_schema", "refusal", "injection_leak", "reference_fact"
+    "exact",
+    "contains",
+    "regex",
+    "json_schema",
+    "refusal",
+    "injection_leak",
+    "reference_fact",
+    "token_f1",
+    "bleu",
+    "semantic_similarity",
+    "llm_judge",
 ]
+# Scorers that call a model (`evaluation.model_scorers`): a run with such items needs their
+# models configured, and checks that before any call.
+MODEL_SCORERS = frozenset({"semantic_similarity", "llm_judge"})
 
 # What each scorer needs in `expected`; checked at load time so a typo fails before any call.
 REQUIRED_EXPECTED: dict[str, tuple[str, ...]] = {
@@ -32,6 +45,15 @@ REQUIRED_EXPECTED: dict[str, tuple[str, ...]] = {
     "json_schema": ("schema",),
     "injection_leak": ("secret",),
     "reference_fact": ("answer",),
+    "token_f1": ("reference",),
+    "bleu": ("reference",),
+    "semantic_similarity": ("reference",),
+}
+# The optional pass threshold of each graded scorer, a number within [0, 1].
+THRESHOLDS: dict[str, str] = {
+    "token_f1": "min_f1",
+    "bleu": "min_bleu",
+    "semantic_similarity": "min_similarity",
 }
 
 
@@ -62,6 +84,15 @@ class EvalItem(BaseModel):
                 re.compile(self.expected["pattern"])
             except (re.error, TypeError) as exc:
                 raise ValueError(f"expected.pattern is not a valid regex: {exc}") from None
+        if "reference" in REQUIRED_EXPECTED.get(self.scorer, ()):
+            reference = self.expected["reference"]
+            if not isinstance(reference, str) or not reference.strip():
+                raise ValueError("expected.reference must be a non-empty string")
+        field = THRESHOLDS.get(self.scorer)
+        if field is not None and field in self.expected:
+            value = self.expected[field]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"expected.{field} must be a number within [0, 1]")
         return self
 
 

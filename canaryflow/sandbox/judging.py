@@ -7,8 +7,12 @@ deterministically, from what the text says, never from a planted marker:
   groundedness by reading the answer's factual claims (`KnowledgeBase.claims`) and checking each
   against the context it was given, then the knowledge base; relevance by shared content words;
   safety by whether the answer helps with a harmful request instead of declining. The verdict is
-  the JSON object the rubric asks for. Profile overrides: `garbage` (share of replies that are
-  not a verdict), `error_rate`, `latency_ms` (e.g. `sandbox-judge@garbage=1`).
+  the JSON object the rubric asks for. It also answers the offline pairwise prompt
+  (`evaluation.model_scorers.pairwise_messages`): right facts first, then relevance; when
+  neither answer is better it names the one shown first, the position bias real judges have
+  and the scorer's swapped second asking is there to catch. Profile overrides: `garbage`
+  (share of replies that are not a verdict), `error_rate`, `latency_ms`
+  (e.g. `sandbox-judge@garbage=1`).
 - `POST /v1/moderations`: flagged with OpenAI's category names when the text names a harmful
   topic and is not a refusal.
 - `POST /v1/embeddings`: a hashed bag of words, L2-normalised (same text, same vector; shared
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from canaryflow.contracts import Rubric
+from canaryflow.evaluation.model_scorers import PairwisePrompt, read_pairwise_prompt
 from canaryflow.quality.knowledge import (
     KnowledgeBase,
     is_refusal,
@@ -58,12 +63,17 @@ _GARBAGE = (
 def judge_reply(
     system: str, user: str, kb: KnowledgeBase, garbage_draw: float, garbage: float
 ) -> str | None:
-    """The judge's reply text to a rubric prompt; None when the messages are not one."""
+    """The judge's reply to a rubric or pairwise prompt; None when the messages are neither."""
     prompt = read_judge_prompt(system, user)
-    if prompt is None:
+    pair = read_pairwise_prompt(system, user) if prompt is None else None
+    if prompt is None and pair is None:
         return None
     if garbage_draw < garbage:
         return _GARBAGE[int(garbage_draw / garbage * len(_GARBAGE)) % len(_GARBAGE)]
+    if pair is not None:
+        winner, why = prefer(pair, kb)
+        return json.dumps({"winner": winner, "reason": why})
+    assert prompt is not None
     verdict, confidence, reason = decide(prompt, kb)
     return json.dumps({"verdict": verdict, "confidence": confidence, "reason": reason})
 
@@ -123,6 +133,26 @@ def _safety(prompt: JudgePrompt) -> tuple[str, float, str]:
     if topic is not None:
         return "unsafe", 0.9, f"helps to {topic}"
     return "safe", 0.8, "helps with nothing harmful"
+
+
+_GROUNDED = {"hallucinated": 0, "unverifiable": 1, "grounded": 2}
+
+
+def prefer(pair: PairwisePrompt, kb: KnowledgeBase) -> tuple[str, str]:
+    """The winner ("tie" only for the same answer twice) and why."""
+    if pair.first.strip() == pair.second.strip():
+        return "tie", "the two answers are the same"
+
+    def merit(answer: str) -> tuple[int, bool]:
+        asked = JudgePrompt(Rubric.GROUNDEDNESS, "v1", None, pair.question, answer)
+        return _GROUNDED[_groundedness(asked, kb)[0]], _relevance(asked, kb)[0] == "relevant"
+
+    a, b = merit(pair.first), merit(pair.second)
+    if a == b:  # the position bias: nothing separates them, so the first one shown wins
+        return "A", "both are as right and as relevant; A reads a little better"
+    winner = "A" if a > b else "B"
+    aspect = "gets the facts right" if a[0] != b[0] else "addresses the question"
+    return winner, f"{winner} {aspect} where the other does not"
 
 
 def moderate(text: str) -> dict[str, Any]:

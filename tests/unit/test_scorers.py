@@ -7,7 +7,7 @@ from typing import Any, get_args
 import pytest
 
 from canaryflow.evaluation.scorers import SCORERS, fold_accents_keep_numbers, score
-from canaryflow.evaluation.suites import EvalItem, ScorerName
+from canaryflow.evaluation.suites import MODEL_SCORERS, EvalItem, ScorerName
 
 
 def make(scorer: str, expected: dict[str, Any]) -> EvalItem:
@@ -49,6 +49,10 @@ CASES: list[tuple[str, dict[str, Any], str, bool]] = [
     ("reference_fact", {"answer": "100"}, "It is 1000.", False),
     ("reference_fact", {"answer": "He", "case_sensitive": True}, "The symbol is He.", True),
     ("reference_fact", {"answer": "He", "case_sensitive": True}, "he thinks it is Hg", False),
+    ("token_f1", {"reference": "A cat is on the mat"}, "The cat sat on the mat.", True),
+    ("token_f1", {"reference": "A cat is on the mat", "min_f1": 0.8}, "The cat sat on it", False),
+    ("bleu", {"reference": "the cat sat on a mat"}, "The cat sat on the mat.", True),
+    ("bleu", {"reference": "the cat sat on a mat"}, "A dog ran off.", False),
 ]
 
 
@@ -60,9 +64,16 @@ def test_scorer_verdict(scorer: str, expected: dict[str, Any], output: str, pass
 
 
 def test_every_scorer_name_has_a_function() -> None:
+    """Text scorers here; the ones that call a model live in evaluation.model_scorers."""
     names = set(get_args(ScorerName))
-    assert names == set(SCORERS)
-    assert {c[0] for c in CASES} == names
+    assert names == set(SCORERS) | MODEL_SCORERS
+    assert not set(SCORERS) & MODEL_SCORERS
+    assert {c[0] for c in CASES} == set(SCORERS)
+
+
+def test_a_model_scorer_is_not_scored_alone() -> None:
+    with pytest.raises(ValueError, match="calls a model"):
+        score(make("llm_judge", {}), "an answer")
 
 
 def test_failure_reason_quotes_the_output() -> None:
