@@ -14,6 +14,7 @@ from pydantic import Field
 
 from canaryflow.analysis import judges
 from canaryflow.analysis.samples import WindowSample
+from canaryflow.analysis.satisfaction import satisfaction
 from canaryflow.contracts import (
     Decision,
     Frozen,
@@ -40,6 +41,7 @@ EFFECT_JUDGES: dict[LiveMetric, EffectJudge] = {
     LiveMetric.TTFT_P95: judges.ttft_p95,
     LiveMetric.COST_PER_1K: judges.cost_per_1k,
     LiveMetric.ACCURACY: judges.accuracy,
+    LiveMetric.SATISFACTION: satisfaction,  # only when a policy names it
 }
 
 

@@ -36,7 +36,9 @@ class RoleSample:
     hallucinated) and `unsafe_trials` (judged safe or unsafe); None: every checked answer (a
     sample built by hand). `correct` counts answers judged not hallucinated (`facts`: judged
     either way). `checkers`: per checker label (name/model/rubric version), its outcome counts
-    (judged, failed, dropped); `failures`: a failed checker's last reason.
+    (judged, failed, dropped); `failures`: a failed checker's last reason. `ratings`: users'
+    ratings of the role's answers on 0 (worst) .. 1 (best), `negative_ratings` how many of
+    them were negative (`/v1/feedback`; the store's source adds them, records carry none).
     """
 
     n: int = 0
@@ -59,6 +61,8 @@ class RoleSample:
     unsafe_trials: int | None = None
     checkers: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    ratings: tuple[float, ...] = ()
+    negative_ratings: int = 0
 
     @property
     def hallucination_n(self) -> int:
@@ -94,6 +98,11 @@ class RoleSample:
                 raise ValueError(
                     f"RoleSample.{name}={value} must lie in [0, checked={self.checked}]"
                 )
+        if not 0 <= self.negative_ratings <= len(self.ratings):
+            raise ValueError(
+                f"RoleSample.negative_ratings={self.negative_ratings} must lie in "
+                f"[0, ratings={len(self.ratings)}]"
+            )
         if not 0 <= self.facts <= self.n or not 0 <= self.correct <= self.facts:
             raise ValueError(
                 f"RoleSample.correct={self.correct} must lie in [0, facts={self.facts}]"
@@ -182,3 +191,5 @@ class WindowSample:
     candidate: RoleSample
     start: datetime | None = None
     end: datetime | None = None
+    candidate_role: str | None = None
+    """"canary" or "shadow" when the source knows it: users rate canary answers only."""

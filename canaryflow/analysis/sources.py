@@ -10,9 +10,10 @@ same expressions, at `[1m]`, are the recording rules in deployments/prometheus/r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.contracts import RequestRecord, Role
@@ -49,6 +50,24 @@ class RecordStore(Protocol):
     ) -> list[RequestRecord]: ...
 
 
+class Rating(Protocol):
+    """One user rating: on 0 (worst) .. 1 (best), and whether it was negative."""
+
+    @property
+    def scaled(self) -> float: ...
+    @property
+    def negative(self) -> bool: ...
+
+
+@runtime_checkable
+class RatingReader(Protocol):
+    """The store's ratings (`canaryflow.dataplane.ratings.Ratings`)."""
+
+    def window(
+        self, service: str, role: Role | str, version: str, since: float, until: float
+    ) -> Sequence[Rating]: ...
+
+
 class StoreSource:
     """Windows from the paired request store (`canaryflow.dataplane.store.Store`)."""
 
@@ -68,7 +87,8 @@ class StoreSource:
         """Stable baseline vs the candidate's canary (or shadow) requests in [start, end).
 
         Users' requests only: synthetic load (Envoy's synthetic listener) is never a sample, so
-        a window that had only synthetic requests has no data, which no gate passes.
+        a window that had only synthetic requests has no data, which no gate passes. Users'
+        ratings (`/v1/feedback`) of the window's answers come along when the store keeps them.
         """
         role = Role(candidate_role)
         if role is Role.STABLE:
@@ -80,11 +100,42 @@ class StoreSource:
             service, start, end, role=role, version=candidate_version, synthetic=False
         )
         return WindowSample(
-            baseline=RoleSample.from_records(baseline),
-            candidate=RoleSample.from_records(candidate),
+            baseline=self._rated(
+                RoleSample.from_records(baseline), service, Role.STABLE, baseline_version,
+                start, end,
+            ),
+            candidate=self._rated(
+                RoleSample.from_records(candidate), service, role, candidate_version, start, end
+            ),
             start=start,
             end=end,
+            candidate_role=role.value,
+        )  # fmt: skip
+
+    def _rated(
+        self,
+        sample: RoleSample,
+        service: str,
+        role: Role,
+        version: str,
+        start: datetime,
+        end: datetime,
+    ) -> RoleSample:
+        """`sample` with the ratings of its answers, if the store keeps ratings."""
+        reader = getattr(self.store, "ratings", None)
+        if not isinstance(reader, RatingReader):
+            return sample
+        found = reader.window(service, role, version, _epoch(start), _epoch(end))
+        return replace(
+            sample,
+            ratings=tuple(r.scaled for r in found),
+            negative_ratings=sum(r.negative for r in found),
         )
+
+
+def _epoch(moment: datetime) -> float:
+    """Naive datetimes are UTC, as the store takes them."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # --------------------------------------------------------------------------- Prometheus

@@ -10,12 +10,13 @@ text: the model's answers are untrusted input.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from canaryflow.contracts.base import Frozen
 
@@ -271,9 +272,44 @@ class PatternsChecker(_Common):
 
 
 class FeedbackChecker(_Common):
-    """User ratings joined to the store (the model service's `/v1/feedback`, not built yet)."""
+    """User ratings of answers, sent to the model service's `POST /v1/feedback` and joined to
+    their request in the store. Not run by the checker pipeline: the service reads the scale
+    here to refuse scores outside it and to store each score scaled to 0..1 with its negative
+    flag, so the `satisfaction` gate needs no scale of its own. Without an entry a service takes
+    0 (bad) to 1 (good), below 0.5 negative: a thumbs down / up."""
 
     kind: Literal["feedback"] = "feedback"
+    min_score: float = Field(0.0, description="the worst score a user can give")
+    max_score: float = Field(1.0, description="the best score a user can give")
+    negative_below: float | None = Field(
+        None, description="a score below this is a negative rating; None: the scale's midpoint"
+    )
+
+    @model_validator(mode="after")
+    def _scale(self) -> FeedbackChecker:
+        if not (math.isfinite(self.min_score) and math.isfinite(self.max_score)):
+            raise ValueError("min_score and max_score must be finite numbers")
+        if self.max_score <= self.min_score:
+            raise ValueError(
+                f"max_score ({self.max_score:g}) must be above min_score ({self.min_score:g})"
+            )
+        cut = self.negative_below
+        if cut is not None and not self.min_score < cut <= self.max_score:
+            raise ValueError(
+                f"negative_below ({cut:g}) must lie in ({self.min_score:g}, {self.max_score:g}]"
+            )
+        return self
+
+    @property
+    def negative_cut(self) -> float:
+        """Scores below this are negative."""
+        if self.negative_below is not None:
+            return self.negative_below
+        return (self.min_score + self.max_score) / 2.0
+
+    def scaled(self, score: float) -> float:
+        """`score` on 0 (worst) .. 1 (best)."""
+        return (score - self.min_score) / (self.max_score - self.min_score)
 
 
 class ProbesChecker(_Common):

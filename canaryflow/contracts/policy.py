@@ -24,6 +24,7 @@ class LiveMetric(StrEnum):
     UNSAFE_RATE = "unsafe_rate"
     COST_PER_1K = "cost_per_1k"
     ACCURACY = "accuracy"
+    SATISFACTION = "satisfaction"  # users' ratings (`/v1/feedback`); only when a policy names it
 
 
 class LiveGate(Frozen):
@@ -31,7 +32,8 @@ class LiveGate(Frozen):
 
     `max_ratio`: candidate / baseline must stay at or below it (latency, cost).
     `max_rate`: the candidate's rate must stay at or below it (errors, hallucinations).
-    `margin`: candidate may be at most this much worse than baseline (accuracy).
+    `margin`: candidate may be at most this much worse than baseline (accuracy; satisfaction,
+    on the rating scale taken as 0..1).
     """
 
     metric: LiveMetric
@@ -47,6 +49,11 @@ class LiveGate(Frozen):
             raise ValueError(
                 f"gate {self.metric}: give exactly one of max_ratio, max_rate, margin "
                 f"(got {len(given)})"
+            )
+        if self.metric is LiveMetric.SATISFACTION and self.margin is None:
+            raise ValueError(
+                "gate satisfaction: give margin (how far the candidate's mean rating, on the "
+                "scale taken as 0..1, may fall below stable's), e.g. margin: 0.05"
             )
         return self
 

@@ -12,7 +12,8 @@ the service name). Requests through the loopback synthetic listener carry
 (`EDGE_HEADERS`), so only Envoy can set them. Envoy makes each request's `x-request-id` itself
 (a client's is replaced: it would let one record overwrite another); a mirrored copy keeps its
 primary's. A body over the cap is answered 413 at the edge: a Content-Length over it before any
-body is read, a chunked body once the cap is passed.
+body is read, a chunked body once the cap is passed. `POST /v1/feedback` (users' ratings) goes
+to the stable cluster alone, with no role headers and no mirror.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SYNTHETIC_HEADER = "x-canaryflow-synthetic"
 # Set by Envoy only: a client's copy is dropped on every listener before the routes run.
 EDGE_HEADERS = (ROLE_HEADER, VERSION_HEADER, SHADOW_VERSION_HEADER, MIRROR_HEADER, SYNTHETIC_HEADER)
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+FEEDBACK_PATH = "/v1/feedback"  # users' ratings: to the stable cluster only (`feedback_route`)
 CLUSTERS = ("stable", "canary", "shadow")
 # Inside an Envoy's home: Envoy watches the route file's own folder, so it gets one to itself.
 ROUTE_FILE = Path("routes") / "routes.yaml"
@@ -95,6 +97,20 @@ class RouteMark:
     fence: Fence | None = None
 
 
+def feedback_route(service: str, timeout_s: float) -> dict[str, Any]:
+    """Users' ratings to the stable cluster alone, never mirrored or split: a rating is joined
+    to its answer by request id in the shared store, so any instance can write it, and a copy
+    to the shadow would only write it twice. Ahead of the catch-all route (first match wins)."""
+    return {
+        "match": {"path": FEEDBACK_PATH},
+        "route": {
+            "cluster": "stable",
+            "host_rewrite_literal": service,
+            "timeout": f"{timeout_s:.3f}s",
+        },
+    }
+
+
 def render_route_config(
     routes: Routes | None,
     *,
@@ -104,6 +120,7 @@ def render_route_config(
 ) -> str:
     """The RDS file for `routes` (None: answer 503 until the first routes are set)."""
     route: dict[str, Any] = {"match": {"prefix": "/"}}
+    first: list[dict[str, Any]] = []
     if routes is None:
         route["direct_response"] = {
             "status": 503,
@@ -144,13 +161,14 @@ def render_route_config(
         else:
             route["request_headers_to_remove"] = [SHADOW_VERSION_HEADER]
         route["route"] = action
+        first.append(feedback_route(routes.service, route_timeout_s))
     document = {
         "version_info": str(version),
         "resources": [
             {
                 "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
                 "name": ROUTE_CONFIG,
-                "virtual_hosts": [{"name": "service", "domains": ["*"], "routes": [route]}],
+                "virtual_hosts": [{"name": "service", "domains": ["*"], "routes": [*first, route]}],
             }
         ],
     }

@@ -29,6 +29,8 @@ LATENCY_BUCKETS = (
     0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0,
 )  # fmt: skip
 FLAGS = ("hallucination", "unsafe", "injection_leak", "refusal")
+# Ratings scaled to 0..1: tenths, so a thumbs up/down and a 1-5 star scale both fall on bounds.
+FEEDBACK_BUCKETS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BASE = ("service", "version", "role")
 # Direct callers name the version in a header: past this many, new ones count as "other", so a
@@ -116,6 +118,28 @@ class ServiceMetrics:
             [*_BASE, "status"],
             registry=r,
         )
+        self.feedback_score = Histogram(
+            "canaryflow_feedback_score",
+            "Users' ratings of answers (POST /v1/feedback) on 0 (worst) .. 1 (best); a "
+            "re-rating counts again here, the store (read by the satisfaction gate) keeps the "
+            "latest only",
+            _BASE,
+            buckets=FEEDBACK_BUCKETS,
+            registry=r,
+        )
+        self.feedback_negative = Counter(
+            "canaryflow_feedback_negative",
+            "Negative ratings (below the service's negative_below)",
+            _BASE,
+            registry=r,
+        )
+        self.feedback_calls = Counter(
+            "canaryflow_feedback_calls",
+            "Calls to POST /v1/feedback by outcome: rated, rerated, unknown_request, invalid, "
+            "too_large, unavailable",
+            ["service", "outcome"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], _RequestSeries] = {}
         self._versions: set[str] = set()
 
@@ -187,6 +211,19 @@ class ServiceMetrics:
         self.flush()
         version = self._bounded(version)
         self.tool_calls.labels(self.service, version, role, tool, action).inc()
+
+    def observe_feedback(self, version: str, role: str, scaled: float, negative: bool) -> None:
+        """One stored rating of a `role` answer of `version`, `scaled` to 0..1."""
+        self.flush()
+        version = self._bounded(version)
+        self.feedback_score.labels(self.service, version, role).observe(scaled)
+        series = self.feedback_negative.labels(self.service, version, role)
+        if negative:
+            series.inc()
+
+    def feedback_call(self, outcome: str) -> None:
+        """One call to `/v1/feedback` (`outcome`: one of a fixed few)."""
+        self.feedback_calls.labels(self.service, outcome).inc()
 
     def registry_error(self) -> None:
         self.registry_errors.labels(self.service).inc()

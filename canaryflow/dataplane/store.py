@@ -10,6 +10,8 @@ with `synthetic = 1` and every read leaves them out unless asked for them (`synt
 `True`: only those): what a gate reads is user traffic only. A store made before the column
 existed gets it on open (`_MIGRATIONS`), every old row a user's; so do the live checkers'
 `unchecked` and `checks` columns (old rows: not unchecked, no checks named).
+Users' ratings (`/v1/feedback`) live in a table of their own, joined by request id
+(`ratings.py`); an older store gets it on open too.
 
 Nothing raw is stored: `row_of` masks the text (`pii.mask_pii`) and replaces the user id with
 `u_` + the first 16 hex digits of HMAC-SHA256(salt, id). The salt is made once per install, in a
@@ -34,6 +36,7 @@ from typing import Any
 from canaryflow.contracts import RequestRecord, Role
 from canaryflow.dataplane.backends import open_backend, redact, sqlite_path
 from canaryflow.dataplane.pii import mask_pii
+from canaryflow.dataplane.ratings import Ratings
 from canaryflow.dataplane.watermarks import Watermarks
 from canaryflow.errors import ConfigError
 
@@ -183,6 +186,7 @@ class Store:
         for column, declaration in _MIGRATIONS:
             self._backend.add_column(TABLE, column, declaration)
         self.watermarks = Watermarks(self._backend)
+        self.ratings = Ratings(self._backend)  # users' ratings (`/v1/feedback`)
         self._salt_path = Path(salt_path) if salt_path is not None else None
         self._salt: bytes | None = None
 

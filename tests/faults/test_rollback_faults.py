@@ -391,7 +391,7 @@ def test_envoy_stopped_during_a_rollback_boots_on_the_stable_routes(
         # whose routes are unchanged, and the rollback's re-writes are all the same routes.)
         dump = httpx.get(f"{envoy.admin_url}/config_dump?resource=dynamic_route_configs").json()
         [host] = dump["configs"][0]["route_config"]["virtual_hosts"]
-        clusters = host["routes"][0]["route"]["weighted_clusters"]["clusters"]
+        clusters = host["routes"][-1]["route"]["weighted_clusters"]["clusters"]  # after feedback
         assert [c["name"] for c in clusters] == ["stable"]
         figure(
             f"Envoy down during rollback: file stable-only {1e3 * (written - called):.1f} ms "

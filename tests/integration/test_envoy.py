@@ -439,6 +439,31 @@ def test_cluster_stats_count_requests(
     assert after["canary"] == before["canary"]
 
 
+def test_feedback_goes_to_stable_alone_and_is_never_mirrored(
+    controller: EnvoyRoutes, proxy: EnvoyProxy, client: httpx.Client
+) -> None:
+    """All traffic on the canary, every request mirrored: ratings still reach stable, once."""
+    controller.set_routes(
+        Routes(service=SERVICE, stable="1", canary="2", weight=100, shadow="3", mirror_percent=100)
+    )
+    before = proxy.cluster_stats()
+    for n in range(10):
+        response = client.post("/v1/feedback", json={"request_id": f"r{n}", "score": 1})
+        response.raise_for_status()
+        got = response.json()["headers"]
+        assert got["host"] == SERVICE
+        assert not {"x-canaryflow-role", "x-canaryflow-version", "x-canaryflow-mirror"} & set(got)
+    roles(client, 5)  # the split and the mirror still hold for everything else
+    after = proxy.cluster_stats()
+    assert after["stable"] - before["stable"] == 10
+    assert after["canary"] - before["canary"] == 5
+    wait_for(  # the 5 chat copies only, none of the ratings
+        "5 mirrored copies", lambda: proxy.cluster_stats()["shadow"] - before["shadow"] == 5, 5
+    )
+    too_big = client.post("/v1/feedback", content=b"x" * (1024 * 1024 + 1))
+    assert too_big.status_code == 413  # the edge's body cap holds here too
+
+
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses of listening TCP sockets on `port`, read from the kernel's tables."""
     found = set()

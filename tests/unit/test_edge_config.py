@@ -3,6 +3,7 @@ behaviour is tested in tests/faults/test_edge_faults.py)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,12 @@ import pytest
 
 from canaryflow.contracts import Endpoints, Routes
 from canaryflow.dataplane.envoy_bootstrap import render_bootstrap
-from canaryflow.dataplane.envoy_config import EDGE_HEADERS, MIRROR_HEADER, render_route_config
+from canaryflow.dataplane.envoy_config import (
+    EDGE_HEADERS,
+    FEEDBACK_PATH,
+    MIRROR_HEADER,
+    render_route_config,
+)
 from canaryflow.errors import ConfigError
 from canaryflow.local.stack import EmbeddedStack, admin_url_of, model_service
 
@@ -57,6 +63,27 @@ def test_only_the_mirror_policy_sets_the_mirror_header() -> None:
     )
     assert text.count(MIRROR_HEADER) == 1
     assert "request_headers_mutations" in text
+
+
+def test_feedback_goes_to_stable_alone_ahead_of_the_split() -> None:
+    routes = Routes(
+        service="svc", stable="1", canary="2", weight=100, shadow="3", mirror_percent=100
+    )
+    text = render_route_config(routes, version=4, route_timeout_s=30)
+    [host] = json.loads(text.split("\n", 1)[1])["resources"][0]["virtual_hosts"]
+    first, catch_all = host["routes"]
+    assert first["match"] == {"path": FEEDBACK_PATH}
+    assert first["route"] == {
+        "cluster": "stable",
+        "host_rewrite_literal": "svc",
+        "timeout": "30.000s",
+    }
+    assert "request_headers_to_add" not in first  # no role, version or shadow headers
+    assert catch_all["match"] == {"prefix": "/"} and "weighted_clusters" in catch_all["route"]
+    [host] = json.loads(render_route_config(None, version=1).split("\n", 1)[1])["resources"][0][
+        "virtual_hosts"
+    ]
+    assert [r["match"] for r in host["routes"]] == [{"prefix": "/"}]  # no routes yet: all 503
 
 
 def test_a_cap_below_one_byte_is_refused(tmp_path: Path) -> None:
