@@ -77,6 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_body_bytes,
         users_rps=args.users,
         providers_file=_providers_file(args),
+        checkers_policy=Path(args.policy) if args.policy else None,
     )
 
 
@@ -361,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="your providers file, merged with the sandbox's entry into <home>/providers.yaml "
         "for the model services (default: $CANARYFLOW_PROVIDERS_FILE)",
+    )
+    up.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help="a policy whose `checkers:` the model services run (default: the built-in ones, "
+        "as deployments/policies/default.yaml)",
     )
     keys = add("keys", cmd_keys, "make an ed25519 key pair for signing manifests")
     keys.add_argument("--dir", default=".canaryflow/keys")

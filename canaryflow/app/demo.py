@@ -260,6 +260,7 @@ def keep_stack_up(
     max_request_bytes: int | None = None,
     users_rps: float | None = None,
     providers_file: Path | None = None,
+    checkers_policy: Path | None = None,
 ) -> int:
     """`canaryflow up`: the same stack, running until Ctrl-C, for the Prefect and MLflow UIs.
 
@@ -277,6 +278,7 @@ def keep_stack_up(
             cancelled=signals.cancelled,
             max_request_bytes=max_request_bytes,
             providers_file=providers_file,
+            checkers_policy=checkers_policy,
         )
         _keep_stack_up(stack, service, tool_urls or {}, users_rps, signals)
     if signals.received is not None:

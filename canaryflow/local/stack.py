@@ -136,6 +136,7 @@ def model_service(
     providers: Path | None = None,
     needs: Collection[str] = (),
     uds: Path | None = None,
+    policy: Path | None = None,
 ) -> ManagedProcess:
     """One `canaryflow serve` process; the embedded stack runs a primary and a shadow one,
     with its providers file (`providers`; None: `--provider-url` from the endpoints), Envoy
@@ -150,6 +151,7 @@ def model_service(
     limit = [] if max_body_bytes is None else ["--max-body-bytes", str(max_body_bytes)]
     limit += [] if timeout_s is None else ["--timeout", f"{timeout_s:g}"]
     limit += [] if uds is None else ["--uds", str(uds)]
+    limit += [] if policy is None else ["--policy", str(policy)]  # its checkers
     bare = [f"--provider-url={key}={url}" for key, url in endpoints.provider_urls.items()]
     tools = [f"--tool-url={tool}={url}" for tool, url in (tool_urls or {}).items()]
     command = [
@@ -260,6 +262,7 @@ class EmbeddedStack:
         max_request_bytes: int | None = None,
         request_timeout_s: float = 30.0,
         providers_file: Path | None = None,
+        checkers_policy: Path | None = None,
     ) -> None:
         """`cancelled` is polled while parts start (from worker threads, so it must only read
         a flag): once true, the start gives up and stops what it started.
@@ -267,7 +270,9 @@ class EmbeddedStack:
         `request_timeout_s`: the model services' provider timeout, which is also how long a
         release waits for the last window's late finishers.
         `providers_file`: the user's providers, merged with the sandbox into
-        `<home>/providers.yaml` (read here first: a bad file is refused before anything starts)."""
+        `<home>/providers.yaml` (read here first: a bad file is refused before anything starts).
+        `checkers_policy`: a policy whose `checkers:` the model services run (None: the
+        built-in ones); read here first too."""
         self.home = home.resolve()
         self.ui = ui
         self.webhook = webhook
@@ -283,6 +288,11 @@ class EmbeddedStack:
         if providers_file is not None:
             load_providers(providers_file)
         self.providers_file = providers_file
+        if checkers_policy is not None:
+            from canaryflow.loading import load_policy
+
+            load_policy(checkers_policy)
+        self.checkers_policy = checkers_policy
         self.provider_keys: frozenset[str] = frozenset()
 
     def _start_together(self, parts: Sequence[Part], timeout_s: float) -> list[Part]:
@@ -381,6 +391,7 @@ class EmbeddedStack:
                 providers=self.home / PROVIDERS_FILE,
                 needs=self.provider_keys,
                 uds=sockets / f"service-{name}.sock",
+                policy=self.checkers_policy,
             )
             for name in ("primary", "shadow")
         ]

@@ -4,6 +4,9 @@ It runs as a user's would with their own provider: a providers file naming `tls-
 sandbox over HTTPS with a CA made for the session, requiring a bearer key) is given to the stack
 (merged with its own sandbox) and to the worker (`CANARYFLOW_PROVIDERS_FILE`), and the key is in
 this process's environment when the stack starts, as `export KEY=...; canaryflow up` puts it.
+The live LLM judge has a provider entry of its own (`judge`, another sandbox process), named in
+the checkers policy the stack's model services run (`up --policy`), so a test can take the
+judge down and bring it back.
 """
 
 from __future__ import annotations
@@ -17,18 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from canaryflow import connections
 from canaryflow.contracts import Endpoints, ModelManifest, ProvidersFile, SignedManifest
 from canaryflow.local import examples
 from canaryflow.local.loadgen import TrafficRunner
+from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.local.stack import EmbeddedStack
 from canaryflow.providers.config import write_providers
 from canaryflow.registry.signing import generate_keypair, sign
 from canaryflow.settings import pinned_endpoints
 from tests.certificates import SecuredSandbox, secured_sandbox
 
+REPO = Path(__file__).resolve().parents[2]
 PROVIDER = "tls-sandbox"  # the user's provider entry, in the providers file given to the stack
 PROVIDER_KEY_VAR = "CANARYFLOW_E2E_TLS_SANDBOX_KEY"  # where the stack and the worker find its key
 # Planted: a long random key that must show up nowhere but where it is needed. Read it from
@@ -43,6 +49,7 @@ class LiveStack:
     champion: str
     provider: SecuredSandbox  # the user's own provider: HTTPS, a key required
     provider_key: str = field(repr=False)  # in $PROVIDER_KEY_VAR here and the services only
+    judge: ManagedProcess = field(repr=False)  # the live LLM judge's provider (`JUDGE`)
 
     def sign(self, manifest: ModelManifest) -> SignedManifest:
         return sign(manifest, self.key)
@@ -62,19 +69,60 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             "ca_bundle": str(provider.certs.ca),
             "timeout_s": E2E_REQUEST_TIMEOUT_S,
         }
+        judge, judge_url = judge_process(folder)
+        judge_entry = {"base_url": judge_url, "auth": "none"}
         providers_file = write_providers(
             folder / "providers.yaml",
-            ProvidersFile.model_validate({"providers": {PROVIDER: entry}}),
+            ProvidersFile.model_validate({"providers": {PROVIDER: entry, JUDGE: judge_entry}}),
         )
         env.setenv(PROVIDER_KEY_VAR, PROVIDER_KEY)
         env.setenv("CANARYFLOW_PROVIDERS_FILE", str(providers_file))
-        yield from _live(home, provider, providers_file)
+        judge.start(timeout_s=30)
+        try:
+            yield from _live(home, provider, providers_file, judge, checkers_policy(folder))
+        finally:
+            judge.stop()
 
 
-def _live(home: Path, provider: SecuredSandbox, providers_file: Path) -> Iterator[LiveStack]:
+JUDGE = "judge"  # the providers-file entry of the live LLM judge
+
+
+def judge_process(folder: Path) -> tuple[ManagedProcess, str]:
+    """A plain sandbox answering as the judge model (not started), and its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "canaryflow.sandbox", "--port", str(port)]
+    judge = ManagedProcess(
+        "judge", command, folder / "judge.log", http_ok(f"{url}/health"), cwd=REPO
+    )
+    return judge, f"{url}/v1"
+
+
+def checkers_policy(folder: Path) -> Path:
+    """The built-in checkers, the LLM judge reached through the `judge` entry."""
+    policy = yaml.safe_load((REPO / "deployments/policies/default.yaml").read_text())
+    for checker in policy["checkers"]:
+        if checker["kind"] == "llm_judge":
+            checker["provider"] = JUDGE
+    path = folder / "checkers.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def _live(
+    home: Path,
+    provider: SecuredSandbox,
+    providers_file: Path,
+    judge: ManagedProcess,
+    policy: Path,
+) -> Iterator[LiveStack]:
     # A short provider timeout: a promotion waits that long for the last window's late finishers.
     stack = EmbeddedStack(
-        home, ui=False, request_timeout_s=E2E_REQUEST_TIMEOUT_S, providers_file=providers_file
+        home,
+        ui=False,
+        request_timeout_s=E2E_REQUEST_TIMEOUT_S,
+        providers_file=providers_file,
+        checkers_policy=policy,
     )
     try:
         endpoints = stack.start()
@@ -97,6 +145,7 @@ def _live(home: Path, provider: SecuredSandbox, providers_file: Path) -> Iterato
                 champion.version,
                 provider,
                 PROVIDER_KEY,
+                judge,
             )
     finally:
         stack.stop()
@@ -113,9 +162,6 @@ def users(live: LiveStack) -> Iterator[TrafficRunner]:
     Their requests are what the release's gates judge."""
     with examples.simulated_users(live.endpoints, USERS_RPS) as runner:
         yield runner
-
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def prefect_cli(live: LiveStack, *args: str) -> subprocess.CompletedProcess[str]:
