@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from canaryflow import connections
+from canaryflow.analysis.planning import ReleasePlan, adapted, plan_release
 from canaryflow.contracts import (
     CompatibilityReport,
     Decision,
@@ -65,6 +66,8 @@ class Preflight:
     compatibility: CompatibilityReport
     key_id: str
     provider: ProviderCheck | None = None
+    plan: ReleasePlan | None = None  # None: too little recent traffic to plan with
+    spec: ReleaseSpec | None = None  # the spec to run: windows lengthened by the plan, if allowed
 
 
 def preflight(
@@ -93,6 +96,15 @@ def preflight(
             f"the spec for {spec.service} has a window the silence automation would take for a "
             f"dead release: {'; '.join(too_long)}"
         )
+    plan = plan_at_traffic(spec, endpoints)
+    if plan is not None and plan.problems:
+        if not spec.adapt_windows:
+            raise SpecError(
+                f"the spec for {spec.service} cannot decide at its traffic: "
+                f"{'; '.join(plan.problems)}. Lengthen those windows (or set adapt_windows: true "
+                "and preflight will)"
+            )
+        spec = adapted(spec, plan)
     if spec.traffic is not None and endpoints.envoy_synthetic_url is None:
         raise ConfigError(
             f"the spec for {spec.service} asks for synthetic traffic, but this stack has no "
@@ -121,7 +133,31 @@ def preflight(
         compatibility=report,
         key_id=spec.candidate.signature.key_id,
         provider=provider,
+        plan=plan,
+        spec=spec,
     )
+
+
+TRAFFIC_LOOKBACK_S = 300.0
+MIN_RECORDS_TO_PLAN = 20
+
+
+def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
+    """Users' requests per second to `service` in the last TRAFFIC_LOOKBACK_S, over the span
+    from their first to their last request (traffic that began a minute ago is not averaged
+    over five); None with fewer than MIN_RECORDS_TO_PLAN records (nothing to plan with)."""
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=TRAFFIC_LOOKBACK_S)
+    with connections.store(str(endpoints.store_url)) as store:
+        count, span_s = store.user_traffic(service, since, now)
+    if count < MIN_RECORDS_TO_PLAN:
+        return None
+    return count / max(1.0, span_s)
+
+
+def plan_at_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> ReleasePlan | None:
+    rps = recent_user_rps(endpoints, spec.service)
+    return None if rps is None else plan_release(spec, rps)
 
 
 def check_candidate_provider(

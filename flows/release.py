@@ -51,7 +51,10 @@ def _preflight_and_publish(run: Release, floor: PolicyFloor) -> None:
         raise Stop(str(exc)) from exc
     run.baseline, run.record.baseline_version = checked.baseline, checked.baseline.version
     fit = checked.compatibility.describe()
-    run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; {fit}")
+    if checked.spec is not None and checked.spec != run.spec:  # windows lengthened to decide
+        run.spec = checked.spec
+    plan = "; ".join(checked.plan.lines()) if checked.plan else "no recent traffic to plan with"
+    run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; {fit}; {plan}")
     run.candidate = publish_candidate(run.spec, run.endpoints)
     run.record.candidate_version = run.candidate.version
     run.stage(Stage.PUBLISH, Outcome.DONE, f"version {run.candidate.version} is the challenger")

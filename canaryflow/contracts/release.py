@@ -75,6 +75,11 @@ class ReleaseSpec(Strict):
         description="synthetic load through Envoy, for the embedded stack only: off unless asked",
     )
     allow_incompatible: bool = False
+    adapt_windows: bool = Field(
+        False,
+        description="when the service's recent traffic cannot fill a window with the gates' "
+        "min_samples, lengthen that window instead of refusing the spec (preflight's plan)",
+    )
     lock_wait_s: Seconds = Field(0.0, description="wait this long for another release, then refuse")
 
     @model_validator(mode="after")

@@ -260,6 +260,18 @@ class Store:
         rows = self._backend.query(f"SELECT COUNT(*) FROM {TABLE} WHERE {where}", params)
         return int(rows[0][0])
 
+    def user_traffic(self, service: str, since: datetime, until: datetime) -> tuple[int, float]:
+        """Users' requests answered by stable or canary in the window, and the seconds from the
+        first to the last of them: how busy the service is, without reading rows."""
+        where, params = self._where(service, since, until, None, None, False)
+        sql = (
+            f"SELECT COUNT(*), MIN(at), MAX(at) FROM {TABLE} WHERE {where} "
+            "AND role IN (:stable, :canary)"
+        )
+        params.update(stable=Role.STABLE.value, canary=Role.CANARY.value)
+        count, first, last = self._backend.query(sql, params)[0]
+        return int(count), 0.0 if first is None else float(last) - float(first)
+
     def pairs(
         self, service: str, since: datetime, until: datetime
     ) -> list[tuple[RequestRecord, RequestRecord]]:

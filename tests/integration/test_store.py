@@ -310,3 +310,14 @@ def test_an_unreachable_postgresql_is_a_clear_error() -> None:
     # `make test` installs the [postgres] extra: a missing driver fails here, it never skips.
     with pytest.raises(ConfigError, match="check the URL and that the database is up"):
         Store(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/postgres")
+
+
+def test_user_traffic_counts_primary_users_and_their_span(store: Store, service: str) -> None:
+    records = [record(n, service=service) for n in range(10)]  # one a second, stable
+    records += [record(n, service=service, role=Role.CANARY) for n in range(10, 15)]
+    records += [record(n, service=service, role=Role.SHADOW) for n in range(15, 40)]  # mirror
+    records += [record(n, service=service, synthetic=True) for n in range(40, 60)]  # not users
+    store.write(records)
+    since, until = T0 - timedelta(seconds=1), T0 + timedelta(seconds=100)
+    assert store.user_traffic(service, since, until) == (15, pytest.approx(14.0))
+    assert store.user_traffic(service, until, until + timedelta(seconds=5)) == (0, 0.0)
