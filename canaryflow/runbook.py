@@ -138,21 +138,23 @@ def preflight(
     )
 
 
-TRAFFIC_LOOKBACK_S = 300.0
+TRAFFIC_LOOKBACKS_S = (10.0, 300.0)
 MIN_RECORDS_TO_PLAN = 20
 
 
 def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
-    """Users' requests per second to `service` in the last TRAFFIC_LOOKBACK_S, over the span
-    from their first to their last request (traffic that began a minute ago is not averaged
-    over five); None with fewer than MIN_RECORDS_TO_PLAN records (nothing to plan with)."""
+    """Users' requests per second to `service` now: over the last 10 s when they hold enough
+    requests, else the last 5 minutes (a quiet service), each time over the span from the
+    first to the last request (a gap before traffic resumed is not averaged in). None with
+    too few requests in either (nothing to plan with)."""
     now = datetime.now(UTC)
-    since = now - timedelta(seconds=TRAFFIC_LOOKBACK_S)
     with connections.store(str(endpoints.store_url)) as store:
-        count, span_s = store.user_traffic(service, since, now)
-    if count < MIN_RECORDS_TO_PLAN:
-        return None
-    return count / max(1.0, span_s)
+        for lookback_s in TRAFFIC_LOOKBACKS_S:
+            since = now - timedelta(seconds=lookback_s)
+            count, span_s = store.user_traffic(service, since, now)
+            if count >= MIN_RECORDS_TO_PLAN:
+                return count / max(1.0, span_s)
+    return None
 
 
 def plan_at_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> ReleasePlan | None:
