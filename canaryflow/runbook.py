@@ -138,15 +138,15 @@ def preflight(
     )
 
 
-TRAFFIC_LOOKBACKS_S = (10.0, 300.0)
+TRAFFIC_LOOKBACKS_S = (3.0, 30.0, 300.0)  # the shortest that holds enough requests
 MIN_RECORDS_TO_PLAN = 20
 
 
 def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
-    """Users' requests per second to `service` now: over the last 10 s when they hold enough
-    requests, else the last 5 minutes (a quiet service), each time over the span from the
-    first to the last request (a gap before traffic resumed is not averaged in). None with
-    too few requests in either (nothing to plan with)."""
+    """Users' requests per second to `service` now: over the shortest of the last 3 s, 30 s
+    and 5 minutes that holds enough requests (a busy service is measured as it is now, a quiet
+    one over longer), over the span from the first to the last request. None with too few
+    requests even in 5 minutes (nothing to plan with)."""
     now = datetime.now(UTC)
     with connections.store(str(endpoints.store_url)) as store:
         for lookback_s in TRAFFIC_LOOKBACKS_S:
