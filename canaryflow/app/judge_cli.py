@@ -3,6 +3,9 @@
 Runs the `llm_judge` checker (a providers-file entry and a model) over a labelled set, prints
 precision, recall and Cohen's kappa per flag with their intervals, and with `--mlflow URI` logs
 them as an MLflow run (parameters: provider, model, rubric version, labels file and its digest).
+
+`canaryflow judge serve --store URL --policy FILE --port N`: the live gates' verdicts over HTTP
+for Argo Rollouts and Flagger (`canaryflow.app.judge_service`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,52 @@ def build_parser(prog: str = "canaryflow judge") -> argparse.ArgumentParser:
     check.add_argument(
         "--limit", type=int, default=None, help="N items spread evenly over the set (every label)"
     )
+    serve = sub.add_parser(
+        "serve", help="answer verdicts over HTTP for Argo Rollouts' web provider and Flagger"
+    )
+    serve.add_argument(
+        "--store", required=True, metavar="URL", help="the request store: a SQLite file, "
+        "sqlite:///PATH or postgresql://USER@HOST/DB (a password: PGPASSWORD, not the URL)",
+    )  # fmt: skip
+    serve.add_argument("--policy", metavar="FILE", help="gate policy (default: the seed's gates)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
+    serve.add_argument("--port", type=int, default=8490)
+    serve.add_argument(
+        "--memory-ttl", type=float, default=6 * 3600, metavar="SECONDS",
+        help="forget a rollout's sequential evidence this long after its last verdict",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-rollouts", type=int, default=1000, metavar="N",
+        help="keep the sequential evidence of at most N rollouts (the least recent go first)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-records", type=int, default=50_000, metavar="N",
+        help="read at most N records per version for one verdict (a busier window is shortened)",
+    )  # fmt: skip
     return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from canaryflow.app.judge_service import serve
+    from canaryflow.contracts import GatePolicy
+    from canaryflow.loading import load_policy
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must lie in 1..65535, got {args.port}")
+    for flag, value in (("--max-rollouts", args.max_rollouts), ("--max-records", args.max_records)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.memory_ttl <= 0:
+        raise ConfigError(f"--memory-ttl must be positive, got {args.memory_ttl}")
+    policy = load_policy(Path(args.policy)) if args.policy else GatePolicy()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(
+        args.store, policy, host=args.host, port=args.port, ttl_s=args.memory_ttl,
+        max_keys=args.max_rollouts, max_records=args.max_records,
+    )  # fmt: skip
+    return 0
 
 
 def _providers(args: argparse.Namespace, home: str | None) -> ProvidersFile:
@@ -152,6 +200,8 @@ def main(
 ) -> int:
     """`providers` / `home`: canaryflow's own --providers / --home, when given before `judge`."""
     args = build_parser().parse_args(argv)
+    if args.action == "serve":
+        return run_serve(args)
     if args.providers is None:
         args.providers = providers
     return run_check(args, home)
