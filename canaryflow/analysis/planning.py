@@ -82,13 +82,13 @@ def _rounded(seconds: float) -> float:
 
 
 def _judge_rate(spec: ReleaseSpec, role_rps: float) -> float:
-    """Answers per second the LLM judge checks for a role with `role_rps` requests: its sample
-    rate, at least its per-role floor (never more than the role's own answers)."""
+    """Answers per second the LLM judge checks for the candidate with `role_rps` requests: its
+    candidate sample rate, at least its per-role floor (never more than the answers)."""
     judges = [c for c in spec.policy.checkers if c.kind == "llm_judge"]
     if not judges:
         return 0.0
     judge = judges[0]
-    return min(role_rps, max(judge.sample_rate * role_rps, judge.min_per_s))
+    return min(role_rps, max(judge.rate_for("canary") * role_rps, judge.min_per_s))
 
 
 def detectable_ratio(n_candidate: float, n_baseline: float, alpha: float) -> float:

@@ -53,7 +53,16 @@ class CheckerBudget(Frozen):
 
 class _Common(Frozen):
     name: str | None = Field(None, description="defaults to the kind; unique within a service")
-    sample_rate: float = Field(1.0, ge=0, le=1, description="share of answered requests checked")
+    sample_rate: float = Field(
+        1.0, ge=0, le=1, description="share of stable's answered requests checked"
+    )
+    candidate_sample_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="share of the candidate's (shadow and canary) answers checked; unset: every "
+        "one, since they are the release's evidence. Lower it to cap the checker's cost",
+    )
     min_per_s: float = Field(
         0.0,
         ge=0,
@@ -70,10 +79,17 @@ class _Common(Frozen):
         kind: str = getattr(self, "kind")  # noqa: B009  (every subclass has one)
         return self.name or kind
 
-    def fallback_rate(self) -> float:
+    def rate_for(self, role: str) -> float:
+        """The sample rate of a role: stable's `sample_rate`, the candidate's own."""
+        if role == "stable":
+            return self.sample_rate
+        return 1.0 if self.candidate_sample_rate is None else self.candidate_sample_rate
+
+    def fallback_rate(self, role: str = "stable") -> float:
         """The sample rate while over budget: never above the normal one."""
+        rate = self.rate_for(role)
         fallback = self.budget.fallback_sample_rate
-        return min(self.sample_rate, self.sample_rate / 10 if fallback is None else fallback)
+        return min(rate, rate / 10 if fallback is None else fallback)
 
 
 class LlmJudgeChecker(_Common):
@@ -337,9 +353,16 @@ _ONE = TypeAdapter(CheckerConfig)
 # has its 30 judged answers; each judged answer costs the judge two calls (two rubrics).
 DEFAULT_CHECKERS: tuple[LlmJudgeChecker | ModerationChecker | PatternsChecker, ...] = (
     LlmJudgeChecker(
-        provider="sandbox", model="sandbox-judge", sample_rate=0.1, min_per_s=12, timeout_s=5
+        provider="sandbox",
+        model="sandbox-judge",
+        sample_rate=0.1,
+        candidate_sample_rate=0.25,
+        min_per_s=12,
+        timeout_s=5,
     ),
-    ModerationChecker(provider="sandbox", sample_rate=0.05, timeout_s=3),
+    ModerationChecker(
+        provider="sandbox", sample_rate=0.05, candidate_sample_rate=0.25, timeout_s=3
+    ),
     PatternsChecker(),
 )
 

@@ -80,7 +80,11 @@ def scaled(configs: Sequence[CheckerConfig], scale: float) -> list[CheckerConfig
         return list(configs)
     return [
         c.model_copy(
-            update={"sample_rate": c.sample_rate * scale, "min_per_s": c.min_per_s * scale}
+            update={
+                "sample_rate": c.sample_rate * scale,
+                "candidate_sample_rate": c.rate_for("canary") * scale,
+                "min_per_s": c.min_per_s * scale,
+            }
         )
         for c in configs
     ]

@@ -118,10 +118,10 @@ class Sampler:
         """Sampled and within budget (else counted as skipped or over budget)."""
         draw = self.rng.random()
         floor = self._floor_token(role, spend=False)
-        if draw >= self.config.sample_rate and not floor:
+        if draw >= self.config.rate_for(role) and not floor:
             self.counters.skipped += 1
             return False
-        if self.budget.exhausted() and draw >= self.config.fallback_rate():
+        if self.budget.exhausted() and draw >= self.config.fallback_rate(role):
             self.counters.over_budget += 1
             return False
         return True

@@ -52,8 +52,9 @@ def test_enough_traffic_leaves_no_problem_and_the_figures_say_what_each_stage_se
     lines = plan.lines()
     assert len(lines) == 4 and all("detects an error rate x" in line for line in lines)
     shadow = plan.stages[0]
-    # the judge's floor (12/s per role) over its 10% share at 1,000 req/s: 100/s judged
-    assert shadow.judged_per_window == pytest.approx(100.0 * 15)
+    # the judge's candidate share (25% of 1,000 req/s) is above its floor of 12/s per role
+    assert shadow.judged_per_window == pytest.approx(250.0 * 15)
+    assert plan_release(spec(), rps=20.0).stages[0].judged_per_window == pytest.approx(12.0 * 15)
 
 
 def test_no_traffic_to_a_stage_is_never_feasible() -> None:
