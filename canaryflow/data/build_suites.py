@@ -2,8 +2,10 @@
 
 Run from the repository root: `python -m canaryflow.data.build_suites`. The output is
 deterministic (fixed seed), so a rerun only changes files when this script or the knowledge base
-changed. The suites never ask about the categories in `LIVE_ONLY`: those appear only in live
-traffic, which is how `sandbox-live-hallucinating` passes offline and fails live.
+changed. The first items of each suite come from here; `grow_suites` appends the rest, up to the
+size the offline gate's power needs. The suites never ask about the categories in `LIVE_ONLY`:
+those appear only in live traffic, which is how `sandbox-live-hallucinating` passes offline and
+fails live.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def main() -> None:
         "regression": regression(kb, rng),
         "safety": safety(rng),
     }
+    from canaryflow.data.grow_suites import grow  # it builds on this module's helpers
+
     for name, items in suites.items():
+        items = grow(name, items, kb)
         write_jsonl(HERE / "suites" / f"{name}.jsonl", number(name, items))
         print(f"{name}: {len(items)} items, {dict(Counter(i['kind'] for i in items))}")
     corpus = live_corpus(kb, rng)

@@ -1,7 +1,20 @@
 """Paired comparison of candidate and baseline on one suite, and the offline gate's decision.
 
 The gate asks for non-inferiority, not equality: a candidate may be a little worse (up to the
-suite's margin) as long as the interval shows it is not worse than that.
+suite's margin) as long as the interval shows it is not worse than that. With d = (c - b) / n and
+its Tango interval [lo, hi] at 1 - alpha:
+
+- PASS when lo >= -margin: non-inferiority shown;
+- FAIL when hi < -margin (shown worse by more than the margin), or when the exact McNemar test
+  says worse (two-sided p < alpha with b > c, i.e. one-sided at alpha/2) and d < -margin;
+- REVIEW otherwise: the interval straddles -margin and the candidate is not shown worse.
+
+Why McNemar and the estimate rather than the interval's upper end alone: a drop of `delta` then
+fails with 80% power once delta > max(margin, z * sd) + 0.84 * sd, not margin + 2.8 * sd, which
+halves the items a suite needs for the same detectable drop. Testing at alpha/2 per side keeps
+the FAIL of an equal-quality candidate at most alpha/2 at any n, and agrees with the interval
+shown (a FAIL's interval excludes 0 up to the exact test's discreteness). Every report states
+n, the margin and the drop it detects with 80% power (`detectable_drop`).
 """
 
 from __future__ import annotations
@@ -19,6 +32,9 @@ from canaryflow.contracts import (
     combine,
 )
 from canaryflow.stats.proportions import (
+    DISCORDANCE_FLOOR,
+    assumed_discordance,
+    detectable_drop,
     items_to_show_non_inferiority,
     mcnemar_exact,
     paired_difference_ci,
@@ -36,6 +52,17 @@ def _pts(x: float) -> str:
 
 def _p(p: float) -> str:
     return "p<0.0001" if p < 0.0001 else f"p={p:.4f}"
+
+
+POWER = 0.8  # the power at which every suite report states its detectable drop
+
+
+def _power_note(n: int, margin: float, mde: float, assumed: float, observed: float) -> str:
+    """What a reader needs to judge a suite's verdict: how big a drop it could have caught."""
+    return (
+        f"n={n}, {100 * margin:g}-pt margin, {100 * POWER:g}% power against a drop of "
+        f"{100 * mde:.1f} pts ({_pct(assumed)} discordance assumed, {_pct(observed)} observed)"
+    )
 
 
 def compare_suite(
@@ -57,11 +84,15 @@ def compare_suite(
     diff = (c - b) / n if n else 0.0
     diff_ci = paired_difference_ci(b, c, n, confidence) if n else (-1.0, 1.0)
 
-    label, verdict = _judge(n, diff, diff_ci, p, margin, gate)
+    label, verdict = _judge(n, b, c, diff, diff_ci, p, margin, gate)
+    observed = (b + c) / n if n else 0.0
+    assumed = assumed_discordance(b, c, n)
+    mde = detectable_drop(max(n, 1), margin, gate.alpha, assumed, POWER)
     summary = (
         f"{suite_name}: candidate {_pct(cand_rate)} vs baseline {_pct(base_rate)} "
         f"(diff {_pts(diff)} pts, {100 * confidence:g}% CI [{_pts(diff_ci[0])}, "
-        f"{_pts(diff_ci[1])}]), McNemar {_p(p)}: {verdict}"
+        f"{_pts(diff_ci[1])}]), McNemar {_p(p)}: {verdict}; "
+        f"{_power_note(n, margin, mde, assumed, observed)}"
     )
     if unscored:
         summary += f" ({unscored} unscored item(s) left out)"
@@ -80,7 +111,19 @@ def compare_suite(
             ci_high=diff_ci[1],
             p_value=p,
             threshold=-margin,
-            detail={"only_baseline": b, "only_candidate": c, "confidence": confidence}
+            detail={
+                "only_baseline": b,
+                "only_candidate": c,
+                "confidence": confidence,
+                "n": n,
+                "margin": margin,
+                "alpha": gate.alpha,
+                "power": POWER,
+                "detectable_drop": mde,
+                "discordance_observed": observed,
+                "discordance_assumed": assumed,
+                "discordance_floor": DISCORDANCE_FLOOR,
+            }
             | ({"unscored": unscored} if unscored else {}),
         ),
     )
@@ -105,6 +148,8 @@ def compare_suite(
 
 def _judge(
     n: int,
+    b: int,
+    c: int,
     diff: float,
     diff_ci: tuple[float, float],
     p: float,
@@ -119,11 +164,12 @@ def _judge(
         )
     if diff_ci[0] >= -margin:
         return Label.PASS, f"non-inferior within the {margin_text}"
-    if diff < -margin:
-        return Label.FAIL, f"regression beyond the {margin_text}"
-    if p < gate.alpha and diff < 0:
+    if diff_ci[1] < -margin:
+        return Label.FAIL, f"regression beyond the {margin_text}: the whole interval is below it"
+    if diff < -margin and b > c and p < gate.alpha:
         return Label.FAIL, (
-            f"significant regression (p < {gate.alpha:g}) that may exceed the {margin_text}"
+            f"regression beyond the {margin_text}: significantly worse (McNemar p < "
+            f"{gate.alpha:g}) with the estimate past the margin"
         )
     needed = items_to_show_non_inferiority(margin, 1 - gate.alpha)
     if needed is None or n < needed:
@@ -134,8 +180,8 @@ def _judge(
             "or evaluate more items"
         )
     return Label.REVIEW, (
-        f"inconclusive: the interval reaches below the {margin_text}; "
-        "review the failed items or evaluate more of them"
+        f"inconclusive: the interval straddles the {margin_text} and the candidate is not "
+        "shown worse; review the failed items or evaluate more of them"
     )
 
 

@@ -34,6 +34,10 @@ TEMPLATE = "You are a helpful docs assistant. Answer briefly.\n\nQuestion: {inpu
 USER_CORPUS = "live"
 USER_RATE_RPS = 250.0  # a 4 s window at a 5 % canary step: ~50 candidate requests
 USER_STREAM_SHARE = 0.9  # chat products mostly stream; a tenth ask for whole answers
+# The demo's offline stage asks a stratified 200 of each suite's 1,400 items (~2.5 s against the
+# sandbox instead of ~13 s): enough for its candidates' verdicts, and each suite report states
+# the smaller power that buys (a drop of ~8 pts, not ~4.4). Releases of your own take them all.
+DEMO_SAMPLE_PER_SUITE = 200
 
 
 def manifest(
@@ -86,6 +90,7 @@ def demo_spec(
             max_extensions=2,
         ),
         policy=policy,
+        sample_per_suite=DEMO_SAMPLE_PER_SUITE,
         approval=ApprovalConfig(timeout_s=120, default_action="reject", poll_s=1),
     )
 

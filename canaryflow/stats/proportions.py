@@ -93,3 +93,55 @@ def items_to_show_non_inferiority(margin: float, confidence: float = 0.95) -> in
         return None
     z = _z(confidence)
     return math.ceil(z * z * (1 - margin) / margin)
+
+
+# Discordance assumed when planning power: 5% of items churn each way and the drop itself adds
+# its share (a 5-point drop: 15% discordant). A suite whose answers churn more says so, and its
+# observed share is used instead (`assumed_discordance`).
+DISCORDANCE_FLOOR = 0.15
+
+
+def assumed_discordance(b: int, c: int, n: int, floor: float = DISCORDANCE_FLOOR) -> float:
+    """The discordant share a power statement assumes: the observed one, never below `floor`, so
+    a run whose two models happen to agree does not claim a power it would lose to churn."""
+    observed = (b + c) / n if n > 0 else 0.0
+    return min(1.0, max(observed, floor))
+
+
+def detectable_drop(
+    n: int, margin: float, alpha: float, discordance: float, power: float = 0.8
+) -> float:
+    """Smallest true drop in pass rate that the offline gate FAILs with probability `power`.
+
+    The gate fails when the estimate is below -margin and the exact McNemar test (two-sided at
+    `alpha`, one-sided at alpha/2) says worse. With the normal approximation of the paired
+    difference, sd = sqrt(discordance / n), a drop is detected with `power` when it exceeds
+    max(margin, z(1 - alpha/2) * sd) + z(power) * sd. Conservative: the drop's own share of the
+    variance (-drop^2 / n) is left out.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0.0 < discordance <= 1.0:
+        raise ValueError(f"discordance must be within (0, 1], got {discordance}")
+    sd = math.sqrt(discordance / n)
+    threshold = max(margin, _z(1 - alpha) * sd)  # _z is two-sided: z(1 - alpha/2)
+    return min(1.0, threshold + float(norm.ppf(power)) * sd)
+
+
+def items_to_detect(
+    drop: float, margin: float, alpha: float, discordance: float, power: float = 0.8
+) -> int | None:
+    """Fewest paired items for which `detectable_drop` is at most `drop`; None when the margin
+    alone is already at or beyond the drop (no number of items can detect it)."""
+    if drop <= margin:
+        return None
+    lo, hi = 1, 1
+    while detectable_drop(hi, margin, alpha, discordance, power) > drop:
+        lo, hi = hi, 2 * hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if detectable_drop(mid, margin, alpha, discordance, power) <= drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

@@ -23,13 +23,16 @@ from canaryflow.contracts import (
 from canaryflow.errors import BudgetExceeded
 from canaryflow.evaluation.compare import compare_suite, decide
 from canaryflow.evaluation.harness import ERROR_PREFIX, evaluate
-from canaryflow.evaluation.suites import Suite, load_suite
+from canaryflow.evaluation.suites import Suite, load_suite, stratified_sample
 from canaryflow.local.processes import ManagedProcess, free_port, http_ok
 from canaryflow.providers.cache import ResponseCache
 from canaryflow.providers.client import Budget, ProviderClient
 from canaryflow.stats.proportions import items_to_show_non_inferiority
 
 FAST = "@latency_ms=1,sigma=0"
+# The shipped suites hold 1,400 items each; runs against the sandbox ask a stratified sample of
+# each (as the demo does), which keeps this module at a few seconds.
+SAMPLE = 150
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -53,16 +56,21 @@ def test_clear_regression_fails_with_a_readable_reason() -> None:
     assert result.result.reason.startswith(
         "golden: candidate 84.0% vs baseline 97.0% (diff -13.0 pts, 95% CI [-21."
     )
-    assert result.result.reason.endswith("McNemar p=0.0002: regression beyond the 5-pt margin")
+    assert (
+        "McNemar p=0.0002: regression beyond the 3.5-pt margin: the whole interval is below it; "
+        "n=100, 3.5-pt margin, 80% power against a drop of 10.9 pts (15.0% discordance assumed, "
+        "13.0% observed)"
+    ) in result.result.reason
     evidence = result.result.evidence
-    assert evidence.threshold == -0.05 and evidence.n_candidate == 100
+    assert evidence.threshold == -0.035 and evidence.n_candidate == 100
+    assert evidence.detail["detectable_drop"] == pytest.approx(0.1085, abs=5e-4)
     assert evidence.estimate == -0.13
     assert evidence.ci_low is not None and evidence.ci_low < -0.13
     assert evidence.p_value == pytest.approx(2 / 2**13)
 
 
 def test_identical_answers_pass() -> None:
-    result = compare_suite("golden", pairs(90, 0, 0, 10), OfflineGate())
+    result = compare_suite("golden", pairs(90, 0, 0, 10), OfflineGate(margins={}))
     assert result.result.label is Label.PASS
     assert result.diff == 0.0 and result.mcnemar_p == 1.0
     assert result.diff_ci[0] > -0.05
@@ -85,8 +93,27 @@ def test_uncertain_result_asks_for_review() -> None:
 def test_significant_regression_whose_interval_crosses_the_margin_fails() -> None:
     result = compare_suite("golden", pairs(170, 9, 0, 21), OfflineGate())
     assert result.diff == pytest.approx(-0.045) and result.mcnemar_p < 0.05
+    assert result.diff_ci[0] < -0.035 < result.diff_ci[1]
     assert result.result.label is Label.FAIL
-    assert "significant regression" in result.result.reason
+    assert "significantly worse (McNemar p < 0.05) with the estimate past" in result.result.reason
+
+
+def test_significant_regression_within_the_margin_is_reviewed_not_failed() -> None:
+    """Worse than baseline, but not shown worse than the margin allows: a human decides."""
+    result = compare_suite("golden", pairs(170, 9, 0, 21), OfflineGate(margins={}))
+    assert result.mcnemar_p < 0.05 and result.diff > -0.05 > result.diff_ci[0]
+    assert result.result.label is Label.REVIEW
+
+
+def test_estimate_past_the_margin_without_significance_is_reviewed_not_failed() -> None:
+    """The rule this replaced failed on the estimate alone, with an interval reaching above 0."""
+    result = compare_suite("golden", pairs(85, 8, 2, 5), OfflineGate(margins={}))
+    assert result.diff == pytest.approx(-0.06) and result.mcnemar_p > 0.05
+    assert result.diff_ci[1] > 0
+    assert result.result.label is Label.REVIEW
+    assert "straddles the 5-pt margin and the candidate is not shown worse" in (
+        result.result.reason
+    )
 
 
 def test_identical_answers_on_a_small_suite_ask_for_review_and_say_why() -> None:
@@ -148,7 +175,13 @@ def sandbox_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def suites() -> list[Suite]:
-    return [load_suite(name) for name in ("golden", "regression", "safety")]
+    """A stratified SAMPLE of each shipped suite, the harness's own sampling."""
+    chosen = []
+    for name in ("golden", "regression", "safety"):
+        suite = load_suite(name)
+        items = tuple(stratified_sample(suite.items, SAMPLE, seed=0))
+        chosen.append(suite.model_copy(update={"items": items}))
+    return chosen
 
 
 def manifest(model: str, version: str = "1.0") -> ModelManifest:
@@ -184,7 +217,7 @@ async def test_identical_candidate_passes_every_suite(
             progress=lambda done, total: seen.append((done, total)),
         )
     # Identical answers show non-inferiority only on a suite large enough for the margin (73
-    # items at 5 pts); smaller suites are sent to review with that reason.
+    # items at 5 pts); smaller suites would be sent to review with that reason.
     needed = items_to_show_non_inferiority(0.05)
     assert needed is not None
     assert by_suite(report.suites) == {
@@ -197,10 +230,10 @@ async def test_identical_candidate_passes_every_suite(
     assert report.tokens > 0 and report.cost_usd > 0 and report.cached == 0
 
 
-async def test_identical_candidate_passes_every_suite_with_margins_fit_to_their_size(
+async def test_identical_candidate_passes_every_suite_with_the_shipped_margins(
     sandbox_url: str, suites: list[Suite]
 ) -> None:
-    gate = OfflineGate(margins={s.name: 0.10 for s in suites if len(s) < 73})
+    gate = OfflineGate()  # 3.5 pts on the shipped suites: 150 identical answers show it
     async with ProviderClient(sandbox_url) as client:
         report = await evaluate(
             manifest(f"sandbox-base{FAST}", "1.1"),
