@@ -12,6 +12,9 @@
     ├── CompatibilityError           candidate incompatible with the champion (tokenizer/embedding)
     ├── RegistryError                the model registry refused or is missing something
     │   └── AliasNotFound            no version carries that alias yet
+    ├── ArtifactError                a manifest's artifact (adapter_uri) is missing or unreadable
+    │   ├── ArtifactChanged          its bytes are not the ones the signature covers
+    │   └── TransientArtifactError   its store did not answer (RetryableError)
     ├── ProviderError                an LLM provider answered badly
     │   ├── TransientProviderError   429, 5xx, timeouts: worth a retry (RetryableError)
     │   └── ProviderResponseError    garbage or a 4xx: a retry will not help
@@ -91,6 +94,18 @@ class TransientRegistryError(RegistryError, RetryableError):
 
 class AliasNotFound(RegistryError):
     pass
+
+
+class ArtifactError(CanaryflowError):
+    """The artifact a manifest names cannot be vouched for: missing, unreadable or unsigned."""
+
+
+class ArtifactChanged(ArtifactError):
+    """The artifact's size or sha256 differs from what the signed manifest says."""
+
+
+class TransientArtifactError(ArtifactError, RetryableError):
+    """The artifact's store (S3) did not answer; the same read may succeed later."""
 
 
 class ProviderError(CanaryflowError):

@@ -45,6 +45,7 @@ from canaryflow.errors import (
     StackError,
 )
 from canaryflow.floors import below_floor, beyond_silence, late_records_wait_s
+from canaryflow.registry.artifacts import ArtifactDigest, verify_published
 from canaryflow.registry.signing import load_trusted_keys, verify
 
 if TYPE_CHECKING:
@@ -182,6 +183,18 @@ def publish(spec: ReleaseSpec, endpoints: Endpoints) -> PublishedVersion:
     published = registry.publish(spec.candidate)
     registry.start_challenger(spec.service, published.version)
     return published
+
+
+def verify_artifact(endpoints: Endpoints, service: str, version: str) -> ArtifactDigest | None:
+    """Re-read a published version's artifact (`version`: a number or an alias) and check it
+    against the digest its verified signature covers; ArtifactError when it is gone or changed."""
+    trusted = load_trusted_keys(Path(endpoints.keys_dir))
+    registry = connections.registry(endpoints.mlflow_uri)
+    if version.isdigit():
+        published = registry.get(service, version, verify_with=trusted)
+    else:
+        published = registry.resolve(service, version, verify_with=trusted)
+    return verify_published(published)
 
 
 def evaluate_offline(

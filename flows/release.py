@@ -25,7 +25,7 @@ from canaryflow.contracts import (
     Routes,
     Stage,
 )
-from canaryflow.errors import CanaryflowError, RoutesChanged
+from canaryflow.errors import ArtifactError, CanaryflowError, RoutesChanged
 from canaryflow.settings import Settings, worker_endpoints
 from flows.release_run import Release, Stop, judge_late, judge_stage
 from tasks.common import artifact_key, emit, flush_events
@@ -55,7 +55,11 @@ def _preflight_and_publish(run: Release, floor: PolicyFloor) -> None:
         run.spec = checked.spec
     plan = "; ".join(checked.plan.lines()) if checked.plan else "no recent traffic to plan with"
     run.stage(Stage.PREFLIGHT, Outcome.PASSED, f"signed by {checked.key_id}; {fit}; {plan}")
-    run.candidate = publish_candidate(run.spec, run.endpoints)
+    try:
+        run.candidate = publish_candidate(run.spec, run.endpoints)
+    except ArtifactError as exc:  # missing, unreadable or changed since signing: nothing published
+        run.stage(Stage.PUBLISH, Outcome.FAILED, str(exc))
+        raise Stop(str(exc)) from exc
     run.record.candidate_version = run.candidate.version
     run.stage(Stage.PUBLISH, Outcome.DONE, f"version {run.candidate.version} is the challenger")
 

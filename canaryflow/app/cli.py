@@ -118,9 +118,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     from canaryflow.loading import load_manifest
+    from canaryflow.registry.artifacts import record_artifact
     from canaryflow.registry.signing import sign, write_signed
 
-    signed = sign(load_manifest(Path(args.manifest)), Path(args.key))
+    # The artifact's sha256 and size go into the manifest first, so the signature covers them.
+    signed = sign(record_artifact(load_manifest(Path(args.manifest))), Path(args.key))
     out = Path(args.output or Path(args.manifest).with_suffix(".signed.json"))
     write_signed(signed, out)
     print(f"signed {signed.manifest.model_id} (digest {signed.manifest.digest()[:16]}…) -> {out}")
@@ -143,6 +145,21 @@ def cmd_publish(args: argparse.Namespace) -> int:
     state = "new" if published.created else "already published"
     role = " as champion" if args.champion else ""
     print(f"{published.service} v{published.version} ({state}){role}")
+    return 0
+
+
+def cmd_verify_artifact(args: argparse.Namespace) -> int:
+    from canaryflow import runbook
+    from canaryflow.settings import load_endpoints
+
+    endpoints = load_endpoints(_home(args))
+    found = runbook.verify_artifact(endpoints, args.service, args.version)
+    where = f"{args.service} v{args.version}"
+    if found is None:
+        print(f"{where} names no artifact (no adapter_uri): nothing to check")
+    else:
+        print(f"{where}: {found.uri} matches its signed digest (sha256 {found.sha256}, "
+              f"{found.size} bytes)")  # fmt: skip
     return 0
 
 
@@ -387,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish = add("publish", cmd_publish, "publish a signed manifest to the registry")
     publish.add_argument("manifest")
     publish.add_argument("--champion", action="store_true", help="and make it the champion")
+    check = add("verify-artifact", cmd_verify_artifact,
+                "check a published version's artifact against its signed digest")  # fmt: skip
+    check.add_argument("service")
+    check.add_argument("version", help="a version number, or an alias such as champion")
     release = add("release", cmd_release, "run the release flow for a spec")
     release.add_argument("spec")
     approve = add("approve", cmd_approve, "answer a paused release (as the Prefect UI does)")

@@ -52,13 +52,25 @@ class Price(Frozen):
         return tokens_in / 1000 * self.input_per_1k + tokens_out / 1000 * self.output_per_1k
 
 
+# Optional fields newer than the first signed manifests: absent from the canonical form when unset.
+ADDED_LATER = ("adapter_sha256", "adapter_bytes")
+
+
 class ModelManifest(Frozen):
     """An immutable, signable description of one model release."""
 
     model_id: str
     created_at: datetime
     origin: Origin
-    adapter_uri: str | None = None
+    adapter_uri: str | None = Field(
+        None, description="the artifact (local path, file:// or s3:// URI), if the model has one"
+    )
+    adapter_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the artifact's bytes, recorded by `canaryflow sign`",
+    )
+    adapter_bytes: int | None = Field(None, ge=0, description="the artifact's size in bytes")
     prompt_template: str = Field(description="rendered with str.format(input=...)")
     prompt_template_hash: str | None = Field(
         None, description="sha256 of the template; filled in when absent, checked when given"
@@ -98,6 +110,14 @@ class ModelManifest(Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _artifact_digest_names_an_artifact(self) -> ModelManifest:
+        if (self.adapter_sha256 is None) != (self.adapter_bytes is None):
+            raise ValueError("adapter_sha256 and adapter_bytes go together: give both or neither")
+        if self.adapter_sha256 is not None and self.adapter_uri is None:
+            raise ValueError("adapter_sha256 is given without adapter_uri: name the artifact")
+        return self
+
     @property
     def id(self) -> ModelId:
         return ModelId.parse(self.model_id)
@@ -107,7 +127,13 @@ class ModelManifest(Frozen):
         return self.id.app
 
     def canonical(self) -> str:
-        return canonical_json(self.model_dump(mode="json"))
+        """Fields added after manifests were first signed are left out while unset, so a
+        manifest signed before they existed keeps its digest (and its signature)."""
+        data = self.model_dump(mode="json")
+        for name in ADDED_LATER:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return canonical_json(data)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON: what is signed and what publishing is idempotent on."""

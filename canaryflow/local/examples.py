@@ -49,12 +49,15 @@ def manifest(
     embedding: str = "text-embedding-004",
     template: str = TEMPLATE,
     seed: int | None = 7,
+    adapter_uri: str | None = None,
 ) -> ModelManifest:
+    """The sandbox serves these models by name alone, so they name no artifact unless given
+    one (publishing reads and checks an artifact that is named)."""
     return ModelManifest(
         model_id=f"{SERVICE}/gemini-docs-v{version}+{dataset}",
         created_at=datetime(2026, 1, 12, tzinfo=UTC),
         origin=Origin(provider="sandbox", model=provider_model),
-        adapter_uri=f"s3://models/{SERVICE}/adapters/docs-v{version}",
+        adapter_uri=adapter_uri,
         prompt_template=template,
         parameters=DecodingParameters(temperature=0.2, max_tokens=256, seed=seed),
         tokenizer_version=tokenizer,

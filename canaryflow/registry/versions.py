@@ -5,7 +5,9 @@ JSON; its tags carry the digest, the signature and the release status, and its a
 serves: `champion` (stable), `challenger` (in shadow/canary), `last-stable` (kept warm for
 rollback). Publishing is idempotent on the manifest digest, so a retried task never makes a
 second version, and reading a version back re-checks the digest, so an artifact edited inside
-the registry is caught as tampering.
+the registry is caught as tampering. A manifest that names a model artifact (`adapter_uri`) is
+published only once the artifact has been read and found to be the one signed
+(`registry.artifacts`); its URI, sha256 and size are tags of the version.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from canaryflow.contracts import (
     Status,
 )
 from canaryflow.errors import AliasNotFound, RegistryError, SignatureError
+from canaryflow.registry.artifacts import check_artifact
 from canaryflow.registry.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
 from canaryflow.registry.signing import TrustedKeys, verify
 
@@ -52,6 +55,9 @@ TAG_TEMPLATE_HASH = "canaryflow.template_hash"
 TAG_PREVIOUS_CHAMPION = "canaryflow.previous_champion"
 TAG_RESTORED_FROM = "canaryflow.restored_from"
 TAG_MANIFEST_URI = "canaryflow.manifest_uri"
+TAG_ADAPTER_URI = "canaryflow.adapter_uri"
+TAG_ADAPTER_SHA256 = "canaryflow.adapter_sha256"
+TAG_ADAPTER_BYTES = "canaryflow.adapter_bytes"
 
 
 def check_compatibility(candidate: ModelManifest, champion: ModelManifest) -> CompatibilityReport:
@@ -88,10 +94,14 @@ class MlflowRegistry(MlflowConnection):
     def publish(
         self, signed: SignedManifest, verify_with: TrustedKeys | None = None
     ) -> PublishedVersion:
-        """Register the signed manifest as a new version, or return the one with its digest."""
+        """Register the signed manifest as a new version, or return the one with its digest.
+
+        Its artifact, if it names one, is read first: missing, unreadable or changed since
+        signing is refused (ArtifactError) before anything is written."""
         if verify_with is not None:
             verify(signed, verify_with)
         manifest = signed.manifest
+        check_artifact(manifest)
         service, digest = manifest.service, manifest.digest()
         with mlflow_errors(f"publishing {manifest.model_id}"):
             existing = self.client.search_model_versions(
@@ -332,6 +342,10 @@ def _version_tags(signed: SignedManifest, digest: str) -> dict[str, Any]:
     }
     if manifest.eval_uri:
         tags[TAG_EVAL_URI] = manifest.eval_uri
+    if manifest.adapter_uri is not None and manifest.adapter_sha256 is not None:
+        tags[TAG_ADAPTER_URI] = manifest.adapter_uri
+        tags[TAG_ADAPTER_SHA256] = manifest.adapter_sha256
+        tags[TAG_ADAPTER_BYTES] = str(manifest.adapter_bytes)
     return tags
 
 
