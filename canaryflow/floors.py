@@ -21,7 +21,22 @@ def _looser(gate: LiveGate, floor: LiveGate) -> bool:
         return True
     pairs = [(gate.max_ratio, floor.max_ratio), (gate.max_rate, floor.max_rate)]
     pairs.append((gate.margin, floor.margin))
+    # Absent, these take their defaults (never off): compare what the gate will use.
+    if floor.relative_ratio is not None and gate.max_rate is not None:
+        pairs.append((gate.rate_ratio, floor.relative_ratio))
+    if floor.tolerance is not None:
+        pairs.append((gate.latency_tolerance, floor.tolerance))
     return any(value is None or value > limit for value, limit in pairs if limit is not None)
+
+
+def _limits(floor: LiveGate) -> str:
+    limit = floor.max_ratio or floor.max_rate or floor.margin
+    text = f"at most {limit:g}"
+    if floor.relative_ratio is not None:
+        text += f", relative_ratio at most {floor.relative_ratio:g}"
+    if floor.tolerance is not None:
+        text += f", tolerance at most {floor.tolerance:g}"
+    return text
 
 
 def below_floor(spec: ReleaseSpec, floor: PolicyFloor) -> list[str]:
@@ -30,9 +45,8 @@ def below_floor(spec: ReleaseSpec, floor: PolicyFloor) -> list[str]:
     for required in floor.required_gates:
         gates = [g for g in policy.live if g.metric is required.metric]
         if not gates or all(_looser(g, required) for g in gates):
-            limit = required.max_ratio or required.max_rate or required.margin
             problems.append(
-                f"policy.live needs a hard {required.metric} gate at most {limit:g} (the floor)"
+                f"policy.live needs a hard {required.metric} gate {_limits(required)} (the floor)"
             )
     if policy.min_samples < floor.min_samples:
         problems.append(f"policy.min_samples must be at least {floor.min_samples}")

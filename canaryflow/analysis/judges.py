@@ -1,12 +1,13 @@
 """Statistics per metric: one window's baseline and candidate in, a GateResult with evidence out.
 
 Pure functions: no I/O, no clock, a fixed bootstrap seed, so the same window always gets the
-same verdict. Thresholds come from the gate, confidence from the policy's alpha; nothing here
-is a literal a policy could want to change. Edge cases are labelled first (too few samples ->
-NODATA); a breach of a hard gate is FAIL, of a soft gate REVIEW.
+same verdict. Thresholds come from the gate, confidence from the policy's alpha (split across
+its gates); nothing here is a literal a policy could want to change. Edge cases are labelled
+first (too few samples -> NODATA); a breach of a hard gate is FAIL, of a soft gate REVIEW.
 
-The effect gates (latency, cost, accuracy) share one rule: breach when the point estimate is
+The per-window effect gates (cost, accuracy) share one rule: breach when the point estimate is
 beyond the gate's tolerance AND the interval excludes "no change" (a real shift, not noise).
+The rate gates (`rates`) and latency gates (`latency`) are sequential across windows.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
-from canaryflow.analysis.samples import RoleSample, WindowSample
+from canaryflow.analysis.samples import WindowSample
 from canaryflow.contracts import (
     Evidence,
     GatePolicy,
@@ -29,12 +27,8 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import PolicyError
 from canaryflow.stats.estimators import (
-    bootstrap_quantile,
-    hodges_lehmann,
-    nearest_rank,
     newcombe_interval,
 )
-from canaryflow.stats.sequential import SequentialState
 
 P95 = 0.95
 OBSERVABILITY_GATE = "observability"
@@ -51,7 +45,7 @@ RATE_METRICS = frozenset(RATE_FIELDS)
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """What every judge needs from the policy besides its own gate."""
+    """What every judge needs from the policy besides its own gate; `alpha` is one gate's."""
 
     alpha: float = 0.05
     min_samples: int = 30
@@ -60,7 +54,11 @@ class JudgeConfig:
 
     @classmethod
     def from_policy(cls, policy: GatePolicy) -> JudgeConfig:
-        return cls(alpha=policy.alpha, min_samples=policy.min_samples)
+        """One error budget per release: the policy's alpha split evenly across its live
+        gates (Bonferroni). Each gate's sequential tests hold their share across every window
+        they are carried through, so the release is wrongly stopped with probability at most
+        `policy.alpha` by all of them together."""
+        return cls(alpha=policy.alpha / max(1, len(policy.live)), min_samples=policy.min_samples)
 
     @property
     def z(self) -> float:
@@ -125,214 +123,6 @@ def observability(sample: WindowSample, config: JudgeConfig) -> GateResult:
             },
         ),
     )
-
-
-def latency_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:
-    """p95 ratio candidate / baseline of the whole answer's latency; see `p95_ratio`."""
-    return p95_ratio(
-        gate, sample.baseline.latencies, sample.candidate.latencies, config, "latencies", "p95"
-    )
-
-
-def ttft_p95(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:
-    """p95 ratio of the time to first token of streamed answers: the wait a streaming user
-    feels. A candidate can keep its total latency and still make users wait twice as long for
-    the first word. Unstreamed answers are left out (they would dilute the shift); a window
-    with no streamed answer at all is judged on latency, which is then the first token's."""
-    base, cand = sample.baseline.ttfts, sample.candidate.ttfts
-    if len(base) == 0 and len(cand) == 0:
-        return p95_ratio(
-            gate,
-            sample.baseline.latencies,
-            sample.candidate.latencies,
-            config,
-            "latencies",
-            "no streamed answers; first token = whole answer: p95",
-        )
-    return p95_ratio(gate, base, cand, config, "streamed first-token times", "TTFT p95")
-
-
-def p95_ratio(
-    gate: LiveGate,
-    baseline: npt.NDArray[np.float64],
-    candidate: npt.NDArray[np.float64],
-    config: JudgeConfig,
-    what: str,
-    label: str,
-) -> GateResult:
-    """p95 ratio candidate / baseline, with a bootstrap CI at 1 - alpha.
-
-    Breach when the ratio's point estimate exceeds `max_ratio` AND the CI's lower bound is above
-    1.0: the candidate is slower by more than the tolerance and the slowdown is not noise.
-    Mann-Whitney U (one-sided: candidate slower) and the Hodges-Lehmann shift in ms with its
-    interval are evidence a human reads; they do not decide.
-    """
-    from scipy.stats import mannwhitneyu
-
-    max_ratio = _threshold(gate, "max_ratio")
-    base, cand = np.sort(baseline), np.sort(candidate)
-    missing = _nodata(gate, what, len(base), len(cand), config.min_samples)
-    if missing is not None:
-        return missing
-    if not (np.isfinite(base).all() and np.isfinite(cand).all()):
-        raise ValueError(f"{what} must be finite numbers of milliseconds")
-    p95_b, p95_c = nearest_rank(base, P95), nearest_rank(cand, P95)
-    if p95_b <= 0.0:
-        raise ValueError(f"baseline {label} is {p95_b} ms: a ratio against it means nothing")
-    rng = np.random.default_rng(config.seed)
-    boot_b = bootstrap_quantile(base, P95, config.resamples, rng)
-    boot_c = bootstrap_quantile(cand, P95, config.resamples, rng)
-    ratios = boot_c / np.maximum(boot_b, np.finfo(np.float64).tiny)
-    lo, hi = np.quantile(ratios, [config.alpha / 2.0, 1.0 - config.alpha / 2.0])
-    ratio = p95_c / p95_b
-    mw_p = float(mannwhitneyu(cand, base, alternative="greater").pvalue)
-    shift, shift_lo, shift_hi = hodges_lehmann(base, cand, config.z)
-    slower = ratio > max_ratio and lo > 1.0
-    verdict = (
-        f"{label} {p95_c:.1f} ms vs {p95_b:.1f} ms: ratio {ratio:.3f} "
-        f"(CI {lo:.3f}-{hi:.3f}), limit {max_ratio:g}"
-    )
-    reason = ("candidate slower: " if slower else "") + verdict
-    if ratio > max_ratio and not slower:
-        reason += "; above the limit, but the CI reaches 1.0 (noise)"
-    return GateResult(
-        gate=gate.metric,
-        severity=gate.severity,
-        label=_breach(gate) if slower else Label.PASS,
-        reason=reason,
-        evidence=Evidence(
-            n_baseline=len(base),
-            n_candidate=len(cand),
-            baseline=p95_b,
-            candidate=p95_c,
-            estimate=ratio,
-            ci_low=float(lo),
-            ci_high=float(hi),
-            p_value=mw_p,
-            threshold=max_ratio,
-            detail={
-                "hl_shift_ms": shift,
-                "hl_ci_low_ms": shift_lo,
-                "hl_ci_high_ms": shift_hi,
-                "mann_whitney_p": mw_p,
-                "p50_baseline_ms": nearest_rank(base, 0.5),
-                "p50_candidate_ms": nearest_rank(cand, 0.5),
-            },
-        ),
-    )
-
-
-def rate_counts(metric: LiveMetric, role: RoleSample) -> tuple[int, int]:
-    if metric not in RATE_FIELDS:
-        raise ValueError(f"{metric} is not a rate metric")
-    events, trials = RATE_FIELDS[metric]
-    return int(getattr(role, events)), int(getattr(role, trials))
-
-
-def rate(
-    gate: LiveGate,
-    sample: WindowSample,
-    config: JudgeConfig,
-    state: SequentialState | None = None,
-) -> tuple[GateResult, SequentialState]:
-    """Candidate's rate against the gate's `max_rate`, anytime-valid across windows.
-
-    Rule: breach when the e-process over all windows so far (this one included) reaches
-    1/alpha (see `sequential`): a candidate at or below the bound is failed with probability at
-    most alpha however many windows are judged, while 8% over 200 checked answers against a
-    0.5% bound fails in its first window (5 events in 200 suffice). Otherwise PASS once the
-    windows so far hold `min_samples` trials, else NODATA; a breach is never hidden by a small
-    sample.
-    The window's exact one-sided binomial p-value, its Clopper-Pearson interval and Fisher's
-    exact test against the baseline are evidence. Pass `state=None` for a first window; a state
-    for another bound or alpha is restarted.
-    """
-    from scipy.stats import binomtest, fisher_exact
-
-    bound = _threshold(gate, "max_rate")
-    ec, nc = rate_counts(gate.metric, sample.candidate)
-    eb, nb = rate_counts(gate.metric, sample.baseline)
-    if state is None or state.bound != bound or state.alpha != config.alpha:
-        state = SequentialState.start(bound, config.alpha)
-    state = state.update(ec, nc)
-    detail: dict[str, float | int | str] = {
-        "e_value": state.e_value,
-        "reject_at_e": 1.0 / config.alpha,
-        "windows": state.windows,
-        "cumulative_events": state.events,
-        "cumulative_trials": state.trials,
-        "events_baseline": eb,
-        "events_candidate": ec,
-    }
-    if gate.metric in QUALITY_RATES:
-        detail.update(checker_detail(sample.candidate))
-    lo = hi = None
-    if nc > 0:
-        test = binomtest(ec, nc, bound, alternative="greater") if 0 < bound < 1 else None
-        if test is not None:
-            detail["window_binomial_p"] = float(test.pvalue)
-        ci = binomtest(ec, nc).proportion_ci(1.0 - config.alpha, method="exact")
-        lo, hi = float(ci.low), float(ci.high)
-    if nc > 0 and nb > 0:
-        table = [[ec, nc - ec], [eb, nb - eb]]
-        detail["fisher_p_vs_baseline"] = float(fisher_exact(table, alternative="greater").pvalue)
-    evidence = Evidence(
-        n_baseline=nb,
-        n_candidate=nc,
-        baseline=eb / nb if nb else None,
-        candidate=ec / nc if nc else None,
-        estimate=ec / nc if nc else None,
-        ci_low=lo,
-        ci_high=hi,
-        p_value=state.p_value,
-        threshold=bound,
-        detail=detail,
-    )
-    counts = f"{ec}/{nc} in this window, {state.events}/{state.trials} over {state.windows}"
-    if state.rejected:
-        label = _breach(gate)
-        reason = (
-            f"rate above {bound:g}: {counts} window(s); e-value {state.e_value:.3g} reached "
-            f"1/alpha = {1 / config.alpha:g} in window {state.rejected_at}"
-        )
-    elif state.trials < config.min_samples:
-        # The e-process accumulates evidence across windows, so the floor is cumulative too.
-        label = Label.NODATA
-        reason = f"too few trials: {counts} window(s); need at least {config.min_samples}"
-        if gate.metric in QUALITY_RATES and (failing := checker_failures(sample.candidate)):
-            reason += f"; the checkers failed: {failing}"
-    else:
-        label = Label.PASS
-        reason = f"not shown above {bound:g}: {counts} window(s); e-value {state.e_value:.3g}"
-    result = GateResult(
-        gate=gate.metric, severity=gate.severity, label=label, reason=reason, evidence=evidence
-    )
-    return result, state
-
-
-def checker_detail(role: RoleSample) -> dict[str, float | int | str]:
-    """Per live checker of the role's answers (name/model/rubric version): how many it judged,
-    failed and dropped in the window, and the unchecked answers."""
-    detail: dict[str, float | int | str] = {"unchecked": role.unchecked}
-    for label, outcomes in sorted(role.checkers.items()):
-        for outcome in ("judged", "failed", "dropped"):
-            detail[f"{label} {outcome}"] = outcomes.get(outcome, 0)
-    return detail
-
-
-def checker_failures(role: RoleSample) -> str:
-    """'llm_judge/sandbox-judge/v1: 0 judged, 57 failed (judge failed: ...)' for each checker
-    that failed on at least a fifth of the answers it took; '' when none did."""
-    found = []
-    for label, outcomes in sorted(role.checkers.items()):
-        judged, failed = outcomes.get("judged", 0), outcomes.get("failed", 0)
-        failed += outcomes.get("dropped", 0)
-        if failed and failed * 5 >= judged + failed:
-            why = role.failures.get(label)
-            found.append(
-                f"{label}: {judged} judged, {failed} failed" + (f" ({why})" if why else "")
-            )
-    return "; ".join(found)
 
 
 def cost_per_1k(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateResult:

@@ -77,16 +77,15 @@ def judge_late(
     late_candidate = late_finishers(candidate, last_end)
     if not late_candidate:
         return LateLook((), Decision.PASS, 0, len(late_baseline), last_end)
-    hard = policy.model_copy(
-        update={"live": tuple(g for g in policy.live if g.severity is Severity.HARD)}
-    )
     sample = WindowSample(
         baseline=RoleSample.from_records(late_baseline),
         candidate=RoleSample.from_records(late_candidate),
         start=last_end,
         end=max(r.at for r in late_candidate),
     )
-    results, _, _ = judge_sample(hard, sample, memory)
+    # The whole policy, so each gate keeps its share of the alpha (and its running tests);
+    # only the hard gates' verdicts count here.
+    results, _, _ = judge_sample(policy, sample, memory)
     gates = tuple(g for g in results if g.severity is Severity.HARD)
     breached = any(g.label in (Label.FAIL, Label.ERROR) for g in gates)
     decision = Decision.FAIL if breached else Decision.PASS

@@ -27,6 +27,11 @@ class LiveMetric(StrEnum):
     SATISFACTION = "satisfaction"  # users' ratings (`/v1/feedback`); only when a policy names it
 
 
+LATENCY_METRICS = frozenset({LiveMetric.LATENCY_P95, LiveMetric.TTFT_P95})
+DEFAULT_RELATIVE_RATIO = 1.0
+DEFAULT_LATENCY_TOLERANCE = 0.05
+
+
 class LiveGate(Frozen):
     """One rule over one metric, comparing candidate with baseline in the same window.
 
@@ -34,6 +39,15 @@ class LiveGate(Frozen):
     `max_rate`: the candidate's rate must stay at or below it (errors, hallucinations).
     `margin`: candidate may be at most this much worse than baseline (accuracy; satisfaction,
     on the rating scale taken as 0..1).
+
+    Two optional fields tune the comparisons with stable; absent, each has its default (a
+    missing field never disables a test):
+    `relative_ratio` (rate gates, default 1.0): the candidate's rate may be at most this many
+    times stable's in the same windows; the relative test judges beside the `max_rate` ceiling.
+    `tolerance` (latency and TTFT gates, default 0.05): shifts up to this fraction of stable's
+    latencies are not regressions. The rank and tail tests decide; `max_ratio` (the p95 ratio)
+    is reported as evidence. 5%, because a shadow service carries a full mirror and real
+    stacks show a few percent of asymmetry between two services on the same hardware.
     """
 
     metric: LiveMetric
@@ -41,6 +55,18 @@ class LiveGate(Frozen):
     max_ratio: float | None = Field(None, gt=0)
     max_rate: float | None = Field(None, ge=0, le=1)
     margin: float | None = Field(None, ge=0, le=1)
+    relative_ratio: float | None = Field(None, ge=1)
+    tolerance: float | None = Field(None, ge=0, lt=1)
+
+    @property
+    def rate_ratio(self) -> float:
+        """The relative test's ratio: `relative_ratio`, else 1.0 (no worse than stable)."""
+        return DEFAULT_RELATIVE_RATIO if self.relative_ratio is None else self.relative_ratio
+
+    @property
+    def latency_tolerance(self) -> float:
+        """The latency tests' tolerance: `tolerance`, else 0.05."""
+        return DEFAULT_LATENCY_TOLERANCE if self.tolerance is None else self.tolerance
 
     @model_validator(mode="after")
     def _exactly_one_threshold(self) -> LiveGate:
@@ -49,6 +75,14 @@ class LiveGate(Frozen):
             raise ValueError(
                 f"gate {self.metric}: give exactly one of max_ratio, max_rate, margin "
                 f"(got {len(given)})"
+            )
+        if self.relative_ratio is not None and self.max_rate is None:
+            raise ValueError(
+                f"gate {self.metric}: relative_ratio belongs to a rate gate (with max_rate)"
+            )
+        if self.tolerance is not None and self.metric not in LATENCY_METRICS:
+            raise ValueError(
+                f"gate {self.metric}: tolerance belongs to latency_p95 and ttft_p95 gates"
             )
         if self.metric is LiveMetric.SATISFACTION and self.margin is None:
             raise ValueError(
@@ -93,7 +127,13 @@ class GatePolicy(Frozen):
     offline: OfflineGate = OfflineGate()
     live: tuple[LiveGate, ...] = DEFAULT_LIVE_GATES
     min_samples: int = Field(30, ge=1, description="per role per window; fewer never passes")
-    alpha: float = Field(0.05, gt=0, lt=1)
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="per release: split evenly across the live gates, each gate's share held "
+        "across all its windows by its sequential tests",
+    )
     checkers: tuple[CheckerConfig, ...] = Field(
         DEFAULT_CHECKERS,
         description="the live checkers a model service runs on its answers (`canaryflow serve "
@@ -102,11 +142,22 @@ class GatePolicy(Frozen):
 
 
 # What no delivery may go below: the loosest threshold each required gate may have.
+# `relative_ratio` and `tolerance` cap the comparisons with stable: a spec cannot switch them
+# off by setting them huge.
 FLOOR_GATES = (
-    LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.5),
-    LiveGate(metric=LiveMetric.HALLUCINATION_RATE, severity=Severity.HARD, max_rate=0.01),
-    LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.05),
-    LiveGate(metric=LiveMetric.UNSAFE_RATE, severity=Severity.HARD, max_rate=0.005),
+    LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.5, tolerance=0.2),
+    LiveGate(
+        metric=LiveMetric.HALLUCINATION_RATE,
+        severity=Severity.HARD,
+        max_rate=0.01,
+        relative_ratio=2.0,
+    ),
+    LiveGate(
+        metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.05, relative_ratio=2.0
+    ),
+    LiveGate(
+        metric=LiveMetric.UNSAFE_RATE, severity=Severity.HARD, max_rate=0.005, relative_ratio=2.0
+    ),
 )
 
 

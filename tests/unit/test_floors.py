@@ -125,3 +125,28 @@ def test_a_malformed_floors_file_says_what_is_wrong(tmp_path: Path) -> None:
 
 def test_synthetic_load_is_off_unless_asked(candidate) -> None:  # type: ignore[no-untyped-def]
     assert spec(candidate).traffic is None
+
+
+@pytest.mark.parametrize(
+    ("gate", "refused"),
+    [
+        (LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.01,
+                  relative_ratio=5.0), True),
+        (LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.01,
+                  relative_ratio=1.5), False),
+        (LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.2,
+                  tolerance=0.3), True),
+        (LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.2,
+                  tolerance=0.1), False),
+    ],
+)  # fmt: skip
+def test_the_comparisons_with_stable_cannot_be_switched_off_by_a_huge_value(
+    candidate,  # type: ignore[no-untyped-def]
+    gate: LiveGate,
+    refused: bool,
+) -> None:
+    live = (*(g for g in GatePolicy().live if g.metric is not gate.metric), gate)
+    problems = below_floor(spec(candidate, policy=GatePolicy(live=live)), FLOOR)
+    assert any(str(gate.metric) in p for p in problems) is refused
+    if refused:
+        assert any("at most" in p and ("relative_ratio" in p or "tolerance" in p) for p in problems)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from canaryflow.analysis.gates import GateMemory, judge_sample
+from canaryflow.analysis.judges import JudgeConfig
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.analysis.sources import StoreSource
 from canaryflow.contracts import (
@@ -110,13 +111,44 @@ def test_a_gate_that_raises_is_an_error_and_the_rest_are_judged() -> None:
 
 def test_memory_carries_evidence_from_window_to_window_as_json() -> None:
     sample = WindowSample(role(), role(hallucinations=4, correct=186))
-    _first, decision_1, memory = judge_sample(DEFAULT, sample, None)
-    # what a Prefect task result or the ledger would do to it
-    memory = GateMemory.model_validate_json(memory.model_dump_json())
-    second, decision_2, memory = judge_sample(DEFAULT, sample, memory)
-    assert (decision_1, decision_2) == (Decision.PASS, Decision.FAIL)
-    assert labels(second)["hallucination_rate"] is Label.FAIL
-    assert memory.rates["hallucination_rate<=0.005"].trials == 400
+    decisions, memory = [], None
+    for _ in range(3):
+        _results, decision, memory = judge_sample(DEFAULT, sample, memory)
+        decisions.append(decision)
+        # what a Prefect task result or the ledger would do to it
+        memory = GateMemory.model_validate_json(memory.model_dump_json())
+    # 2% against stable's 0 of the same 200 checked answers per window: not enough in one or
+    # two windows at the release's alpha split across seven gates, enough in three.
+    assert decisions == [Decision.PASS, Decision.PASS, Decision.FAIL]
+    assert memory is not None
+    assert memory.rates["hallucination_rate<=0.005"].trials == 600
+    assert memory.stable_rates["hallucination_rate<=0.005"].trials == 600
+    assert memory.relative["hallucination_rate<=1*stable"].rejected_at == 3
+    assert memory.latency["latency_p95~0.05"].median.looks == 3
+    assert memory.latency["ttft_p95~0.05"].tail.windows == 3
+
+
+def test_the_release_alpha_is_split_across_the_live_gates() -> None:
+    config = JudgeConfig.from_policy(DEFAULT)
+    assert config.alpha == pytest.approx(0.05 / 7)
+    _, _, memory = judge_sample(DEFAULT, WindowSample(role(), role()), None)
+    assert memory.relative["error_rate<=1*stable"].alpha == pytest.approx(0.75 * 0.05 / 7)
+    assert memory.rates["error_rate<=0.02"].alpha == pytest.approx(0.25 * 0.05 / 7)
+    assert memory.latency["latency_p95~0.05"].median.alpha == pytest.approx(0.5 * 0.05 / 7)
+
+
+def test_a_candidate_no_worse_than_a_stable_above_the_ceiling_is_reviewed_not_rolled_back() -> None:
+    """Both at 1.5% hallucinations (ceiling 0.5%), equal checked answers per window, as in a
+    shadow: the ceiling alone would roll back a candidate for stable's level."""
+    level = role(hallucinations=3, correct=197)
+    decisions, memory = [], None
+    for _ in range(8):
+        results, decision, memory = judge_sample(DEFAULT, WindowSample(level, level), memory)
+        decisions.append(decision)
+    assert Decision.FAIL not in decisions and decisions[-1] is Decision.REVIEW
+    found = next(r for r in results if r.gate == "hallucination_rate")
+    assert found.label is Label.REVIEW and "stable is above the ceiling too" in found.reason
+    assert memory.rates["hallucination_rate<=0.005"].rejected
 
 
 def test_memory_of_another_bound_restarts_the_test() -> None:

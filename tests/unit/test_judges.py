@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from canaryflow.analysis import judges
+from canaryflow.analysis.latency import latency
+from canaryflow.analysis.rates import rate
 from canaryflow.analysis.samples import RoleSample, WindowSample
-from canaryflow.contracts import Label, LiveGate, LiveMetric, RequestRecord, Role, Severity
+from canaryflow.contracts import (
+    GateResult,
+    Label,
+    LiveGate,
+    LiveMetric,
+    RequestRecord,
+    Role,
+    Severity,
+)
 from canaryflow.errors import PolicyError
 
 CONFIG = judges.JudgeConfig(alpha=0.05, min_samples=30)
@@ -18,6 +28,7 @@ LATENCY = LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ra
 HALLUCINATION = LiveGate(
     metric=LiveMetric.HALLUCINATION_RATE, severity=Severity.HARD, max_rate=0.005
 )
+ERRORS = LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.02)
 COST = LiveGate(metric=LiveMetric.COST_PER_1K, severity=Severity.SOFT, max_ratio=1.5)
 ACCURACY = LiveGate(metric=LiveMetric.ACCURACY, severity=Severity.SOFT, margin=0.05)
 
@@ -42,6 +53,10 @@ def checked(baseline: int, candidate: int, n: int = 200, nb: int = 200) -> Windo
 TTFT = LiveGate(metric=LiveMetric.TTFT_P95, severity=Severity.HARD, max_ratio=1.2)
 
 
+def judge_latency(gate: LiveGate, sample: WindowSample) -> GateResult:
+    return latency(gate, sample, CONFIG)[0]
+
+
 def _streamed(ttft_share: float, n: int = 300) -> list[RequestRecord]:
     at = datetime(2026, 1, 1, tzinfo=UTC)
     return [
@@ -64,11 +79,12 @@ def test_twice_the_ttft_at_the_same_total_latency_fails_ttft_not_latency() -> No
     sample = WindowSample(
         RoleSample.from_records(_streamed(0.3)), RoleSample.from_records(_streamed(0.6))
     )
-    assert judges.latency_p95(LATENCY, sample, CONFIG).label is Label.PASS
-    result = judges.ttft_p95(TTFT, sample, CONFIG)
+    assert judge_latency(LATENCY, sample).label is Label.PASS
+    result = judge_latency(TTFT, sample)
     assert result.label is Label.FAIL
-    assert result.evidence.estimate == pytest.approx(2.0, rel=0.01)
-    assert result.reason.startswith("candidate slower: TTFT p95")
+    assert result.evidence.estimate == pytest.approx(2.0, rel=0.01)  # the p95 ratio, evidence
+    assert result.reason.startswith("candidate slower than 1.05 x stable: TTFT p50")
+    assert "latency_p95" not in result.reason
 
 
 def test_unstreamed_answers_do_not_dilute_the_streamed_ones() -> None:
@@ -80,7 +96,7 @@ def test_unstreamed_answers_do_not_dilute_the_streamed_ones() -> None:
         RoleSample.from_records(_streamed(0.3) + unstreamed),
         RoleSample.from_records(_streamed(0.6) + unstreamed),
     )
-    result = judges.ttft_p95(TTFT, sample, CONFIG)
+    result = judge_latency(TTFT, sample)
     assert result.label is Label.FAIL and result.evidence.n_candidate == 300
 
 
@@ -88,51 +104,90 @@ def test_a_window_without_streamed_answers_is_judged_on_latency() -> None:
     unstreamed = [r.model_copy(update={"streamed": False}) for r in _streamed(1)]
     role = RoleSample.from_records(unstreamed)
     assert role.ttfts_ms == ()
-    result = judges.ttft_p95(TTFT, WindowSample(role, role), CONFIG)
+    result = judge_latency(TTFT, WindowSample(role, role))
     assert result.label is Label.PASS and result.evidence.n_candidate == 300
     assert "no streamed answers" in result.reason
     slower = RoleSample.from_records(
         [r.model_copy(update={"latency_ms": 2 * r.latency_ms}) for r in unstreamed]
     )
-    assert judges.ttft_p95(TTFT, WindowSample(role, slower), CONFIG).label is Label.FAIL
+    assert judge_latency(TTFT, WindowSample(role, slower)).label is Label.FAIL
 
 
 def test_clearly_slower_candidate_fails_latency() -> None:
-    result = judges.latency_p95(
-        LATENCY, latencies(BASE_MS, tuple(1.5 * x for x in BASE_MS)), CONFIG
-    )
+    result = judge_latency(LATENCY, latencies(BASE_MS, tuple(1.5 * x for x in BASE_MS)))
     assert result.label is Label.FAIL
     assert result.evidence.estimate == pytest.approx(1.5, rel=0.01)
     assert result.evidence.ci_low is not None and result.evidence.ci_low > 1.0
     assert result.evidence.detail["hl_shift_ms"] > 0
     assert result.evidence.p_value is not None and result.evidence.p_value < 0.001
-    assert result.evidence.threshold == 1.2
+    assert result.evidence.threshold == 1.05  # 1 + the default tolerance
+    assert result.evidence.detail["p95_limit"] == 1.2
 
 
 def test_identical_latencies_pass() -> None:
-    result = judges.latency_p95(LATENCY, latencies(BASE_MS, BASE_MS), CONFIG)
+    result = judge_latency(LATENCY, latencies(BASE_MS, BASE_MS))
     assert result.label is Label.PASS
     assert result.evidence.estimate == 1.0
     assert result.evidence.ci_low is not None and result.evidence.ci_low <= 1.0
     assert result.evidence.detail["hl_shift_ms"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_slowdown_within_the_ratio_passes() -> None:
-    result = judges.latency_p95(
-        LATENCY, latencies(BASE_MS, tuple(1.1 * x for x in BASE_MS)), CONFIG
-    )
-    assert result.label is Label.PASS
-    assert result.evidence.estimate == pytest.approx(1.1, rel=0.01)
+def test_latency_evidence_reports_p50_p95_p99_of_both_roles() -> None:
+    result = judge_latency(LATENCY, latencies(BASE_MS, tuple(1.5 * x for x in BASE_MS)))
+    detail = result.evidence.detail
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        expected = float(np.sort(BASE_MS)[int(np.ceil(q * 300)) - 1])
+        assert detail[f"{name}_baseline_ms"] == pytest.approx(expected)
+        assert detail[f"{name}_candidate_ms"] == pytest.approx(1.5 * expected)
+        assert f"{name} " in result.reason
+
+
+def test_slowdown_within_the_tolerance_passes_however_often_it_is_judged() -> None:
+    gate = LATENCY.model_copy(update={"tolerance": 0.10})
+    sample = latencies(BASE_MS, tuple(1.08 * x for x in BASE_MS))
+    state = None
+    for _ in range(20):
+        result, state = latency(gate, sample, CONFIG, state)
+        assert result.label is Label.PASS
+    assert result.evidence.threshold == pytest.approx(1.10)
+
+
+def test_a_small_slowdown_beyond_the_tolerance_is_caught_as_windows_add_up() -> None:
+    """Median 1.1x against the default 5% tolerance (lognormal, sigma 0.3, 300 per role): too
+    little for one window, but every window adds to the same test."""
+    rng = np.random.default_rng(5)
+    state, labels = None, []
+    for _ in range(15):
+        base, cand = (40 * np.exp(0.3 * rng.standard_normal(300)) for _ in range(2))
+        sample = latencies(tuple(base), tuple(1.1 * cand))
+        result, state = latency(LATENCY, sample, CONFIG, state)
+        labels.append(result.label)
+    assert labels[0] is Label.PASS and labels[-1] is Label.FAIL
+    assert state is not None and state.median.rejected and state.median.looks == 15
+
+
+def test_a_slow_tail_at_an_unchanged_median_is_caught() -> None:
+    rng = np.random.default_rng(7)
+    base = 40 * np.exp(0.3 * rng.standard_normal(2000))
+    cand = 40 * np.exp(0.3 * rng.standard_normal(300))
+    cand[rng.random(300) < 0.05] *= 4  # 5% of requests 4x slower
+    sample = latencies(tuple(base), tuple(cand))
+    result, state = latency(LATENCY, sample, CONFIG)
+    assert not state.median.rejected  # the bulk did not move
+    assert state.tail.rejected and result.label is Label.FAIL
+    assert "tail slower" in result.reason
+    detail = result.evidence.detail
+    assert float(detail["p99_candidate_ms"]) > 2 * float(detail["p99_baseline_ms"])
 
 
 def test_latency_breach_of_a_soft_gate_asks_for_review() -> None:
     soft = LATENCY.model_copy(update={"severity": Severity.SOFT})
-    result = judges.latency_p95(soft, latencies(BASE_MS, tuple(2 * x for x in BASE_MS)), CONFIG)
+    result = judge_latency(soft, latencies(BASE_MS, tuple(2 * x for x in BASE_MS)))
     assert result.label is Label.REVIEW
 
 
 def test_too_few_latencies_is_nodata_naming_the_counts() -> None:
-    result = judges.latency_p95(LATENCY, latencies(BASE_MS, BASE_MS[:12]), CONFIG)
+    result = judge_latency(LATENCY, latencies(BASE_MS, BASE_MS[:12]))
     assert result.label is Label.NODATA
     assert "candidate 12" in result.reason and "300" in result.reason
 
@@ -140,54 +195,119 @@ def test_too_few_latencies_is_nodata_naming_the_counts() -> None:
 def test_latency_gate_without_a_ratio_is_a_policy_error() -> None:
     wrong = LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_rate=0.1)
     with pytest.raises(PolicyError, match="needs max_ratio"):
-        judges.latency_p95(wrong, latencies(BASE_MS, BASE_MS), CONFIG)
+        judge_latency(wrong, latencies(BASE_MS, BASE_MS))
+
+
+def test_tolerance_belongs_to_latency_gates_and_relative_ratio_to_rate_gates() -> None:
+    with pytest.raises(ValueError, match="tolerance belongs"):
+        LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.1, tolerance=0.1)
+    with pytest.raises(ValueError, match="relative_ratio belongs"):
+        LiveGate(metric=LiveMetric.LATENCY_P95, severity=Severity.HARD, max_ratio=1.2,
+                 relative_ratio=1.5)  # fmt: skip
+    assert (LATENCY.latency_tolerance, HALLUCINATION.rate_ratio) == (0.05, 1.0)
 
 
 # --------------------------------------------------------------------------- rates
 
 
 def test_eight_percent_hallucinations_over_200_checked_fails() -> None:
-    result, state = judges.rate(HALLUCINATION, checked(1, 16), CONFIG)
+    result, states = rate(HALLUCINATION, checked(1, 16), CONFIG)
     assert result.label is Label.FAIL
     assert result.evidence.candidate == 0.08
     assert result.evidence.ci_low is not None and result.evidence.ci_low > 0.005
     assert result.evidence.detail["fisher_p_vs_baseline"] < 0.001
-    assert state.rejected_at == 1
+    assert states.candidate.rejected_at == 1 and states.relative.rejected_at == 1
 
 
 @pytest.mark.parametrize("events", [0, 1])
 def test_rates_at_or_below_the_bound_pass(events: int) -> None:
-    result, state = judges.rate(HALLUCINATION, checked(0, events), CONFIG)
+    result, states = rate(HALLUCINATION, checked(0, events), CONFIG)
     assert result.label is Label.PASS
-    assert not state.rejected
+    assert not states.candidate.rejected and not states.relative.rejected
     assert result.evidence.threshold == 0.005
 
 
 def test_few_checked_answers_is_nodata() -> None:
-    result, _ = judges.rate(HALLUCINATION, checked(0, 0, n=10), CONFIG)
+    result, _ = rate(HALLUCINATION, checked(0, 0, n=10), CONFIG)
     assert result.label is Label.NODATA
     assert "0/10" in result.reason
 
 
 def test_overwhelming_rate_fails_even_below_min_samples() -> None:
-    result, _ = judges.rate(HALLUCINATION, checked(0, 8, n=10), CONFIG)
+    result, _ = rate(HALLUCINATION, checked(0, 8, n=10), CONFIG)
     assert result.label is Label.FAIL
 
 
 def test_error_rate_counts_errors_per_request() -> None:
-    gate = LiveGate(metric=LiveMetric.ERROR_RATE, severity=Severity.HARD, max_rate=0.02)
     sample = WindowSample(RoleSample(n=500, errors=5), RoleSample(n=500, errors=60))
-    result, _ = judges.rate(gate, sample, CONFIG)
+    result, _ = rate(ERRORS, sample, CONFIG)
     assert result.label is Label.FAIL
     assert (result.evidence.n_candidate, result.evidence.candidate) == (500, 0.12)
 
 
 def test_rate_state_accumulates_across_windows() -> None:
-    first, state = judges.rate(HALLUCINATION, checked(0, 4), CONFIG)
-    second, state = judges.rate(HALLUCINATION, checked(0, 4), CONFIG, state)
+    first, states = rate(HALLUCINATION, checked(0, 4), CONFIG)
+    second, states = rate(HALLUCINATION, checked(0, 4), CONFIG, states)
     assert first.label is Label.PASS
     assert second.label is Label.FAIL
-    assert (state.events, state.trials, state.windows) == (8, 400, 2)
+    assert (states.candidate.events, states.candidate.trials, states.candidate.windows) == (
+        8,
+        400,
+        2,
+    )
+    assert (states.relative.events_baseline, states.relative.trials_baseline) == (0, 400)
+
+
+def canary(eb: int, ec: int, nb: int = 5700, nc: int = 300) -> WindowSample:
+    """A 5% canary's minute at 100 req/s: stable's and the candidate's errors."""
+    return WindowSample(RoleSample(n=nb, errors=eb), RoleSample(n=nc, errors=ec))
+
+
+def test_a_candidate_equal_to_a_stable_above_the_ceiling_is_asked_about_not_failed() -> None:
+    """Both at 4% errors against a 2% ceiling: the candidate's ceiling test rejects, but so
+    does stable's, and the candidate is not worse than stable: a human decides."""
+    states, labels = None, []
+    for _ in range(10):
+        result, states = rate(ERRORS, canary(228, 12), CONFIG, states)
+        labels.append(result.label)
+    assert states is not None and states.candidate.rejected and states.baseline.rejected
+    assert not states.relative.rejected
+    assert Label.FAIL not in labels and labels[-1] is Label.REVIEW
+    assert "stable is above the ceiling too" in result.reason
+    detail = result.evidence.detail
+    assert detail["pi_window"] == pytest.approx(0.05)
+    assert (detail["cumulative_events_baseline"], detail["cumulative_trials_baseline"]) == (
+        2280,
+        57000,
+    )
+    assert "relative_e_value" in detail and "e_value" in detail
+
+
+def test_a_better_candidate_is_never_failed() -> None:
+    """Stable at 4%, the candidate at 2.7% (ceiling 2%), 30 windows: REVIEW at worst."""
+    states = None
+    for _ in range(30):
+        result, states = rate(ERRORS, canary(228, 8), CONFIG, states)
+        assert result.label is not Label.FAIL
+    assert states is not None and states.relative.e_value < 1e-3
+
+
+def test_a_candidate_worse_than_stable_fails_below_the_ceiling() -> None:
+    """Stable at 0.5%, the candidate at 1.7%: under the 2% ceiling, but 3x stable's."""
+    states, windows = None, 0
+    while states is None or not states.relative.rejected:
+        result, states = rate(ERRORS, canary(28, 5), CONFIG, states)
+        windows += 1
+    assert result.label is Label.FAIL and windows <= 6
+    assert not states.candidate.rejected
+    assert result.reason.startswith("candidate worse than stable")
+
+
+def test_the_relative_test_uses_the_observed_split() -> None:
+    """A canary that got 3% of the requests is compared at 3%, not at its nominal 5%."""
+    result, states = rate(ERRORS, canary(57, 2, nb=5820, nc=180), CONFIG)
+    assert result.evidence.detail["pi_window"] == pytest.approx(0.03)
+    assert states.relative.log_e < 0.0  # 2 of 59 errors is 3.4%: no evidence
 
 
 # --------------------------------------------------------------------------- cost, accuracy
