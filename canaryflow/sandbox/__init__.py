@@ -14,6 +14,9 @@ Profiles, chosen by the request's `model` (each rate applies to the requests of 
     sandbox-hallucinating       hallucination 15%: a wrong answer from the fact's wrong_answers,
                                 stated confidently
     sandbox-slow                latency x1.8 (72 ms), same answers: only live p95 catches it
+    sandbox-tail-slow           5% of requests 4x slower, median unchanged: a slow tail only
+                                (`tail_share`, `tail_factor`; e.g. `sandbox-base@tail_share=0.05,
+                                tail_factor=4`)
     sandbox-live-hallucinating  30% hallucination on facts of its `weak_categories` (currency,
                                 literature), 0.2% elsewhere. The offline suites ask no such fact and
                                 about a quarter of the live corpus does: offline it equals base,

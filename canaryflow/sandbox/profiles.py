@@ -20,6 +20,7 @@ _RATES = (
     "ttft_share",
     "truncated_stream",
     "garbage",
+    "tail_share",
 )
 
 
@@ -28,6 +29,8 @@ class Profile:
     name: str
     latency_ms: float = 40.0  # median
     sigma: float = 0.3  # lognormal shape; 0 = always the median
+    tail_share: float = 0.0  # requests made `tail_factor` times slower: a slow tail, same median
+    tail_factor: float = 1.0
     error_rate: float = 0.002  # HTTP 500
     rate_429: float = 0.0
     retry_after: float = 0.05  # seconds, sent in Retry-After with a 429
@@ -47,6 +50,8 @@ class Profile:
         problems = [f"{n} must be within [0, 1]" for n in _RATES if not 0 <= getattr(self, n) <= 1]
         if self.error_rate + self.rate_429 > 1:
             problems.append("error_rate + rate_429 must not exceed 1")
+        if not 1 <= self.tail_factor < math.inf:
+            problems.append("tail_factor must be a finite number >= 1")
         for name in ("latency_ms", "sigma", "retry_after"):
             if not 0 <= getattr(self, name) < math.inf:
                 problems.append(f"{name} must be a finite number >= 0")
@@ -65,6 +70,7 @@ PROFILES: dict[str, Profile] = {
         replace(BASE, name="sandbox-good", hallucination=0.001),
         replace(BASE, name="sandbox-hallucinating", hallucination=0.15),
         replace(BASE, name="sandbox-slow", latency_ms=72.0),
+        replace(BASE, name="sandbox-tail-slow", tail_share=0.05, tail_factor=4.0),
         replace(
             BASE,
             name="sandbox-live-hallucinating",

@@ -111,7 +111,11 @@ class Sandbox:
     def _latency(self, profile: Profile) -> float:
         if profile.latency_ms <= 0:
             return 0.0
-        return profile.latency_ms / 1000 * math.exp(profile.sigma * self._fresh.gauss(0.0, 1.0))
+        seconds = profile.latency_ms / 1000 * math.exp(profile.sigma * self._fresh.gauss(0.0, 1.0))
+        # A draw only for a profile with a tail: the others' streams of draws stay as they were.
+        if profile.tail_share > 0 and self._fresh.random() < profile.tail_share:
+            seconds *= profile.tail_factor
+        return seconds
 
     def _complete(self, profile: Profile, request: dict[str, Any]) -> Reply:
         messages: list[tuple[str, str]] = request["messages"]
