@@ -12,8 +12,9 @@ it on, Argo Rollouts' `assessMetricStatus` style, with explicit limits and no I/
 
 After an ASK, `answer()` resumes: approved counts as a pass and waives those gates for the rest
 of the release; rejected is a STOP. A stage therefore ends after at most
-`windows + max_extensions + 1` looks. The rate gates' sequential state (`memory`) rides along
-unchanged from window to window: every look at the same candidate counts against one budget.
+`windows + max_extensions + 1` looks. The sequential gates' states (`memory`) ride along
+unchanged from window to window, and into the next stage when the caller passes them on: every
+look at the same candidate counts against one budget.
 """
 
 from __future__ import annotations
