@@ -56,7 +56,9 @@ class Release:
         self.windows: list[WindowResult] = []
         self.live_since: datetime | None = None
         self.waived: frozenset[str] = frozenset()  # soft gates a human accepted in this release
-        self.memory: dict[str, progress.GateMemory] = {}  # the judge's, per stage kind
+        # The judge's sequential states: one per release, carried from the first shadow window
+        # through the last canary step and the late look, so each gate spends its alpha once.
+        self.memory: progress.GateMemory | None = None
 
     def stage(self, stage: Stage, outcome: Outcome, detail: str = "", *, part: str | None = None,
               figures: dict[str, float] | None = None) -> None:  # fmt: skip
@@ -99,7 +101,7 @@ def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: L
                  window_s: float) -> None:  # fmt: skip
     """Windows until `progress` says DONE (return) or STOP (raise): the stage loop."""
     state: StageProgress = progress.start(stage, limits, waived=run.waived,
-                                          memory=run.memory.get(stage))  # fmt: skip
+                                          memory=run.memory)  # fmt: skip
     while True:
         window, memory = judge_window(run.endpoints, run.spec.policy, stage, routes, step,
                                       state.looks, window_s, state.memory)  # fmt: skip
@@ -115,7 +117,7 @@ def judge_stage(run: Release, stage: Stage, routes: Routes, step: int, limits: L
                 artifact_key(stage, run.spec.service, "gates"), tuple(sorted(state.asking)),
             )  # fmt: skip
             state, next_step = progress.answer(state, approved=approved, verdict=verdict)
-        run.waived, run.memory[stage] = state.waived, state.memory
+        run.waived, run.memory = state.waived, state.memory
         if next_step.action is Action.STOP:
             raise Stop(next_step.reason, window.ended_at)
         if next_step.action is Action.DONE:
@@ -132,10 +134,9 @@ def judge_late(run: Release) -> None:
     shadow = last.stage == "shadow"
     routes = run.routes(shadow=run.candidate.version) if shadow else run.routes(
         canary=run.candidate.version, weight=last.weight)  # fmt: skip
-    memory = run.memory.get(Stage.SHADOW if shadow else Stage.CANARY)
     role = Role.SHADOW if shadow else Role.CANARY
     look = judge_late_records(run.endpoints, run.spec.policy, routes, role, last.ended_at,
-                              run.spec.canary.late_records_s, memory)  # fmt: skip
+                              run.spec.canary.late_records_s, run.memory)  # fmt: skip
     emit("window", look.decision.value, run.record.release_id, run.spec.service,
          stage="late", step=last.step, window=last.window)  # fmt: skip
     stage = Stage.SHADOW if shadow else Stage.CANARY
