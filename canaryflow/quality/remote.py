@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -81,6 +82,7 @@ class RemoteCheckers:
             "workers": workers,
             "queue_size": queue_size,
         }
+        self._environment = checker_environment(configs, providers)
         self._process: asyncio.subprocess.Process | None = None
         self._in_flight: dict[int, tuple[CheckItem, set[str]]] = {}
         self._next_id = 0
@@ -187,6 +189,7 @@ class RemoteCheckers:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=MAX_LINE_BYTES,
+            env=self._environment,
         )
         assert process.stdin is not None and process.stdout is not None
         try:
@@ -233,6 +236,24 @@ class RemoteCheckers:
             self.on_result(result)
         except Exception:
             log.exception("the checker result callback failed for %s", result.checker)
+
+
+def checker_environment(
+    configs: Sequence[CheckerConfig], providers: ProvidersFile | None
+) -> dict[str, str]:
+    """The service's environment without the provider keys no checker calls with: the child
+    needs its judge's key, not the models' (`/proc/PID/environ` is readable by every process
+    of the same user)."""
+    if providers is None:
+        return dict(os.environ)
+    entries = providers.providers
+    keys = {entry.api_key_env for entry in entries.values() if entry.api_key_env}
+    used = {
+        entries[name].api_key_env
+        for name in (getattr(c, "provider", None) for c in configs)
+        if name in entries
+    }
+    return {name: value for name, value in os.environ.items() if name not in keys - used}
 
 
 def _verdict(raw: dict[str, Any]) -> Verdict:

@@ -19,7 +19,7 @@ from canaryflow.contracts import (
     ProviderConfig,
     ProvidersFile,
 )
-from canaryflow.quality.remote import RemoteCheckers
+from canaryflow.quality.remote import RemoteCheckers, checker_environment
 from canaryflow.quality.verdicts import CheckItem, CheckResult, Outcome
 from tests.waiting import async_wait_for
 
@@ -109,3 +109,22 @@ async def test_a_dead_child_fails_what_it_held_drops_while_down_and_comes_back(
     finally:
         await remote.aclose()
     await asyncio.sleep(0)
+
+
+def test_the_child_gets_its_judges_key_and_no_other_providers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODEL_KEY", "sk-model")
+    monkeypatch.setenv("JUDGE_KEY", "sk-judge")
+    monkeypatch.setenv("UNRELATED", "kept")
+    providers = ProvidersFile(
+        providers={
+            "models": ProviderConfig(base_url="https://models.example/v1", api_key_env="MODEL_KEY"),
+            "judge": ProviderConfig(base_url="https://judge.example/v1", api_key_env="JUDGE_KEY"),
+        }
+    )
+    judge = LlmJudgeChecker(provider="judge", model="m")
+    env = checker_environment([judge, PatternsChecker()], providers)
+    assert env["JUDGE_KEY"] == "sk-judge" and env["UNRELATED"] == "kept"
+    assert "MODEL_KEY" not in env
+    assert "JUDGE_KEY" not in checker_environment([PatternsChecker()], providers)
