@@ -300,6 +300,7 @@ def observe_window(
 ) -> tuple[WindowResult, GateMemory]:
     """Let one window of live traffic pass, then judge candidate against stable in it."""
     from canaryflow.analysis.gates import judge_sample
+    from canaryflow.analysis.promql import prometheus_target
     from canaryflow.analysis.sources import StoreSource
 
     if endpoints.store_url is None:
@@ -319,7 +320,10 @@ def observe_window(
     sample = StoreSource(store).window(
         routes.service, routes.stable, candidate_version, started, ended, candidate_role=role
     )
-    gates, decision, memory = judge_sample(policy, sample, memory)
+    target = prometheus_target(
+        endpoints.prometheus_url, routes.service, routes.stable, candidate_version
+    )
+    gates, decision, memory = judge_sample(policy, sample, memory, promql=target)
     if not complete:
         late = GateResult(
             gate="watermark", severity=Severity.OBSERVABILITY, label=Label.NODATA,

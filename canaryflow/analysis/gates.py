@@ -5,7 +5,9 @@ an ERROR result and the others are still judged. The policy's alpha is one budge
 split evenly across its live gates (`JudgeConfig.from_policy`). The sequential gates' states
 come in and go out as a `GateMemory`: the caller keeps it from window to window, and from the
 shadow stage through the last canary step, so every look at one candidate spends one budget;
-it starts from an empty one for every new candidate.
+it starts from an empty one for every new candidate. A policy's PromQL gates (`analysis.promql`)
+are judged after the live gates when the caller gives a `PromQLTarget`; without one they are
+NODATA saying to set prometheus_url, never skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import Field
 
 from canaryflow.analysis import judges
 from canaryflow.analysis.latency import LatencyState, latency
+from canaryflow.analysis.promql import PromQLTarget, judge_promql
 from canaryflow.analysis.rates import RateStates, rate, start_states
 from canaryflow.analysis.samples import WindowSample
 from canaryflow.analysis.satisfaction import satisfaction
@@ -118,9 +121,15 @@ def judge_gate(
 
 
 def judge_sample(
-    policy: GatePolicy, sample: WindowSample, memory: GateMemory | None = None
+    policy: GatePolicy,
+    sample: WindowSample,
+    memory: GateMemory | None = None,
+    *,
+    promql: PromQLTarget | None = None,
 ) -> tuple[tuple[GateResult, ...], Decision, GateMemory]:
-    """Every gate of `policy` on one window's sample; returns (results, decision, new memory)."""
+    """Every gate of `policy` on one window's sample; returns (results, decision, new memory).
+
+    `promql`: where the policy's PromQL gates are queried (`promql.prometheus_target`)."""
     config = judges.JudgeConfig.from_policy(policy)
     states = _Memory(memory)
     results = [judges.observability(sample, config)]
@@ -136,4 +145,8 @@ def judge_sample(
                     reason=f"{type(exc).__name__}: {exc}",
                 )
             )
+    if policy.promql:
+        results.extend(
+            judge_promql(policy.promql, promql, sample.start, sample.end, sample.candidate_role)
+        )
     return tuple(results), combine(results), states.frozen()

@@ -5,16 +5,23 @@ per-request cost, quality flags), so `StoreSource` builds the `WindowSample` the
 Prometheus gives counters and histogram buckets: `PrometheusSource` answers dashboards'
 questions (p95 from buckets, rates, cost per 1k) and whether the series exist at all, and the
 same expressions, at `[1m]`, are the recording rules in deployments/prometheus/rules.yml.
+`PrometheusSource.instant` fetches one value per query for the PromQL gates (`analysis.promql`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
+import httpx
+
+from canaryflow.analysis.promql import Fetched
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.contracts import RequestRecord, Role
 from canaryflow.errors import StackError
@@ -238,6 +245,46 @@ class PromSummary:
         )
 
 
+MAX_ANSWER_BYTES = 1 << 20  # an instant query's answer; a gate needs one number
+
+
+def public_url(url: str) -> str:
+    """`url` without credentials or query string: safe to show in a verdict."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def instant_value(promql: str, status: int, body: bytes) -> Fetched:
+    """One number from Prometheus' answer to an instant query, or why there is none."""
+    try:
+        answer: Any = json.loads(body)
+    except ValueError:
+        return Fetched(promql, problem=f"Prometheus answered HTTP {status} without JSON")
+    if not isinstance(answer, dict) or answer.get("status") != "success":
+        answer = answer if isinstance(answer, dict) else {}
+        kind, error = str(answer.get("errorType") or status), str(answer.get("error", ""))
+        return Fetched(promql, problem=f"query error ({kind}): {error[:300]}")
+    data = answer.get("data")
+    shape: Any = data.get("resultType") if isinstance(data, dict) else None
+    result: Any = data.get("result") if isinstance(data, dict) else None
+    try:
+        if shape == "scalar":
+            return Fetched(promql, value=float(result[1]))
+        if shape != "vector" or not isinstance(result, list):
+            return Fetched(promql, problem=f"a {shape} result: a gate needs one number")
+        if not result:
+            return Fetched(promql, problem="empty result: no series matched at the window's end")
+        if len(result) > 1:
+            return Fetched(
+                promql,
+                problem=f"{len(result)} series: aggregate the query to one (e.g. sum(...))",
+            )
+        return Fetched(promql, value=float(result[0]["value"][1]))
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        return Fetched(promql, problem=f"an answer not in Prometheus' format: {exc!r}"[:300])
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -246,11 +293,15 @@ class PrometheusSource:
     """PromQL over the model services' series (prometheus-api-client)."""
 
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
-        from prometheus_api_client import PrometheusConnect
-
         self.url = url
         self.timeout_s = timeout_s
-        self._client: PrometheusConnect = PrometheusConnect(url=url, disable_ssl=True)
+
+    @cached_property
+    def _client(self) -> PrometheusConnect:
+        """Made on first use: the PromQL gates' `instant` needs none."""
+        from prometheus_api_client import PrometheusConnect
+
+        return PrometheusConnect(url=self.url, disable_ssl=True)
 
     def query(self, promql: str, at: datetime | None = None) -> list[dict[str, Any]]:
         params = {"time": str(at.timestamp())} if at is not None else None
@@ -259,6 +310,30 @@ class PrometheusSource:
         except Exception as exc:  # the client raises requests' and its own errors
             raise StackError(f"Prometheus at {self.url} did not answer {promql!r}: {exc}") from exc
         return list(result)
+
+    def instant(self, promql: str, at: datetime) -> Fetched:
+        """`promql`'s one value at `at` (PromQL gates); a failure comes back as the problem."""
+        where = public_url(self.url)
+        form = {"query": promql, "time": f"{at.timestamp():.3f}", "timeout": f"{self.timeout_s:g}s"}
+        try:
+            with httpx.stream(
+                "POST", f"{self.url.rstrip('/')}/api/v1/query", data=form,
+                timeout=self.timeout_s + 1.0,
+            ) as response:  # fmt: skip
+                body = b""
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        return Fetched(promql, problem=f"answer over {MAX_ANSWER_BYTES} bytes")
+        except httpx.TimeoutException:
+            return Fetched(
+                promql, problem=f"Prometheus at {where}: timed out ({self.timeout_s:g} s)"
+            )
+        except httpx.HTTPError as exc:
+            return Fetched(
+                promql, problem=f"Prometheus at {where} unreachable: {type(exc).__name__}: {exc}"
+            )
+        return instant_value(promql, response.status_code, body)
 
     def series_present(self, service: str) -> bool:
         """Does any model service of `service` export request counts? (observability gate)"""

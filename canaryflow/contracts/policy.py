@@ -8,6 +8,12 @@ from pydantic import Field, model_validator
 
 from canaryflow.contracts.base import Frozen
 from canaryflow.contracts.checkers import DEFAULT_CHECKERS, CheckerConfig
+from canaryflow.contracts.promql import (
+    MAX_QUERY_CHARS,
+    PROMQL_PREFIX,
+    placeholder_errors,
+    template_names,
+)
 
 
 class Severity(StrEnum):
@@ -122,6 +128,52 @@ class OfflineGate(Frozen):
         return self.margins.get(suite, self.non_inferiority_margin)
 
 
+class PromQLGateSpec(Frozen):
+    """One PromQL gate: `query` for the candidate, and its bound.
+
+    `max` and/or `min` bound the candidate's value (Flagger's thresholdRange); `max_ratio`
+    bounds candidate / stable, the same template evaluated for stable's version and role.
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")
+    query: str = Field(max_length=MAX_QUERY_CHARS)
+    severity: Severity
+    max: float | None = None
+    min: float | None = None
+    max_ratio: float | None = Field(None, gt=0)
+
+    @property
+    def gate(self) -> str:
+        """The name its verdicts carry."""
+        return PROMQL_PREFIX + self.name
+
+    @model_validator(mode="after")
+    def _valid(self) -> PromQLGateSpec:
+        where = f"promql gate {self.name}"
+        if not self.query.strip():
+            raise ValueError(f"{where}: query is empty")
+        if errors := placeholder_errors(self.query):
+            raise ValueError(f"{where}: " + "; ".join(errors))
+        if self.severity is Severity.OBSERVABILITY:
+            raise ValueError(
+                f"{where}: severity is hard or soft (missing data is always the observability tier)"
+            )
+        bounded = self.max is not None or self.min is not None
+        if bounded == (self.max_ratio is not None):
+            raise ValueError(
+                f"{where}: give max and/or min (bounds on the candidate's value) or max_ratio "
+                "(candidate / stable), not both and not neither"
+            )
+        if self.max_ratio is not None and not {"version", "role"} & template_names(self.query):
+            raise ValueError(
+                f"{where}: max_ratio compares candidate with stable, so the query must select "
+                'by version="{{version}}" and/or role="{{role}}"'
+            )
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"{where}: min {self.min:g} is above max {self.max:g}")
+        return self
+
+
 class GatePolicy(Frozen):
     name: str = "default"
     offline: OfflineGate = OfflineGate()
@@ -139,6 +191,18 @@ class GatePolicy(Frozen):
         description="the live checkers a model service runs on its answers (`canaryflow serve "
         "--policy`); they set the quality flags the rate gates read",
     )
+    promql: tuple[PromQLGateSpec, ...] = Field(
+        (),
+        description="gates on the team's own Prometheus series (README, 'Gate on your own "
+        "Prometheus series'); judged where the stack knows a Prometheus (prometheus_url)",
+    )
+
+    @model_validator(mode="after")
+    def _unique_promql_names(self) -> GatePolicy:
+        names = [g.name for g in self.promql]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"promql gate names must be unique: {', '.join(twice)} repeated")
+        return self
 
 
 # What no delivery may go below: the loosest threshold each required gate may have.

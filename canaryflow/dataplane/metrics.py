@@ -12,6 +12,13 @@ the latency histogram take the notes in batches (`flush`): from the record worke
 batch, and before any read of the registry (a scrape, `get_sample_value`), so a reader never
 sees a request missing. A batch adds each series' count, tokens and cost once and each latency
 bucket once, where the request path used to take a lock per counter per request.
+
+Beside the canaryflow_* series, the same requests feed the OpenTelemetry GenAI client metrics as
+Prometheus names them (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
+with the semantic conventions' advised buckets), so dashboards and PromQL gates written for
+those conventions work unchanged. Labels are the conventions' attributes in Prometheus form
+(`gen_ai_token_type`, `gen_ai_operation_name`, `gen_ai_request_model`, `error_type`) plus service,
+version and role.
 """
 
 from __future__ import annotations
@@ -31,8 +38,18 @@ LATENCY_BUCKETS = (
 FLAGS = ("hallucination", "unsafe", "injection_leak", "refusal")
 # Ratings scaled to 0..1: tenths, so a thumbs up/down and a 1-5 star scale both fall on bounds.
 FEEDBACK_BUCKETS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
+# OpenTelemetry GenAI semantic conventions: the advised bucket boundaries.
+GENAI_TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+GENAI_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+GENAI_OPERATION = "chat"  # the service answers chat completions
+MAX_MODEL_CHARS = 128
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BASE = ("service", "version", "role")
+_GENAI = (*_BASE, "gen_ai_operation_name", "gen_ai_request_model")
 # Direct callers name the version in a header: past this many, new ones count as "other", so a
 # client cannot grow the series without bound. A service has a handful of live versions.
 MAX_VERSIONS = 64
@@ -140,8 +157,25 @@ class ServiceMetrics:
             ["service", "outcome"],
             registry=r,
         )
+        self.genai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per operation, by gen_ai_token_type (input, output); OpenTelemetry GenAI "
+            "gen_ai.client.token.usage",
+            [*_GENAI, "gen_ai_token_type"],
+            buckets=GENAI_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.genai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Time from request arrival to response, error_type the failed status (empty on "
+            "success); OpenTelemetry GenAI gen_ai.client.operation.duration",
+            [*_GENAI, "error_type"],
+            buckets=GENAI_DURATION_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], _RequestSeries] = {}
         self._versions: set[str] = set()
+        self._models: dict[str, str] = {}
 
     def _bounded(self, version: str) -> str:
         if version in self._versions:
@@ -150,6 +184,17 @@ class ServiceMetrics:
             return OTHER
         self._versions.add(version)
         return version
+
+    def name_model(self, version: str, model: str) -> None:
+        """The model `version` asks its provider for (`gen_ai_request_model`); call it when the
+        version is loaded: series made before keep the label they were made with."""
+        version = self._bounded(version)
+        self._models[version] = model[:MAX_MODEL_CHARS]
+        for key in [k for k in self._children if k[0] == version]:
+            del self._children[key]
+
+    def model_of(self, version: str) -> str:
+        return self._models.get(version, "")
 
     def observe_request(
         self,
@@ -242,11 +287,18 @@ class ServiceMetrics:
 class _Batch:
     """One series' share of a batch of notes."""
 
-    __slots__ = ("buckets", "cost", "requests", "seconds", "tokens_in", "tokens_out")
+    __slots__ = (
+        "buckets", "cost", "genai_buckets", "input_buckets", "output_buckets", "requests",
+        "seconds", "tokens_in", "tokens_out", "used",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.requests, self.seconds, self.tokens_in, self.tokens_out, self.cost = 0, 0.0, 0, 0, 0.0
+        self.used = 0  # requests whose provider reported token usage
         self.buckets: dict[int, int] = {}
+        self.genai_buckets: dict[int, int] = {}
+        self.input_buckets: dict[int, int] = {}
+        self.output_buckets: dict[int, int] = {}
 
     def add(self, seconds: float, tokens_in: int, tokens_out: int, cost: float) -> None:
         self.requests += 1
@@ -255,18 +307,20 @@ class _Batch:
         self.tokens_out += tokens_out
         self.cost += cost
         # The first bound >= seconds, as Histogram.observe picks it (+Inf is the last bound).
-        bucket = bisect_left(LATENCY_BUCKETS, seconds)
-        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+        _count(self.buckets, bisect_left(LATENCY_BUCKETS, seconds))
+        _count(self.genai_buckets, bisect_left(GENAI_DURATION_BUCKETS, seconds))
+        if tokens_in or tokens_out:  # usage reported: the GenAI histogram counts it
+            self.used += 1
+            _count(self.input_buckets, bisect_left(GENAI_TOKEN_BUCKETS, tokens_in))
+            _count(self.output_buckets, bisect_left(GENAI_TOKEN_BUCKETS, tokens_out))
 
     def apply(self, series: _RequestSeries) -> None:
         series.requests.inc(self.requests)
-        histogram = series.duration
-        buckets = getattr(histogram, "_buckets", None)
-        if buckets is None or len(buckets) != len(LATENCY_BUCKETS) + 1:  # not the known layout
-            raise RuntimeError("prometheus_client's Histogram changed layout; update metrics.py")
-        histogram._sum.inc(self.seconds)
-        for bucket, count in self.buckets.items():
-            buckets[bucket].inc(count)
+        _add(series.duration, LATENCY_BUCKETS, self.buckets, self.seconds)
+        _add(series.genai_duration, GENAI_DURATION_BUCKETS, self.genai_buckets, self.seconds)
+        if self.used:
+            _add(series.genai_input, GENAI_TOKEN_BUCKETS, self.input_buckets, self.tokens_in)
+            _add(series.genai_output, GENAI_TOKEN_BUCKETS, self.output_buckets, self.tokens_out)
         if self.tokens_in:
             series.tokens_in.inc(self.tokens_in)
         if self.tokens_out:
@@ -275,8 +329,26 @@ class _Batch:
             series.cost.inc(self.cost)
 
 
+def _count(counts: dict[int, int], bucket: int) -> None:
+    counts[bucket] = counts.get(bucket, 0) + 1
+
+
+def _add(histogram: Any, bounds: tuple[float, ...], counts: dict[int, int], total: float) -> None:
+    """A batch's observations into one histogram child: each bucket (by the first bound >= the
+    value, as Histogram.observe picks it) and the sum once."""
+    buckets = getattr(histogram, "_buckets", None)
+    if buckets is None or len(buckets) != len(bounds) + 1:  # not the known layout
+        raise RuntimeError("prometheus_client's Histogram changed layout; update metrics.py")
+    histogram._sum.inc(total)
+    for bucket, count in counts.items():
+        buckets[bucket].inc(count)
+
+
 class _RequestSeries:
-    __slots__ = ("cost", "duration", "requests", "tokens_in", "tokens_out")
+    __slots__ = (
+        "cost", "duration", "genai_duration", "genai_input", "genai_output", "requests",
+        "tokens_in", "tokens_out",
+    )  # fmt: skip
 
     def __init__(self, metrics: ServiceMetrics, version: str, role: str, status: str) -> None:
         base = (metrics.service, version, role)
@@ -285,5 +357,10 @@ class _RequestSeries:
         self.tokens_in = metrics.tokens.labels(*base, "in")
         self.tokens_out = metrics.tokens.labels(*base, "out")
         self.cost = metrics.cost.labels(*base)
+        genai = (*base, GENAI_OPERATION, metrics.model_of(version))
+        failed = "" if int(status) < 400 else status
+        self.genai_duration = metrics.genai_duration.labels(*genai, failed)
+        self.genai_input = metrics.genai_tokens.labels(*genai, "input")
+        self.genai_output = metrics.genai_tokens.labels(*genai, "output")
         # Zero-valued series exist from the first request, so PromQL rates never see a gap.
         metrics.checked.labels(*base)

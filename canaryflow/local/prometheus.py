@@ -1,4 +1,5 @@
-"""Prometheus for the embedded stack: Debian's binary, a rendered config, our recording rules.
+"""Prometheus for the embedded stack: Debian's binary, a rendered config, our recording rules
+(deployments/prometheus/rules.yml: the dashboards' group and `LEVEL_RULES`).
 
 Starting is quick (<0.3 s to ready) but the first scrape lands ~5 s later whatever the
 interval, so callers start it once and `wait_for_targets` before they trust a query. Targets
@@ -24,6 +25,28 @@ INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
 REPO_RULES = Path(__file__).resolve().parents[2] / "deployments" / "prometheus" / "rules.yml"
 
 Targets = Mapping[str, Sequence[str]]
+
+_BY = "service, version, role"
+_ERRORS = 'canaryflow_requests_total{status=~"5..|429|408"}'
+_TOKENS = f"{_BY}, gen_ai_token_type"
+# The rules.yml group "canaryflow-levels": Prometheus' `level:metric:operations` names (level:
+# the labels kept; metric: the series, `_total` dropped; operations: newest first), over the
+# canaryflow_* and the OpenTelemetry GenAI series. PromQL gates and dashboards read them.
+LEVEL_RULES = {
+    "service_version_role:canaryflow_requests:rate1m":
+        f"sum by ({_BY}) (rate(canaryflow_requests_total[1m]))",
+    "service_version_role:canaryflow_request_errors_per_requests:ratio_rate1m":
+        f"sum by ({_BY}) (rate({_ERRORS}[1m])) "
+        f"/ sum by ({_BY}) (rate(canaryflow_requests_total[1m]))",
+    "service_version_role:gen_ai_client_operation_duration_seconds:p95_rate1m":
+        f"histogram_quantile(0.95, sum by ({_BY}, le) "
+        "(rate(gen_ai_client_operation_duration_seconds_bucket[1m])))",
+    "service_version_role_gen_ai_token_type:gen_ai_client_token_usage:rate1m":
+        f"sum by ({_TOKENS}) (rate(gen_ai_client_token_usage_sum[1m]))",
+    "service_version_role_gen_ai_token_type:gen_ai_client_token_usage_per_operation:ratio_rate1m":
+        f"sum by ({_TOKENS}) (rate(gen_ai_client_token_usage_sum[1m])) "
+        f"/ sum by ({_TOKENS}) (rate(gen_ai_client_token_usage_count[1m]))",
+}  # fmt: skip
 
 
 def render_config(
