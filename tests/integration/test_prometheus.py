@@ -194,7 +194,7 @@ def test_series_present_only_for_exported_services(scraped: Scraped) -> None:
 def test_recording_rules_are_loaded_and_evaluated(scraped: Scraped) -> None:
     rules = httpx.get(f"{scraped.prometheus.url}/api/v1/rules", timeout=5).json()["data"]
     names = {rule["name"] for group in rules["groups"] for rule in group["rules"]}
-    assert names == set(RECORDING_RULES) | set(LEVEL_RULES)  # LEVEL_RULES: test_promql_gates
+    assert names == set(RECORDING_RULES) | set(LEVEL_RULES)  # LEVEL_RULES: test_promql_live
     # Evaluated on the scraped series: the error ratio is the one each (version, role) served.
     query = f'canaryflow:error_ratio:rate1m{{service="{SERVICE}"}}'
 
