@@ -149,12 +149,12 @@ def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
     one over longer), over the span from the first to the last request. None with too few
     requests even in 5 minutes (nothing to plan with)."""
     now = datetime.now(UTC)
-    with connections.store(str(endpoints.store_url)) as store:
-        for lookback_s in TRAFFIC_LOOKBACKS_S:
-            since = now - timedelta(seconds=lookback_s)
-            count, span_s = store.user_traffic(service, since, now)
-            if count >= MIN_RECORDS_TO_PLAN:
-                return count / max(1.0, span_s)
+    store = connections.store(endpoints.store_url)  # shared by every step: never closed here
+    for lookback_s in TRAFFIC_LOOKBACKS_S:
+        since = now - timedelta(seconds=lookback_s)
+        count, span_s = store.user_traffic(service, since, now)
+        if count >= MIN_RECORDS_TO_PLAN:
+            return count / max(1.0, span_s)
     return None
 
 
