@@ -159,8 +159,19 @@ USERS_RPS = 200.0  # a 2.5 s window at a 25 % canary step: ~125 candidate reques
 def users(live: LiveStack) -> Iterator[TrafficRunner]:
     """Production has users; the embedded stack has these, around one test: the example corpus
     sent to Envoy's public listener at `USERS_RPS`, started and stopped here, never by a flow.
-    Their requests are what the release's gates judge."""
+    Their requests are what the release's gates judge. Yielded once the store sees them at
+    half their rate or more: preflight plans the release from the traffic it measures there,
+    and a burst of an earlier test's users seconds before would halve what it measures."""
+    from canaryflow.runbook import recent_user_rps
+    from tests.waiting import wait_for
+
     with examples.simulated_users(live.endpoints, USERS_RPS) as runner:
+        wait_for(
+            "the users' requests in the store",
+            lambda: (recent_user_rps(live.endpoints, examples.SERVICE) or 0) >= USERS_RPS / 2,
+            30,
+            0.2,
+        )
         yield runner
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from canaryflow import connections
+from canaryflow import connections, runbook
+from canaryflow.analysis.planning import adapted
 from canaryflow.analysis.sources import PrometheusSource
 from canaryflow.app.approvals import paused_runs, resume_with_approval
 from canaryflow.contracts import (
@@ -220,6 +221,30 @@ def test_tampered_manifest_is_refused_before_anything_happens(live: LiveStack) -
     assert record.candidate_version is None, "nothing may be published"
     assert "changed after it was signed" in stage(record, "preflight").detail
     assert registry.aliases(examples.SERVICE) == versions_before
+
+
+@pytest.mark.usefixtures("users")  # 200 req/s: a 1% step gets ~5 requests in a 2.5 s window
+def test_a_plan_that_cannot_decide_at_the_traffic_is_refused_with_its_numbers(
+    live: LiveStack,
+) -> None:
+    registry = connections.registry(live.endpoints.mlflow_uri)
+    aliases = registry.aliases(examples.SERVICE)
+    signed = live.sign(examples.manifest("1.7", "sandbox-good"))
+
+    record = release(spec=spec_for(live, signed, weights=(1.0, 25.0)))
+
+    assert record.decision == "rejected"
+    assert record.candidate_version is None, "nothing may be published"
+    detail = stage(record, "preflight").detail
+    assert "cannot decide at its traffic" in detail and "canary 1%" in detail, detail
+    assert "make the window at least" in detail and "canary 25%" not in detail, detail
+    assert registry.aliases(examples.SERVICE) == aliases
+
+    adapting = spec_for(live, signed, weights=(1.0,)).model_copy(update={"adapt_windows": True})
+    planned = runbook.plan_at_traffic(adapting, live.endpoints)
+    assert planned is not None and planned.problems
+    longer = adapted(adapting, planned)
+    assert longer.canary.steps[0].window_s >= 10.0  # 30 requests at ~2 req/s
 
 
 def test_manifest_signed_by_an_unknown_key_is_refused(live: LiveStack, tmp_path: Path) -> None:
