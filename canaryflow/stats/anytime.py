@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from canaryflow.contracts import Frozen
+from canaryflow.stats.sequential import EProcessState
 
 Floats = npt.NDArray[np.float64]
 MAX_LOG_E = 700.0  # keeps e-values finite, so the state stays plain JSON
@@ -50,7 +50,7 @@ def _logsumexp(values: tuple[float, ...]) -> float:
     return top + math.log(math.fsum(math.exp(v - top) for v in values))
 
 
-class ShareState(Frozen):
+class ShareState(EProcessState):
     """One-sided test of H0: candidate rate <= `ratio` x baseline rate, across windows.
 
     Per window the candidate has `ec` events in `nc` trials, the baseline `eb` in `nb`. Under
@@ -79,33 +79,15 @@ class ShareState(Frozen):
     """
 
     ratio: float = Field(1.0, ge=1.0)
-    alpha: float = Field(gt=0.0, lt=1.0)
     events_candidate: int = Field(0, ge=0)
     trials_candidate: int = Field(0, ge=0)
     events_baseline: int = Field(0, ge=0)
     trials_baseline: int = Field(0, ge=0)
-    windows: int = Field(0, ge=0)
     log_lr: tuple[float, ...] = (0.0,) * len(SHARE_THETAS)
-    log_e: float = 0.0
-    max_log_e: float = 0.0
-    rejected_at: int | None = Field(None, description="window (1-based) that crossed 1/alpha")
 
     @classmethod
     def start(cls, ratio: float, alpha: float) -> ShareState:
         return cls(ratio=ratio, alpha=alpha)
-
-    @property
-    def e_value(self) -> float:
-        return math.exp(self.log_e)
-
-    @property
-    def rejected(self) -> bool:
-        return self.rejected_at is not None
-
-    @property
-    def p_value(self) -> float:
-        """Anytime-valid p-value: 1 / the largest e-value seen so far."""
-        return min(1.0, math.exp(-self.max_log_e))
 
     @property
     def share_bound(self) -> float | None:
@@ -192,7 +174,7 @@ def normal_mixture_log_e(z_sum: float, looks: int, precision: float = PRIOR_PREC
     return _clip(log_e)
 
 
-class RankState(Frozen):
+class RankState(EProcessState):
     """One-sided sequential rank test of H0: candidate <= (1 + tolerance) x baseline in
     distribution, across windows.
 
@@ -209,32 +191,15 @@ class RankState(Frozen):
     """
 
     tolerance: float = Field(0.0, ge=0.0)
-    alpha: float = Field(gt=0.0, lt=1.0)
-    windows: int = Field(0, ge=0)
     looks: int = Field(0, ge=0, description="windows with enough values per role to count")
     z_sum: float = 0.0
     last_z: float | None = None
     n_candidate: int = Field(0, ge=0)
     n_baseline: int = Field(0, ge=0)
-    log_e: float = 0.0
-    max_log_e: float = 0.0
-    rejected_at: int | None = Field(None, description="window (1-based) that crossed 1/alpha")
 
     @classmethod
     def start(cls, tolerance: float, alpha: float) -> RankState:
         return cls(tolerance=tolerance, alpha=alpha)
-
-    @property
-    def e_value(self) -> float:
-        return math.exp(self.log_e)
-
-    @property
-    def rejected(self) -> bool:
-        return self.rejected_at is not None
-
-    @property
-    def p_value(self) -> float:
-        return min(1.0, math.exp(-self.max_log_e))
 
     def update(self, candidate: Floats, baseline: Floats) -> RankState:
         """Add one window's values (e.g. latencies in ms); too few per side changes nothing."""

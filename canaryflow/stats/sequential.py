@@ -27,25 +27,16 @@ PRIOR_MEAN_FACTOR = 4.0
 MAX_LOG_E = 700.0  # keeps e-values finite, so the state stays plain JSON
 
 
-class SequentialState(Frozen):
-    """The running test of one rate gate; the caller keeps it between windows.
+class EProcessState(Frozen):
+    """What every e-process of a gate keeps between windows (this module's, and those of
+    `anytime`): its alpha, the log e-value now and at its highest, and the window that crossed
+    1/alpha. Plain data, so the judge's memory stays JSON."""
 
-    Plain data (`model_dump(mode="json")` / `model_validate`), so it can live in a Prefect
-    task result or the release ledger. Start a new one for every candidate.
-    """
-
-    bound: float = Field(ge=0.0, le=1.0)
     alpha: float = Field(gt=0.0, lt=1.0)
-    events: int = Field(0, ge=0)
-    trials: int = Field(0, ge=0)
     windows: int = Field(0, ge=0)
     log_e: float = 0.0
     max_log_e: float = 0.0
     rejected_at: int | None = Field(None, description="window (1-based) that crossed 1/alpha")
-
-    @classmethod
-    def start(cls, bound: float, alpha: float) -> SequentialState:
-        return cls(bound=bound, alpha=alpha)
 
     @property
     def e_value(self) -> float:
@@ -59,6 +50,22 @@ class SequentialState(Frozen):
     def p_value(self) -> float:
         """Anytime-valid p-value: 1 / the largest e-value seen so far."""
         return min(1.0, math.exp(-self.max_log_e))
+
+
+class SequentialState(EProcessState):
+    """The running test of one rate gate; the caller keeps it between windows.
+
+    Plain data (`model_dump(mode="json")` / `model_validate`), so it can live in a Prefect
+    task result or the release ledger. Start a new one for every candidate.
+    """
+
+    bound: float = Field(ge=0.0, le=1.0)
+    events: int = Field(0, ge=0)
+    trials: int = Field(0, ge=0)
+
+    @classmethod
+    def start(cls, bound: float, alpha: float) -> SequentialState:
+        return cls(bound=bound, alpha=alpha)
 
     def update(self, events: int, trials: int) -> SequentialState:
         """Add one window's counts. Rejection is final: Ville's bound covers the running max."""
