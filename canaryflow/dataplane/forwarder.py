@@ -110,7 +110,21 @@ class _ChunkReader:
     read = BodyStream.read
 
 
-class AiohttpForwarder:
+class _OpensOnDemand:
+    """aiohttp and httpx open connections on demand only: `preconnect` opens none (the
+    default forwarder, `http1`, does)."""
+
+    async def preconnect(
+        self,
+        url: str,
+        count: int,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> int:
+        return 0
+
+
+class AiohttpForwarder(_OpensOnDemand):
     def __init__(self, max_connections: int = 512) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -175,24 +189,13 @@ class AiohttpForwarder:
         finally:
             response.close()
 
-    async def preconnect(
-        self,
-        url: str,
-        count: int,
-        headers: Mapping[str, str] | None = None,
-        tls: ssl.SSLContext | None = None,
-    ) -> int:
-        """Not done: aiohttp opens connections on demand only (the default forwarder,
-        `http1`, preconnects)."""
-        return 0
-
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
 
-class HttpxForwarder:
+class HttpxForwarder(_OpensOnDemand):
     def __init__(self, max_connections: int = 512) -> None:
         self._max_connections = max_connections
         self._clients: dict[int, httpx.AsyncClient] | None = None  # by id() of the TLS context
@@ -257,17 +260,6 @@ class HttpxForwarder:
             yield _ChunkReader(response.status_code, retry_after, response.aiter_raw())
         finally:
             await response.aclose()
-
-    async def preconnect(
-        self,
-        url: str,
-        count: int,
-        headers: Mapping[str, str] | None = None,
-        tls: ssl.SSLContext | None = None,
-    ) -> int:
-        """Not done: httpx opens connections on demand only (the default forwarder, `http1`,
-        preconnects)."""
-        return 0
 
     async def aclose(self) -> None:
         for client in (self._clients or {}).values():
