@@ -18,6 +18,7 @@ import yaml
 from canaryflow.dataplane.envoy_config import (
     DEFAULT_MAX_REQUEST_BYTES,
     EDGE_HEADERS,
+    PUBLIC_ONLY_HEADERS,
     ROUTE_CONFIG,
     STAT_PREFIX,
     SYNTHETIC_HEADER,
@@ -82,6 +83,8 @@ def _connection_manager(max_request_bytes: int, synthetic: bool) -> dict[str, An
     mutations: list[dict[str, Any]] = [{"remove": name} for name in EDGE_HEADERS]
     if synthetic:
         mutations.append({"append": header_entry(SYNTHETIC_HEADER, "1")})
+    else:  # a user must not pick the role that answers them (`envoy_config.probe_routes`)
+        mutations += [{"remove": name} for name in PUBLIC_ONLY_HEADERS]
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -108,6 +111,19 @@ def _connection_manager(max_request_bytes: int, synthetic: bool) -> dict[str, An
                 {"filter": _status_is(413), **reply},
             ]
         },
+        # The same edits before the route is picked: the header_mutation filter runs after
+        # Envoy chose (and cached) the route, so routes matching on an edge header (the probe
+        # routes) would otherwise see the client's copy.
+        "early_header_mutation_extensions": [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation"
+                    ".header_mutation.v3.HeaderMutation",
+                    "mutations": mutations,
+                },
+            }
+        ],
         "rds": {},  # filled by render_bootstrap
         "http_filters": [
             {
@@ -164,7 +180,8 @@ def render_bootstrap(
     """Static listeners and clusters; the routes come from the watched file.
 
     The synthetic listener (on loopback only, when `synthetic_port` is given) shares the client
-    listener's routes and marks every request it takes as synthetic traffic.
+    listener's routes and marks every request it takes as synthetic traffic; the probe routes
+    in them match only requests so marked, and the client listener drops the probe target.
     """
     if max_request_bytes < 1:
         raise ConfigError(f"max_request_bytes must be at least 1, got {max_request_bytes}")

@@ -8,12 +8,16 @@ Contract with the model service: every request carries `x-canaryflow-role` and
 every request carries `x-canaryflow-shadow-version`; mirrored copies alone carry
 `x-canaryflow-mirror: 1` (and `-shadow` appended to the Host; the primary Host is rewritten to
 the service name). Requests through the loopback synthetic listener carry
-`x-canaryflow-synthetic: 1`. Every listener first drops the client's own copies of these headers
-(`EDGE_HEADERS`), so only Envoy can set them. Envoy makes each request's `x-request-id` itself
-(a client's is replaced: it would let one record overwrite another); a mirrored copy keeps its
-primary's. A body over the cap is answered 413 at the edge: a Content-Length over it before any
-body is read, a chunked body once the cap is passed. `POST /v1/feedback` (users' ratings) goes
-to the stable cluster alone, with no role headers and no mirror.
+`x-canaryflow-synthetic: 1`; there alone, `x-canaryflow-probe-target: stable|canary|shadow`
+sends a probe (`probe_routes`) straight to that role's cluster, never mirrored. Every listener
+first drops the client's own copies of these headers (`EDGE_HEADERS`), before the route is
+picked, so only Envoy can set them; the public listener also drops the probe target
+(`PUBLIC_ONLY_HEADERS`), so users cannot steer themselves to a role. Envoy makes each request's
+`x-request-id` itself (a client's is replaced: it would let one record overwrite another); a
+mirrored copy keeps its primary's. A body over the cap is answered 413 at the edge: a
+Content-Length over it before any body is read, a chunked body once the cap is passed.
+`POST /v1/feedback` (users' ratings) goes to the stable cluster alone, with no role headers and
+no mirror.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ MIRROR_HEADER = "x-canaryflow-mirror"
 SYNTHETIC_HEADER = "x-canaryflow-synthetic"
 # Set by Envoy only: a client's copy is dropped on every listener before the routes run.
 EDGE_HEADERS = (ROLE_HEADER, VERSION_HEADER, SHADOW_VERSION_HEADER, MIRROR_HEADER, SYNTHETIC_HEADER)
+PROBE_TARGET_HEADER = "x-canaryflow-probe-target"
+# Dropped by the public listener only: the synthetic listener's probes name their target role.
+PUBLIC_ONLY_HEADERS = (PROBE_TARGET_HEADER,)
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 FEEDBACK_PATH = "/v1/feedback"  # users' ratings: to the stable cluster only (`feedback_route`)
 CLUSTERS = ("stable", "canary", "shadow")
@@ -111,6 +118,36 @@ def feedback_route(service: str, timeout_s: float) -> dict[str, Any]:
     }
 
 
+def probe_routes(routes: Routes, timeout_s: float) -> list[dict[str, Any]]:
+    """One route per role with a version: a probe (synthetic, naming that role) goes to its
+    cluster with the role and version headers a split would set, and is never mirrored, so a
+    labelled query is answered by the role it is scored for. Matching on the synthetic mark as
+    well as the target keeps users off these routes even if an edge rule were missing."""
+    versions = {"stable": routes.stable, "canary": routes.canary, "shadow": routes.shadow}
+    return [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [
+                    {"name": SYNTHETIC_HEADER, "string_match": {"exact": "1"}},
+                    {"name": PROBE_TARGET_HEADER, "string_match": {"exact": role}},
+                ],
+            },
+            "request_headers_to_add": [
+                header_entry(ROLE_HEADER, role),
+                header_entry(VERSION_HEADER, version),
+            ],
+            "route": {
+                "cluster": role,
+                "host_rewrite_literal": routes.service,
+                "timeout": f"{timeout_s:.3f}s",
+            },
+        }
+        for role, version in versions.items()
+        if version is not None
+    ]
+
+
 def render_route_config(
     routes: Routes | None,
     *,
@@ -162,6 +199,7 @@ def render_route_config(
             route["request_headers_to_remove"] = [SHADOW_VERSION_HEADER]
         route["route"] = action
         first.append(feedback_route(routes.service, route_timeout_s))
+        first.extend(probe_routes(routes, route_timeout_s))
     document = {
         "version_info": str(version),
         "resources": [

@@ -98,6 +98,7 @@ def make_proxy(home: Path, upstreams: dict[str, Upstream], initial: str | None) 
             "shadow": ("127.0.0.1", upstreams["shadow"].port),
         },
         initial_stable=initial,
+        synthetic_port=free_port(),
     )
 
 
@@ -643,3 +644,47 @@ def serve_echo(port: int, delay_s: float) -> None:
 
 if __name__ == "__main__":
     serve_echo(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
+
+
+def test_a_probe_reaches_the_role_it_names_on_the_synthetic_listener_only(
+    controller: EnvoyRoutes, proxy: EnvoyProxy, upstreams: dict[str, Upstream]
+) -> None:
+    """Stable takes every user; a probe naming canary still reaches the canary cluster with
+    canary's headers and is not mirrored. The same headers from a user (the probe target and a
+    forged synthetic mark) are dropped before the route is picked, so they steer nothing."""
+    controller.set_routes(
+        Routes(service=SERVICE, stable="1", canary="2", weight=0.0, shadow="3", mirror_percent=100)
+    )
+    assert proxy.synthetic_url is not None
+    target = {"x-canaryflow-probe-target": "canary"}
+    before = proxy.cluster_stats()
+    with httpx.Client(base_url=proxy.synthetic_url, timeout=5.0) as synthetic:
+        for _ in range(5):
+            got = synthetic.post("/v1/chat/completions", json={}, headers=target).json()["headers"]
+            assert got["x-canaryflow-role"] == "canary"
+            assert got["x-canaryflow-version"] == "2"
+            assert got["x-canaryflow-synthetic"] == "1"
+            assert got["host"] == SERVICE
+        shadow = synthetic.post(
+            "/v1/chat/completions", json={}, headers={"x-canaryflow-probe-target": "shadow"}
+        ).json()["headers"]
+        assert (shadow["x-canaryflow-role"], shadow["x-canaryflow-version"]) == ("shadow", "3")
+        assert "x-canaryflow-mirror" not in shadow
+    after = proxy.cluster_stats()
+    assert after["canary"] - before["canary"] == 5
+    assert after["shadow"] - before["shadow"] == 1  # the shadow probe itself, no mirrored copy
+    assert after["stable"] == before["stable"]
+
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as public:
+        for _ in range(5):
+            forged = {**target, "x-canaryflow-synthetic": "1"}  # both marks, forged by a user
+            got = public.post("/v1/chat/completions", json={}, headers=forged).json()["headers"]
+            assert got["x-canaryflow-role"] == "stable"
+            assert "x-canaryflow-probe-target" not in got
+            assert "x-canaryflow-synthetic" not in got
+    users = proxy.cluster_stats()
+    assert users["stable"] - after["stable"] == 5
+    assert users["canary"] == after["canary"]
+    wait_for(  # the users' requests are mirrored as usual
+        "5 mirrored copies", lambda: proxy.cluster_stats()["shadow"] - after["shadow"] == 5, 5
+    )

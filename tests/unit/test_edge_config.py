@@ -15,6 +15,7 @@ from canaryflow.dataplane.envoy_config import (
     EDGE_HEADERS,
     FEEDBACK_PATH,
     MIRROR_HEADER,
+    PROBE_TARGET_HEADER,
     render_route_config,
 )
 from canaryflow.errors import ConfigError
@@ -47,9 +48,12 @@ def test_both_listeners_drop_client_edge_headers_and_cap_bodies(tmp_path: Path) 
         filters = {f["name"]: f["typed_config"] for f in manager["http_filters"]}
         mutations = filters["envoy.filters.http.header_mutation"]["mutations"]
         removed = {m["remove"] for m in mutations["request_mutations"] if "remove" in m}
-        assert removed == set(EDGE_HEADERS)
-        added = [m["append"] for m in mutations["request_mutations"] if "append" in m]
         synthetic = listener["name"] == "synthetic"
+        # Users cannot name a probe's target; the synthetic listener's probes can.
+        assert removed == set(EDGE_HEADERS) | (set() if synthetic else {PROBE_TARGET_HEADER})
+        [early] = manager["early_header_mutation_extensions"]  # before the route is picked
+        assert early["typed_config"]["mutations"] == mutations["request_mutations"]
+        added = [m["append"] for m in mutations["request_mutations"] if "append" in m]
         assert [a["header"]["key"] for a in added] == (
             ["x-canaryflow-synthetic"] if synthetic else []
         )
@@ -71,7 +75,15 @@ def test_feedback_goes_to_stable_alone_ahead_of_the_split() -> None:
     )
     text = render_route_config(routes, version=4, route_timeout_s=30)
     [host] = json.loads(text.split("\n", 1)[1])["resources"][0]["virtual_hosts"]
-    first, catch_all = host["routes"]
+    first, *probes, catch_all = host["routes"]
+    assert [p["route"]["cluster"] for p in probes] == ["stable", "canary", "shadow"]
+    for probe in probes:  # synthetic probes only; never split or mirrored
+        headers = {h["name"]: h["string_match"]["exact"] for h in probe["match"]["headers"]}
+        assert headers == {
+            "x-canaryflow-synthetic": "1",
+            PROBE_TARGET_HEADER: probe["route"]["cluster"],
+        }
+        assert "request_mirror_policies" not in probe["route"]
     assert first["match"] == {"path": FEEDBACK_PATH}
     assert first["route"] == {
         "cluster": "stable",
