@@ -74,6 +74,11 @@ class RequestRecord(Frozen):
     streamed: bool = False
     ttft_ms: float | None = None
     inter_token_ms: float | None = None
+    # A probe (synthetic only): `<suite>/<item id>` of the labelled item it asked, and whether
+    # the answer passed that item's scorer (None: not scored: unknown item, no answer, or a
+    # scorer that needs a model).
+    probe: str | None = None
+    probe_passed: bool | None = None
 
 
 class Endpoints(Strict):

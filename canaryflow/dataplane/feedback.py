@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from starlette.types import Receive, Scope, Send
 
-from canaryflow.contracts import CheckerConfig, FeedbackChecker
+from canaryflow.contracts import CheckerConfig, FeedbackChecker, ProbesChecker
 from canaryflow.dataplane.envoy_config import FEEDBACK_PATH, MIRROR_HEADER
 from canaryflow.dataplane.forwarder import ServiceError
 from canaryflow.dataplane.metrics import ServiceMetrics
@@ -65,8 +65,9 @@ def feedback_config(checkers: Sequence[CheckerConfig]) -> FeedbackChecker:
 
 
 def pipeline_checkers(checkers: Sequence[CheckerConfig]) -> tuple[CheckerConfig, ...]:
-    """The checkers that judge answers: a `feedback` entry configures this route instead."""
-    return tuple(c for c in checkers if not isinstance(c, FeedbackChecker))
+    """The checkers that judge answers: a `feedback` entry configures this route instead, and
+    a `probes` entry the probes' scoring (`probes.py`)."""
+    return tuple(c for c in checkers if not isinstance(c, FeedbackChecker | ProbesChecker))
 
 
 def _usage(config: FeedbackChecker) -> str:

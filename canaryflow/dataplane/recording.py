@@ -20,6 +20,7 @@ from canaryflow.contracts import CheckerConfig, ProvidersFile, RequestRecord, Ro
 from canaryflow.dataplane.live_checks import LiveChecks
 from canaryflow.dataplane.metrics import ServiceMetrics
 from canaryflow.dataplane.pii import ASYNC_THRESHOLD, mask_pii_async
+from canaryflow.dataplane.probes import MAX_REFERENCE, ProbeScorer
 from canaryflow.dataplane.store import row_of
 from canaryflow.dataplane.watermarks import writer_id
 from canaryflow.errors import ConfigError
@@ -53,6 +54,7 @@ class Pending:
     prompt: str = ""
     response: str = ""
     synthetic: bool = False  # Envoy's synthetic listener sent it: stored, never a user's
+    probe: str | None = None  # a synthetic probe's `<suite>/<item id>` (`probes.py`)
     streamed: bool = False
     ttft_ms: float | None = None  # None: not streamed (the record then takes latency_ms)
     inter_token_ms: float | None = None
@@ -116,12 +118,14 @@ class RecordWorker:
         providers: ProvidersFile | None = None,
         check_queue_size: int = 1000,
         checkers_in_process: bool = False,
+        probes: ProbeScorer | None = None,
     ) -> None:
         self.service = service
         self.metrics = metrics
         self.store = store
         self.flush_every_s = flush_every_s
         self.batch_size = batch_size
+        self.probes = probes if probes is not None else ProbeScorer()
         configs = scaled(checkers, check_sample)
         self.live = (
             LiveChecks(
@@ -229,6 +233,9 @@ class RecordWorker:
         # back between them, still on the loop: 24 KB dense with look-alikes takes ~15 ms of
         # CPU, 64 KB ~40 ms, which no user should wait for in one piece.
         self.metrics.flush()  # the request counters and latencies noted on the request path
+        probes = [p.probe for p in batch if p.probe is not None]
+        if probes:  # a suite's first probe reads its file: in a thread, once per suite
+            await asyncio.to_thread(self.probes.prepare, probes)
         rows = []
         for i, pending in enumerate(batch, 1):
             record = self._record(pending)
@@ -288,6 +295,10 @@ class RecordWorker:
             streamed=p.streamed,
             ttft_ms=p.latency_ms if p.ttft_ms is None else p.ttft_ms,
             inter_token_ms=p.inter_token_ms,
+            probe=None if p.probe is None else p.probe[:MAX_REFERENCE],
+            probe_passed=(
+                None if p.probe is None else self.probes.verdict(p.probe, p.status, p.response)
+            ),
         )
 
     async def aclose(self, settle_s: float = 2.0) -> None:

@@ -54,6 +54,7 @@ from canaryflow.dataplane.forwarder import (
     wants_usage,
 )
 from canaryflow.dataplane.metrics import ServiceMetrics
+from canaryflow.dataplane.probes import PROBE_HEADER, ProbeScorer, probe_suites
 from canaryflow.dataplane.public import HotPath, read_body, refuse_too_large
 from canaryflow.dataplane.recording import Pending, RecordWorker, StoreLike
 from canaryflow.dataplane.resolver import CachedResolver, default_resolver
@@ -234,6 +235,8 @@ class ModelService:
         out = {"x-request-id": request_id}
         pending = Pending(request_id, time.time(), headers.get("x-canaryflow-user"))
         pending.synthetic = headers.get("x-canaryflow-synthetic") == "1"  # set by Envoy only
+        if pending.synthetic:  # a probe's item is honoured on synthetic requests alone
+            pending.probe = headers.get(PROBE_HEADER)
         try:
             role, version = await self.route(headers)
             pending.role, pending.version = role, version
@@ -419,6 +422,7 @@ def build_app(
         checkers=pipeline_checkers(live_checkers(config)),
         providers=all_providers(config),
         check_queue_size=config.check_queue_size,
+        probes=ProbeScorer(probe_suites(config.checkers)),
     )
     service = ModelService(config, resolver, metrics, worker)
 

@@ -9,7 +9,8 @@ Synthetic records (load a release asked for, marked by Envoy's synthetic listene
 with `synthetic = 1` and every read leaves them out unless asked for them (`synthetic=None`: all,
 `True`: only those): what a gate reads is user traffic only. A store made before the column
 existed gets it on open (`_MIGRATIONS`), every old row a user's; so do the live checkers'
-`unchecked` and `checks` columns (old rows: not unchecked, no checks named).
+`unchecked` and `checks` columns (old rows: not unchecked, no checks named), and the probes'
+`probe` and `probe_passed` (old rows: no probe).
 Users' ratings (`/v1/feedback`) live in a table of their own, joined by request id
 (`ratings.py`); an older store gets it on open too.
 
@@ -53,6 +54,7 @@ _FLAGS = (
     "unchecked",
     "synthetic",
     "streamed",
+    "probe_passed",
 )
 _KEY = ("request_id", "role", "service")
 
@@ -83,7 +85,9 @@ _SCHEMA = (
         synthetic SMALLINT NOT NULL DEFAULT 0,
         streamed SMALLINT NOT NULL DEFAULT 0,
         ttft_ms DOUBLE PRECISION,
-        inter_token_ms DOUBLE PRECISION
+        inter_token_ms DOUBLE PRECISION,
+        probe TEXT,
+        probe_passed SMALLINT
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_key ON {TABLE} ({', '.join(_KEY)})",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_service_at ON {TABLE} (service, at)",
@@ -101,6 +105,8 @@ _MIGRATIONS = (
     ("inter_token_ms", "DOUBLE PRECISION"),
     ("unchecked", "SMALLINT NOT NULL DEFAULT 0"),
     ("checks", "TEXT NOT NULL DEFAULT ''"),
+    ("probe", "TEXT"),
+    ("probe_passed", "SMALLINT"),
 )
 _WINDOW = "service = :service AND at >= :since AND at < :until"
 SALT_FILE = "user-salt"
