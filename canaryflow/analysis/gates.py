@@ -18,6 +18,7 @@ from pydantic import Field
 
 from canaryflow.analysis import judges
 from canaryflow.analysis.latency import LatencyState, latency
+from canaryflow.analysis.probes import probe_accuracy
 from canaryflow.analysis.promql import PromQLTarget, judge_promql
 from canaryflow.analysis.rates import RateStates, rate, start_states
 from canaryflow.analysis.samples import WindowSample
@@ -59,6 +60,7 @@ EFFECT_JUDGES: dict[LiveMetric, EffectJudge] = {
     LiveMetric.COST_PER_1K: judges.cost_per_1k,
     LiveMetric.ACCURACY: judges.accuracy,
     LiveMetric.SATISFACTION: satisfaction,  # only when a policy names it
+    LiveMetric.PROBE_ACCURACY: probe_accuracy,  # only when a policy names it
 }
 
 

@@ -39,6 +39,8 @@ class RoleSample:
     (judged, failed, dropped); `failures`: a failed checker's last reason. `ratings`: users'
     ratings of the role's answers on 0 (worst) .. 1 (best), `negative_ratings` how many of
     them were negative (`/v1/feedback`; the store's source adds them, records carry none).
+    `probes`, `probes_passed`: scored probes and how many passed, since the stage began (the
+    store's source adds them; `analysis.probes`).
     """
 
     n: int = 0
@@ -63,6 +65,8 @@ class RoleSample:
     failures: dict[str, str] = field(default_factory=dict)
     ratings: tuple[float, ...] = ()
     negative_ratings: int = 0
+    probes: int = 0  # scored probes of this role and version (`analysis.probes`; pooled)
+    probes_passed: int = 0
 
     @property
     def hallucination_n(self) -> int:
@@ -102,6 +106,11 @@ class RoleSample:
             raise ValueError(
                 f"RoleSample.negative_ratings={self.negative_ratings} must lie in "
                 f"[0, ratings={len(self.ratings)}]"
+            )
+        if not 0 <= self.probes_passed <= self.probes:
+            raise ValueError(
+                f"RoleSample.probes_passed={self.probes_passed} must lie in "
+                f"[0, probes={self.probes}]"
             )
         if not 0 <= self.facts <= self.n or not 0 <= self.correct <= self.facts:
             raise ValueError(

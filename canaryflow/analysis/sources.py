@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from canaryflow.analysis.probes import pooled_probes
 from canaryflow.analysis.promql import Fetched
 from canaryflow.analysis.samples import RoleSample, WindowSample
 from canaryflow.contracts import RequestRecord, Role
@@ -95,7 +96,8 @@ class StoreSource:
 
         Users' requests only: synthetic load (Envoy's synthetic listener) is never a sample, so
         a window that had only synthetic requests has no data, which no gate passes. Users'
-        ratings (`/v1/feedback`) of the window's answers come along when the store keeps them.
+        ratings (`/v1/feedback`) of the window's answers come along when the store keeps them,
+        and the probes' counts, pooled since the stage began (`analysis.probes`).
         """
         role = Role(candidate_role)
         if role is Role.STABLE:
@@ -106,14 +108,16 @@ class StoreSource:
         candidate = self.store.records(
             service, start, end, role=role, version=candidate_version, synthetic=False
         )
+        probes = pooled_probes(self.store, service, baseline_version, candidate_version, role,
+                               start, end)  # fmt: skip
         return WindowSample(
-            baseline=self._rated(
+            baseline=replace(self._rated(
                 RoleSample.from_records(baseline), service, Role.STABLE, baseline_version,
                 start, end,
-            ),
-            candidate=self._rated(
+            ), **probes[0]),
+            candidate=replace(self._rated(
                 RoleSample.from_records(candidate), service, role, candidate_version, start, end
-            ),
+            ), **probes[1]),
             start=start,
             end=end,
             candidate_role=role.value,

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field, model_validator
 
 from canaryflow.contracts.base import Frozen
-from canaryflow.contracts.checkers import DEFAULT_CHECKERS, CheckerConfig
+from canaryflow.contracts.checkers import DEFAULT_CHECKERS, CheckerConfig, ProbesChecker
 from canaryflow.contracts.promql import (
     MAX_QUERY_CHARS,
     PROMQL_PREFIX,
@@ -31,6 +31,7 @@ class LiveMetric(StrEnum):
     COST_PER_1K = "cost_per_1k"
     ACCURACY = "accuracy"
     SATISFACTION = "satisfaction"  # users' ratings (`/v1/feedback`); only when a policy names it
+    PROBE_ACCURACY = "probe_accuracy"  # labelled probes (a `probes` checker); only when named
 
 
 LATENCY_METRICS = frozenset({LiveMetric.LATENCY_P95, LiveMetric.TTFT_P95})
@@ -94,6 +95,11 @@ class LiveGate(Frozen):
             raise ValueError(
                 "gate satisfaction: give margin (how far the candidate's mean rating, on the "
                 "scale taken as 0..1, may fall below stable's), e.g. margin: 0.05"
+            )
+        if self.metric is LiveMetric.PROBE_ACCURACY and self.margin is None:
+            raise ValueError(
+                "gate probe_accuracy: give margin (how far the candidate's share of probes "
+                "passed may fall below stable's), e.g. margin: 0.05"
             )
         return self
 
@@ -202,6 +208,17 @@ class GatePolicy(Frozen):
         names = [g.name for g in self.promql]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"promql gate names must be unique: {', '.join(twice)} repeated")
+        return self
+
+    @model_validator(mode="after")
+    def _probes_for_the_probe_gate(self) -> GatePolicy:
+        """A probe_accuracy gate without a probes checker would be NODATA in every window."""
+        gated = any(g.metric is LiveMetric.PROBE_ACCURACY for g in self.live)
+        if gated and not any(isinstance(c, ProbesChecker) for c in self.checkers):
+            raise ValueError(
+                "gate probe_accuracy needs probes to judge: add a checker "
+                "{kind: probes, suite: <suite name or path>} to checkers"
+            )
         return self
 
 

@@ -108,6 +108,12 @@ _MIGRATIONS = (
     ("probe", "TEXT"),
     ("probe_passed", "SMALLINT"),
 )
+# Probes only (a partial index: a few rows per minute), so a window's pooled probe counts never
+# scan the users' rows; made after the migrations, which add its columns to an older store.
+_PROBE_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_probes ON {TABLE} (service, role, version, at) "
+    "WHERE probe_passed IS NOT NULL"
+)
 _WINDOW = "service = :service AND at >= :since AND at < :until"
 SALT_FILE = "user-salt"
 _SALT_HEX = 64  # 32 random bytes, written as hex
@@ -191,6 +197,7 @@ class Store:
         self._backend.create_schema(_SCHEMA)
         for column, declaration in _MIGRATIONS:
             self._backend.add_column(TABLE, column, declaration)
+        self._backend.create_schema((_PROBE_INDEX,))
         self.watermarks = Watermarks(self._backend)
         self.ratings = Ratings(self._backend)  # users' ratings (`/v1/feedback`)
         self._salt_path = Path(salt_path) if salt_path is not None else None
@@ -277,6 +284,21 @@ class Store:
         params.update(stable=Role.STABLE.value, canary=Role.CANARY.value)
         count, first, last = self._backend.query(sql, params)[0]
         return int(count), 0.0 if first is None else float(last) - float(first)
+
+    def probe_counts(
+        self, service: str, role: Role, version: str, since: float, until: float
+    ) -> tuple[int, int, float | None]:
+        """Scored probes of one role and version with since <= at < until (epoch seconds):
+        how many, how many passed, and when the first was answered (None: none)."""
+        sql = (
+            f"SELECT COUNT(*), SUM(probe_passed), MIN(at) FROM {TABLE} WHERE {_WINDOW} "
+            "AND role = :role AND version = :version AND synthetic = 1 "
+            "AND probe_passed IS NOT NULL"
+        )
+        params = {"service": service, "since": since, "until": until,
+                  "role": Role(role).value, "version": version}  # fmt: skip
+        count, passed, first = self._backend.query(sql, params)[0]
+        return int(count), int(passed or 0), None if first is None else float(first)
 
     def pairs(
         self, service: str, since: datetime, until: datetime

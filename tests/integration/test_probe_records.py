@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from canaryflow.contracts import ProbesChecker, RequestRecord
+from canaryflow.contracts import ProbesChecker, RequestRecord, Role
 from canaryflow.dataplane.resolver import CachedResolver
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.dataplane.store import _SCHEMA, Store
@@ -84,6 +84,11 @@ def test_a_probe_is_recorded_with_its_item_and_scored(service: ServiceUnderTest)
         "unknown": ("live/missing", None, True),
         "user": (None, None, False),
     }
+    # What the probe_accuracy gate reads: the scored probes of stable version 1, one passed.
+    count, passed, first = service.store.probe_counts(
+        SERVICE, Role.STABLE, "1", start.timestamp(), datetime.now(UTC).timestamp()
+    )
+    assert (count, passed) == (2, 1) and first is not None
     # The users' reads never see a probe: it is synthetic.
     users = service.store.records(SERVICE, start, datetime.now(UTC))
     assert [r.request_id for r in users] == [ids["user"]]
@@ -97,8 +102,11 @@ def test_an_older_store_gets_the_probe_columns_on_open(tmp_path: Path) -> None:
     assert "probe" not in before  # the table as it was before probes
     with sqlite3.connect(path) as db:
         db.execute(before)
-    with Store(str(path)):
-        pass
+    with Store(str(path)) as store:
+        sql = "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM request_records WHERE service = 's' AND "
+        sql += "role = 'stable' AND version = '1' AND at >= 0 AND probe_passed IS NOT NULL"
+        plan = " ".join(str(row) for row in store._backend.query(sql, {}))
+        assert "request_records_probes" in plan  # the probes' partial index, not a scan
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(request_records)")}
     assert {"probe", "probe_passed"} <= columns
