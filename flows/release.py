@@ -27,6 +27,7 @@ from canaryflow.contracts import (
 )
 from canaryflow.errors import ArtifactError, CanaryflowError, RoutesChanged
 from canaryflow.settings import Settings, worker_endpoints
+from flows.promotion import await_promotion_window
 from flows.release_run import Release, Stop, judge_late, judge_stage
 from tasks.common import artifact_key, emit, flush_events
 from tasks.evaluation import evaluate_candidate
@@ -35,6 +36,7 @@ from tasks.lock import release_lock
 from tasks.preflight import verify_candidate
 from tasks.registry import mark_rolled_back, promote_candidate, publish_candidate, set_status
 from tasks.traffic import (
+    probe_traffic,
     roll_back_on_crash,
     roll_back_traffic,
     shift_traffic,
@@ -118,6 +120,7 @@ def _canary(run: Release) -> None:
 
 def _promote(run: Release) -> None:
     assert run.candidate is not None
+    await_promotion_window(run)  # the spec's promotion window, if any: wait, then judge again
     shift_traffic(Routes(service=run.spec.service, stable=run.candidate.version), run.endpoints)
     previous = promote_candidate(run.spec.service, run.candidate.version, run.endpoints)
     run.record.promote()
@@ -161,7 +164,8 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
             _offline_gate(run)
             assert run.candidate is not None
             warm_up_candidate(run.candidate.version, endpoints)
-            with synthetic_traffic(spec, endpoints):
+            probes = probe_traffic(spec, endpoints, run.candidate.version)  # the policy's
+            with synthetic_traffic(spec, endpoints), probes:
                 run.live_since = datetime.now(UTC)
                 # Starts the silence clock of the rollback deployment's trigger (prefect.yaml).
                 emit("live", "started", run.record.release_id, spec.service,

@@ -23,6 +23,11 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from canaryflow.analysis.gates import GateMemory as GateMemory  # re-exported for the flow
+
+# Re-exported for the flow: when it may promote (the spec's promotion window).
+from canaryflow.analysis.promotion_window import WindowCheck as WindowCheck
+from canaryflow.analysis.promotion_window import check_window as check_window
+from canaryflow.analysis.promotion_window import describe_wait as describe_wait
 from canaryflow.contracts import Decision, GateResult, Label, WindowResult
 
 

@@ -68,6 +68,7 @@ from canaryflow.contracts.release import (
     TrafficConfig,
     Waiver,
 )
+from canaryflow.contracts.schedule import PromotionWindow
 from canaryflow.contracts.verdicts import (
     Decision,
     EvalItemResult,
@@ -121,6 +122,7 @@ __all__ = [
     "PolicyFloor",
     "Price",
     "ProbesChecker",
+    "PromotionWindow",
     "ProviderConfig",
     "ProvidersFile",
     "PublishedVersion",

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from canaryflow.contracts.base import Frozen, Percent, Seconds, Strict
 from canaryflow.contracts.manifests import SignedManifest
 from canaryflow.contracts.policy import GatePolicy
+from canaryflow.contracts.schedule import PromotionWindow
 
 
 class ShadowConfig(Strict):
@@ -81,6 +82,11 @@ class ReleaseSpec(Strict):
         "min_samples, lengthen that window instead of refusing the spec (preflight's plan)",
     )
     lock_wait_s: Seconds = Field(0.0, description="wait this long for another release, then refuse")
+    promote_within: PromotionWindow | None = Field(
+        None,
+        description="promote to 100% only inside these hours; a release that passes outside "
+        "them waits at its last canary weight, then re-judges one window; None: at once",
+    )
 
     @model_validator(mode="after")
     def _candidate_belongs_to_service(self) -> ReleaseSpec:
@@ -123,6 +129,7 @@ class Outcome(StrEnum):
     DONE = "done"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
+    WAITING = "waiting"
 
 
 class ReleaseDecision(StrEnum):
