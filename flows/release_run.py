@@ -29,7 +29,7 @@ from canaryflow.contracts import (
 )
 from tasks.analysis import judge_late_records, judge_window
 from tasks.approval import approval_heartbeat, heartbeat_every, wait_for_approval
-from tasks.common import artifact_key, emit, say, silence_within_s
+from tasks.common import artifact_key, emit, label_logs, say, silence_within_s
 from tasks.ledger import log_evidence, record_stage
 
 
@@ -59,11 +59,14 @@ class Release:
         # The judge's sequential states: one per release, carried from the first shadow window
         # through the last canary step and the late look, so each gate spends its alpha once.
         self.memory: progress.GateMemory | None = None
+        label_logs(self.record.release_id, spec.service)
 
     def stage(self, stage: Stage, outcome: Outcome, detail: str = "", *, part: str | None = None,
               figures: dict[str, float] | None = None) -> None:  # fmt: skip
         result = StageOutcome(stage=stage, part=part, outcome=outcome, detail=detail,
                               metrics=figures or {})  # fmt: skip
+        version = self.candidate.version if self.candidate is not None else None
+        label_logs(self.record.release_id, self.spec.service, version)
         record_stage(self.record, result, self.endpoints)
         self.record.stages.append(result)
         say("[%s] %s: %s", result.key, outcome.value, detail)

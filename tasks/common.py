@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
+from canaryflow.dataplane.logs import bind
 from canaryflow.loading import load_silence_within
 from canaryflow.retries import TASK_RETRY, is_retryable
 
@@ -91,3 +92,9 @@ def say(message: str, *args: object) -> None:
     from prefect import get_run_logger
 
     get_run_logger().info(message, *args, extra={"canaryflow_progress": True})
+
+
+def label_logs(release_id: str, service: str, version: str | None = None) -> None:
+    """What canaryflow's log lines in this run carry (`CANARYFLOW_LOG_FORMAT=json`): the
+    release, the service and, once published, the candidate's version."""
+    bind(release_id=release_id, service=service, version=version)

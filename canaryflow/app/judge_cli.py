@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from canaryflow.contracts import LlmJudgeChecker, ProvidersFile, Rubric
+from canaryflow.dataplane.logs import configure_logging
 from canaryflow.errors import ConfigError
 
 DEFAULT_LABELS = Path(__file__).resolve().parents[1] / "data" / "judge_labels.jsonl"
@@ -81,6 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--memory-ttl must be positive, got {args.memory_ttl}")
     policy = load_policy(Path(args.policy)) if args.policy else GatePolicy()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()  # CANARYFLOW_LOG_FORMAT=json: JSON lines instead
     serve(
         args.store, policy, host=args.host, port=args.port, ttl_s=args.memory_ttl,
         max_keys=args.max_rollouts, max_records=args.max_records,

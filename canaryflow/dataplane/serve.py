@@ -24,6 +24,7 @@ from pathlib import Path
 import uvicorn
 
 from canaryflow.dataplane.envoy_config import DEFAULT_MAX_REQUEST_BYTES
+from canaryflow.dataplane.logs import configure_logging
 from canaryflow.dataplane.public import HotPath, Listeners
 from canaryflow.dataplane.service import ServiceConfig, build_app
 from canaryflow.dataplane.socket_listener import serve_unix_socket
@@ -254,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         public=app.public,
         max_body_bytes=config.max_body_bytes,
     )
+    configure_logging(config.service)  # CANARYFLOW_LOG_FORMAT=json: JSON lines; else unchanged
     server.run(sockets=sockets)
 
 
