@@ -1,19 +1,24 @@
-"""Traffic steps: move the split, mirror to the shadow, roll back in one call."""
+"""Traffic steps: move the split, mirror to the shadow, roll back in one call; the load and
+the probes a release sends while its candidate is live."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import Flow
 
 from canaryflow import connections, runbook
-from canaryflow.contracts import Endpoints, ReleaseSpec, Routes
+from canaryflow.contracts import Endpoints, ProbesChecker, ReleaseSpec, Routes
 from canaryflow.errors import ConfigError, ReleaseBusy
+from canaryflow.evaluation.suites import load_suite
 from canaryflow.local.loadgen import TrafficReport, TrafficRunner, load_corpus
+from canaryflow.local.probes import ProbeSender
 from canaryflow.settings import worker_endpoints
 from tasks.common import emit, flush_events, say, step
 
@@ -122,3 +127,52 @@ def synthetic_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> Iterator[Traff
             report.ok,
             report.latency_p95_ms or 0,
         )
+
+
+def _candidate_roles(endpoints: Endpoints, service: str, candidate: str) -> Callable[[], list[str]]:
+    """Stable and the candidate's live role (shadow or canary), read from the routes at most
+    once a second; nothing while the candidate has no role (its probes would be unpaired)."""
+    controller = connections.traffic_controller(endpoints, service)
+    seen: dict[str, Any] = {"at": -math.inf, "roles": []}
+
+    def roles() -> list[str]:
+        if time.monotonic() - seen["at"] >= 1.0:
+            routes = controller.current()
+            found: list[str] = []
+            if routes is not None and routes.canary == candidate:
+                found = ["stable", "canary"]
+            elif routes is not None and routes.shadow == candidate:
+                found = ["stable", "shadow"]
+            seen.update(at=time.monotonic(), roles=found)
+        return list(seen["roles"])
+
+    return roles
+
+
+@contextlib.contextmanager
+def probe_traffic(spec: ReleaseSpec, endpoints: Endpoints, candidate: str) -> Iterator[int]:
+    """The policy's probes (its `probes` checkers; none: nothing is sent) at each one's rate,
+    to stable and the candidate's role through Envoy's synthetic listener, while the block
+    runs; yields how many senders run. Refused without that listener, like synthetic load."""
+    configs = [c for c in spec.policy.checkers if isinstance(c, ProbesChecker)]
+    if not configs:
+        yield 0
+        return
+    if endpoints.envoy_synthetic_url is None:
+        raise ConfigError(
+            f"the policy of {spec.service} sends probes, but this stack has no synthetic Envoy "
+            "listener (endpoints.envoy_synthetic_url): they will not be sent through the users' "
+            "listener, where the gates would count them; drop the probes checker"
+        )
+    roles = _candidate_roles(endpoints, spec.service, candidate)
+    senders = [
+        ProbeSender(endpoints.envoy_synthetic_url, load_suite(c.suite), c.rate_per_s, roles)
+        for c in configs
+    ]
+    for sender in senders:
+        sender.start()
+    try:
+        yield len(senders)
+    finally:
+        for sender in senders:
+            say("%s", sender.stop().describe())
