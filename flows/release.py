@@ -36,6 +36,7 @@ from tasks.lock import release_lock
 from tasks.preflight import verify_candidate
 from tasks.registry import mark_rolled_back, promote_candidate, publish_candidate, set_status
 from tasks.traffic import (
+    probe_traffic,
     roll_back_on_crash,
     roll_back_traffic,
     shift_traffic,
@@ -163,7 +164,8 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
             _offline_gate(run)
             assert run.candidate is not None
             warm_up_candidate(run.candidate.version, endpoints)
-            with synthetic_traffic(spec, endpoints):
+            probes = probe_traffic(spec, endpoints, run.candidate.version)  # the policy's
+            with synthetic_traffic(spec, endpoints), probes:
                 run.live_since = datetime.now(UTC)
                 # Starts the silence clock of the rollback deployment's trigger (prefect.yaml).
                 emit("live", "started", run.record.release_id, spec.service,
