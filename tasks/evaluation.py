@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from canaryflow import connections, reports, runbook
 from canaryflow.contracts import Endpoints, EvalReport, PublishedVersion, ReleaseSpec
 from canaryflow.loading import load_policy
+from canaryflow.registry.conventions import logged_model_id
 from canaryflow.settings import Settings
 from tasks.common import artifact_key, step
 
@@ -24,8 +25,8 @@ def evaluate_candidate(
     endpoints: Endpoints,
     ledger_run_id: str | None = None,
 ) -> EvalReport:
-    """Through the worker's providers file; the report goes to the ledger, the version's eval
-    URI points at it."""
+    """Through the worker's providers file; the report goes to the ledger (its rates also on the
+    candidate's LoggedModel), the version's eval URI points at it."""
     providers = Settings().providers(endpoints)
     report = runbook.evaluate_offline(spec, baseline, endpoints, providers=providers)
     markdown = reports.eval_markdown(report)
@@ -37,9 +38,9 @@ def evaluate_candidate(
     registry = connections.registry(endpoints.mlflow_uri)
     eval_uri = ""
     if ledger_run_id is not None:
-        connections.ledger(endpoints.mlflow_uri).log_json(
-            ledger_run_id, "offline_eval", report.model_dump(mode="json")
-        )
+        ledger = connections.ledger(endpoints.mlflow_uri)
+        ledger.log_json(ledger_run_id, "offline_eval", report.model_dump(mode="json"))
+        ledger.log_offline_results(ledger_run_id, report, logged_model_id(candidate))
         eval_uri = f"runs:/{ledger_run_id}/offline_eval.json"
     registry.set_tags(
         spec.service,

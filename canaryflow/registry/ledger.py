@@ -18,7 +18,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from canaryflow.contracts import EvalReport, Label, PublishedVersion, ReleaseRecord, StageOutcome
+from canaryflow.contracts import (
+    EvalItemResult,
+    EvalReport,
+    Label,
+    PublishedVersion,
+    ReleaseRecord,
+    StageOutcome,
+)
 from canaryflow.errors import RegistryError
 from canaryflow.registry.mlflow_client import MlflowConnection, mlflow_errors
 
@@ -32,6 +39,9 @@ TAG_SERVICE = "canaryflow.service"
 TAG_DECISION = "canaryflow.decision"
 TAG_REASON = "canaryflow.reason"
 TAG_STAGE = "canaryflow.stage."
+
+OFFLINE_ITEMS = "offline_eval_items.json"
+TAG_OFFLINE_DECISION = "canaryflow.offline_decision"
 
 NIGHTLY_EXPERIMENT = "canaryflow-nightly/"
 NIGHTLY_REPORT = "nightly_eval.json"
@@ -91,6 +101,22 @@ class ReleaseLedger(MlflowConnection):
     def log_text(self, run_id: str, name: str, text: str) -> None:
         with mlflow_errors(f"logging {name} to run {run_id}"):
             self.client.log_text(run_id, text, name)
+
+    def log_offline_results(self, run_id: str, report: EvalReport, model_id: str | None) -> None:
+        """The offline gate's per-suite rates and deltas as metrics of this run, linked to the
+        candidate's LoggedModel so MLflow's model page shows them, and its per-item answers as
+        an MLflow table (the run's artifact view). `model_id` None (a version published before
+        it had a LoggedModel): the run alone gets them."""
+        metrics = _nightly_metrics(report)
+        rows = [item.model_dump(mode="json") for item in report.items]
+        table = {key: [row[key] for row in rows] for key in EvalItemResult.model_fields}
+        with mlflow_errors(f"logging the offline results to run {run_id}"):
+            self._batch(run_id, metrics=metrics, model_id=model_id)
+            self.client.log_table(run_id, table, OFFLINE_ITEMS)
+            if model_id is not None:
+                self.client.set_logged_model_tags(
+                    model_id, {TAG_OFFLINE_DECISION: report.decision.value}
+                )
 
     def finish(self, run_id: str, record: ReleaseRecord, crashed: bool = False) -> None:
         """Close the run. FAILED only when the release crashed (or never reached a decision):
@@ -180,13 +206,17 @@ class ReleaseLedger(MlflowConnection):
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
         step: int | None = None,
+        model_id: str | None = None,
     ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, step or 0) for k, v in (metrics or {}).items()],
+            metrics=[
+                Metric(k, float(v), now, step or 0, model_id=model_id)
+                for k, v in (metrics or {}).items()
+            ],
             params=[Param(k, v[:MAX_PARAM]) for k, v in (params or {}).items()],
             tags=[RunTag(k, v[:MAX_TAG]) for k, v in (tags or {}).items()],
             synchronous=True,

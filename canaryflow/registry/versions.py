@@ -1,14 +1,14 @@
 """The MLflow model registry: one registered model per service, one version per release.
 
-A version's source is a run in experiment `canaryflow-registry` holding the signed manifest as
-JSON; its tags carry the digest, the signature and the release status, and its aliases say who
-serves: `champion` (stable), `challenger` (in shadow/canary), `last-stable` (kept warm for
-rollback). Publishing is idempotent on the manifest digest, so a retried task never makes a
-second version, and reading a version back re-checks the digest, so an artifact edited inside
-the registry is caught as tampering. A manifest that names a model artifact (`adapter_uri`) is
-published only once the artifact has been read and found to be the one signed
-(`registry.artifacts`); its URI, sha256 and size are tags of the version.
-"""
+A version's source is its external LoggedModel (`models:/<model_id>`, see `conventions`) over a
+run in experiment `canaryflow-registry` holding the signed manifest as JSON; its tags carry the
+digest, the signature, the release status and the Prompt Registry URI of its template, and its
+aliases say who serves: `champion` (stable), `challenger` (in shadow/canary), `last-stable` (kept
+warm for rollback). Publishing is idempotent on the manifest digest (the version, its run and its
+LoggedModel are all found again by it), so a retried task never makes a second one, and reading
+a version back re-checks the digest, so an artifact edited inside the registry is caught as
+tampering. A manifest naming a model artifact (`adapter_uri`) is published only once the
+artifact has been read and found to be the one signed (`registry.artifacts`)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,22 @@ from canaryflow.contracts import (
     Status,
 )
 from canaryflow.errors import AliasNotFound, RegistryError, SignatureError
+from canaryflow.registry import conventions
 from canaryflow.registry.artifacts import check_artifact
+from canaryflow.registry.conventions import (
+    TAG_DIGEST,
+    TAG_LOGGED_MODEL,
+    TAG_MANIFEST_URI,
+    TAG_MODEL_ID,
+    TAG_PROMPT_URI,
+    TAG_TEMPLATE_HASH,
+)
 from canaryflow.registry.mlflow_client import NOT_FOUND, MlflowConnection, error_code, mlflow_errors
 from canaryflow.registry.signing import TrustedKeys, verify
 
 if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.entities import LoggedModel
+    from mlflow.entities.model_registry import ModelVersion, PromptVersion
 
 
 EXPERIMENT = "canaryflow-registry"
@@ -42,19 +52,15 @@ ARTIFACT_FILE = "signed_manifest.json"
 MANIFEST_PATH = f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
 CHAMPION, CHALLENGER, LAST_STABLE = "champion", "challenger", "last-stable"
 
-TAG_DIGEST = "canaryflow.digest"
 TAG_KEY_ID = "canaryflow.key_id"
 TAG_SIGNATURE = "canaryflow.signature"
-TAG_MODEL_ID = "canaryflow.model_id"
 TAG_STATUS = "canaryflow.status"
 TAG_STATUS_REASON = "canaryflow.status_reason"
 TAG_EVAL_URI = "canaryflow.eval_uri"
 TAG_PROVIDER = "canaryflow.provider"
 TAG_PROVIDER_MODEL = "canaryflow.provider_model"
-TAG_TEMPLATE_HASH = "canaryflow.template_hash"
 TAG_PREVIOUS_CHAMPION = "canaryflow.previous_champion"
 TAG_RESTORED_FROM = "canaryflow.restored_from"
-TAG_MANIFEST_URI = "canaryflow.manifest_uri"
 TAG_ADAPTER_URI = "canaryflow.adapter_uri"
 TAG_ADAPTER_SHA256 = "canaryflow.adapter_sha256"
 TAG_ADAPTER_BYTES = "canaryflow.adapter_bytes"
@@ -113,26 +119,48 @@ class MlflowRegistry(MlflowConnection):
             self._ensure_model(service)
             experiment_id = self.experiment_id(EXPERIMENT)
             assert experiment_id is not None
-            run = self.client.create_run(
-                experiment_id,
-                run_name=manifest.model_id,
-                tags={TAG_DIGEST: digest, "canaryflow.service": service},
-            )
-            run_id = run.info.run_id
-            self.client.log_dict(run_id, signed.model_dump(mode="json"), MANIFEST_PATH)
-            self.client.set_terminated(run_id)
+            prompt = conventions.register_prompt(self.client, manifest)
+            model = conventions.find_logged_model(self.client, experiment_id, digest)
+            if model is None:
+                model = self._new_logged_model(experiment_id, signed, prompt)
+            else:  # an earlier attempt stopped before registering: reuse its run and model
+                model = conventions.ready(self.client, model)
+            tags = {
+                **_version_tags(signed, digest),
+                TAG_MANIFEST_URI: model.tags[TAG_MANIFEST_URI],
+                TAG_LOGGED_MODEL: model.model_id,
+            }
+            if prompt is not None:
+                tags[TAG_PROMPT_URI] = prompt.uri
             version = self.client.create_model_version(
                 service,
-                source=f"runs:/{run_id}/{ARTIFACT_DIR}",
-                run_id=run_id,
-                tags={
-                    **_version_tags(signed, digest),
-                    TAG_MANIFEST_URI: f"{run.info.artifact_uri}/{MANIFEST_PATH}",
-                },
+                source=f"models:/{model.model_id}",
+                run_id=model.source_run_id,
+                tags=tags,
                 description=manifest.model_id,
                 await_creation_for=0,
+                model_id=model.model_id,
             )
         return _published(version, signed, created=True)
+
+    def _new_logged_model(
+        self, experiment_id: str, signed: SignedManifest, prompt: PromptVersion | None
+    ) -> LoggedModel:
+        """The run holding the signed manifest (what `get` reads back and checks), then the
+        LoggedModel over it; a failure here leaves no registered version."""
+        manifest = signed.manifest
+        run = self.client.create_run(
+            experiment_id,
+            run_name=manifest.model_id,
+            tags={TAG_DIGEST: manifest.digest(), "canaryflow.service": manifest.service},
+        )
+        run_id = run.info.run_id
+        self.client.log_dict(run_id, signed.model_dump(mode="json"), MANIFEST_PATH)
+        self.client.set_terminated(run_id)
+        manifest_uri = f"{run.info.artifact_uri}/{MANIFEST_PATH}"
+        return conventions.create_logged_model(
+            self.client, experiment_id, run_id, manifest_uri, manifest, prompt
+        )
 
     def get(
         self,
