@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from canaryflow.contracts import ReleaseSpec
 
 ASSUMED_BASE_RATE = 0.01  # stable's error rate for the detectable-ratio figure
+# A window sized for `min_samples` requests on average falls short about half the time (random
+# arrivals), and three short windows in a row end a stage: sized for min_samples + 2.33 sd of
+# a Poisson count instead, a window falls short about 1 time in 100.
+SHORTFALL_Z = 2.33
 POWER = 0.8
 WINDOW_ROUND_S = 5.0  # an adapted window is rounded up to this
 MAX_ADAPTED_WINDOW_S = 3600.0
@@ -57,7 +61,8 @@ class ReleasePlan:
         return [
             f"{s.name}: at {self.rps:.1f} req/s a {s.window_s:g} s window sends "
             f"~{s.candidate_per_window:.1f} requests to the candidate; the gates need "
-            f"{self.min_samples} per window: make the window at least "
+            f"{self.min_samples} in every window (~{_expected(self.min_samples):.0f} expected, "
+            "so a window rarely falls short): make the window at least "
             f"{_rounded(s.window_needed_s):g} s"
             + (" or raise the weight" if s.name.startswith("canary") else "")
             for s in self.stages
@@ -73,6 +78,10 @@ class ReleasePlan:
             f"(stable at {ASSUMED_BASE_RATE:.0%}, power {POWER:.0%})"
             for s in self.stages
         ]
+
+
+def _expected(floor: int) -> float:
+    return floor + SHORTFALL_Z * math.sqrt(floor)
 
 
 def _rounded(seconds: float) -> float:
@@ -126,7 +135,7 @@ def plan_release(spec: ReleaseSpec, rps: float) -> ReleasePlan:
     for name, share, window_s, windows in stages:
         role_rps = rps * share
         baseline_rps = rps if name == "shadow" else rps * (1 - share)
-        needed = floor / role_rps if role_rps > 0 else math.inf
+        needed = _expected(floor) / role_rps if role_rps > 0 else math.inf
         planned.append(
             StagePlan(
                 name=name,

@@ -95,6 +95,7 @@ def demo_spec(
         policy=policy,
         sample_per_suite=DEMO_SAMPLE_PER_SUITE,
         approval=ApprovalConfig(timeout_s=120, default_action="reject", poll_s=1),
+        adapt_windows=True,  # a 3 s window at 5% of 250 req/s is short of the gates' floor
     )
 
 

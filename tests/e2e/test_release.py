@@ -62,7 +62,10 @@ def spec_for(
     approval: ApprovalConfig | None = None,
     policy: GatePolicy = POLICY,
     lock_wait_s: float = 15.0,
+    adapt_windows: bool = True,
 ) -> ReleaseSpec:
+    """2.5 s windows; where the users' measured traffic cannot fill one (preflight's plan),
+    it is lengthened unless `adapt_windows` is False."""
     return ReleaseSpec(
         service=examples.SERVICE,
         candidate=signed,
@@ -71,6 +74,7 @@ def spec_for(
         policy=policy,
         approval=approval or ApprovalConfig(timeout_s=60, poll_s=1),
         lock_wait_s=lock_wait_s,
+        adapt_windows=adapt_windows,
     )
 
 
@@ -231,7 +235,7 @@ def test_a_plan_that_cannot_decide_at_the_traffic_is_refused_with_its_numbers(
     aliases = registry.aliases(examples.SERVICE)
     signed = live.sign(examples.manifest("1.7", "sandbox-good"))
 
-    record = release(spec=spec_for(live, signed, weights=(1.0, 25.0)))
+    record = release(spec=spec_for(live, signed, weights=(1.0, 25.0), adapt_windows=False))
 
     assert record.decision == "rejected"
     assert record.candidate_version is None, "nothing may be published"
@@ -240,7 +244,7 @@ def test_a_plan_that_cannot_decide_at_the_traffic_is_refused_with_its_numbers(
     assert "make the window at least" in detail and "canary 25%" not in detail, detail
     assert registry.aliases(examples.SERVICE) == aliases
 
-    adapting = spec_for(live, signed, weights=(1.0,)).model_copy(update={"adapt_windows": True})
+    adapting = spec_for(live, signed, weights=(1.0,))
     planned = runbook.plan_at_traffic(adapting, live.endpoints)
     assert planned is not None and planned.problems
     longer = adapted(adapting, planned)
