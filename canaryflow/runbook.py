@@ -139,23 +139,25 @@ def preflight(
     )
 
 
-TRAFFIC_LOOKBACKS_S = (3.0, 30.0, 300.0)  # the shortest that holds enough requests
+TRAFFIC_LOOKBACKS_S = (3.0, 30.0, 300.0)
 MIN_RECORDS_TO_PLAN = 20
 
 
 def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
-    """Users' requests per second to `service` now: over the shortest of the last 3 s, 30 s
-    and 5 minutes that holds enough requests (a busy service is measured as it is now, a quiet
-    one over longer), over the span from the first to the last request. None with too few
-    requests even in 5 minutes (nothing to plan with)."""
+    """Users' requests per second to `service`: the highest rate over the last 3 s, 30 s and
+    5 minutes among those holding enough requests, each over the span from its first to its
+    last request. A pause within a longer look (traffic that resumed after a gap) lowers only
+    that look, and records still being written lower only the shortest; a quiet service is
+    measured over minutes. None with too few requests even in 5 minutes (nothing to plan)."""
     now = datetime.now(UTC)
     store = connections.store(endpoints.store_url)  # shared by every step: never closed here
+    rates = []
     for lookback_s in TRAFFIC_LOOKBACKS_S:
         since = now - timedelta(seconds=lookback_s)
         count, span_s = store.user_traffic(service, since, now)
         if count >= MIN_RECORDS_TO_PLAN:
-            return count / max(1.0, span_s)
-    return None
+            rates.append(count / max(1.0, span_s))
+    return max(rates, default=None)
 
 
 def plan_at_traffic(spec: ReleaseSpec, endpoints: Endpoints) -> ReleasePlan | None:

@@ -55,7 +55,10 @@ def service(sandbox: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         provider_urls={"sandbox": sandbox},
         default_version="1",
         # Every answer judged: the gates need 30 per role from these few requests.
-        checkers=tuple(c.model_copy(update={"sample_rate": 1.0}) for c in POLICY.checkers),
+        checkers=tuple(
+            c.model_copy(update={"sample_rate": 1.0, "candidate_sample_rate": 1.0})
+            for c in POLICY.checkers
+        ),
         flush_every_s=0.05,
     )
     registry = Registry()
