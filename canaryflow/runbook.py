@@ -149,6 +149,8 @@ def recent_user_rps(endpoints: Endpoints, service: str) -> float | None:
     last request. A pause within a longer look (traffic that resumed after a gap) lowers only
     that look, and records still being written lower only the shortest; a quiet service is
     measured over minutes. None with too few requests even in 5 minutes (nothing to plan)."""
+    if endpoints.store_url is None:  # no store, no traffic to read
+        return None
     now = datetime.now(UTC)
     store = connections.store(endpoints.store_url)  # shared by every step: never closed here
     rates = []
