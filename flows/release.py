@@ -17,6 +17,7 @@ from prefect import flow
 from canaryflow.analysis.progress import Limits
 from canaryflow.contracts import (
     Decision,
+    Endpoints,
     Outcome,
     PolicyFloor,
     ReleaseDecision,
@@ -29,7 +30,7 @@ from canaryflow.errors import ArtifactError, CanaryflowError, RoutesChanged
 from canaryflow.settings import Settings, worker_endpoints
 from flows.promotion import await_promotion_window
 from flows.release_run import Release, Stop, judge_late, judge_stage
-from tasks.common import artifact_key, emit, flush_events
+from tasks.common import artifact_key, emit, flush_events, log_labels_of_this_run
 from tasks.evaluation import evaluate_candidate
 from tasks.ledger import close_ledger, keep_forensics, open_ledger
 from tasks.lock import release_lock
@@ -155,6 +156,13 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
     """Release `spec.candidate` for `spec.service`, or refuse it and keep the evidence."""
     # The worker's own: endpoints, trust store and floors never come from a delivery.
     settings, endpoints = Settings(), worker_endpoints()
+    with log_labels_of_this_run():
+        record = _release(spec, settings, endpoints)
+    flush_events()
+    return record
+
+
+def _release(spec: ReleaseSpec, settings: Settings, endpoints: Endpoints) -> ReleaseRecord:
     run = Release(spec, endpoints)
     started = time.perf_counter()
     with release_lock(spec.service, spec.lock_wait_s):
@@ -187,5 +195,4 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
         run.stage(Stage.RELEASE, outcome, run.record.reason,
                   figures={"seconds": time.perf_counter() - started})  # fmt: skip
         close_ledger(run.record, endpoints)
-    flush_events()
     return run.record

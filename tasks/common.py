@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -11,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
 
-from canaryflow.dataplane.logs import bind
+from canaryflow.dataplane.logs import bind, log_context
 from canaryflow.loading import load_silence_within
 from canaryflow.retries import TASK_RETRY, is_retryable
 
@@ -92,6 +93,12 @@ def say(message: str, *args: object) -> None:
     from prefect import get_run_logger
 
     get_run_logger().info(message, *args, extra={"canaryflow_progress": True})
+
+
+def log_labels_of_this_run() -> contextlib.AbstractContextManager[None]:
+    """The labels `label_logs` gives canaryflow's log lines end with the run: one process (a
+    test session, the demo) may run many releases."""
+    return log_context()
 
 
 def label_logs(release_id: str, service: str, version: str | None = None) -> None:
