@@ -48,7 +48,11 @@ def test_resume_through_a_busy_api_reaches_prefect_and_the_run(
         busy_prefect.api_url, paused_run.id, approve=True, reason="ok", approver="alice"
     )
     assert status == "ACCEPT"
-    assert [c[2] for c in busy_prefect.calls(resume)] == [503, 503, 201]
+    statuses = [c[2] for c in busy_prefect.calls(resume)]
+    # The two 503s the proxy made, then the real server's answers: it may itself be busy (a
+    # locked SQLite database answers 503 under load) before it accepts.
+    assert statuses[:2] == [503, 503] and statuses[-1] == 201, statuses
+    assert set(statuses[2:-1]) <= {503}, statuses
     assert {c[:2] for c in busy_prefect.calls(resume)} == {("POST", resume)}
     assert busy_prefect.bodies(resume)[-1] == {
         "run_input": {"decision": "approve", "reason": "ok", "approver": "alice"}
