@@ -13,6 +13,7 @@ The rate gates (`rates`) and latency gates (`latency`) are sequential across win
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from canaryflow.analysis.samples import WindowSample
@@ -183,35 +184,59 @@ def accuracy(gate: LiveGate, sample: WindowSample, config: JudgeConfig) -> GateR
     few hundred checked answers of one window it is often not yet shown even for an equal
     candidate, and a soft gate that paused on every such window would teach people to ignore it.
     """
-    margin = _threshold(gate, "margin")
     b, c = sample.baseline, sample.candidate
-    missing = _nodata(gate, "fact-checked answers", b.facts, c.facts, config.min_samples)
+    return share_margin(
+        gate, config, "fact-checked answers", (c.correct, c.facts), (b.correct, b.facts),
+        lambda acc_c, acc_b: f"accuracy {acc_c:.3f} vs {acc_b:.3f}",
+        "candidate less accurate: ",
+    )  # fmt: skip
+
+
+def share_margin(
+    gate: LiveGate,
+    config: JudgeConfig,
+    what: str,
+    candidate: tuple[int, int],
+    baseline: tuple[int, int],
+    headline: Callable[[float, float], str],
+    worse_prefix: str,
+    detail: Mapping[str, float | int | str] | None = None,
+    says_non_inferiority: bool = True,
+) -> GateResult:
+    """A share passed (`(passed, n)` per role), candidate - baseline, against the gate's
+    `margin`: Newcombe's interval at 1 - alpha; a breach when the difference is worse than
+    -margin AND the interval lies below 0; NODATA under `min_samples` on either side. Evidence
+    says whether non-inferiority (lower bound above -margin) is shown."""
+    margin = _threshold(gate, "margin")
+    (passed_c, n_c), (passed_b, n_b) = candidate, baseline
+    missing = _nodata(gate, what, n_b, n_c, config.min_samples)
     if missing is not None:
         return missing
-    acc_b, acc_c = b.correct / b.facts, c.correct / c.facts
-    diff = acc_c - acc_b
-    lo, hi = newcombe_interval(c.correct, c.facts, b.correct, b.facts, 1.0 - config.alpha)
+    share_b, share_c = passed_b / n_b, passed_c / n_c
+    diff = share_c - share_b
+    lo, hi = newcombe_interval(passed_c, n_c, passed_b, n_b, 1.0 - config.alpha)
     worse = diff < -margin and hi < 0.0
     non_inferior = lo > -margin
     reason = (
-        f"accuracy {acc_c:.3f} vs {acc_b:.3f}: difference {diff:+.3f} (CI {lo:+.3f} to "
-        f"{hi:+.3f}), margin {margin:g}; "
-        + ("non-inferior" if non_inferior else "non-inferiority not shown")
+        f"{headline(share_c, share_b)}: difference {diff:+.3f} (CI {lo:+.3f} to {hi:+.3f}), "
+        f"margin {margin:g}"
     )
+    if says_non_inferiority:
+        reason += "; " + ("non-inferior" if non_inferior else "non-inferiority not shown")
     return GateResult(
         gate=gate.metric,
         severity=gate.severity,
         label=_breach(gate) if worse else Label.PASS,
-        reason=("candidate less accurate: " if worse else "") + reason,
+        reason=(worse_prefix if worse else "") + reason,
         evidence=Evidence(
-            n_baseline=b.facts,
-            n_candidate=c.facts,
-            baseline=acc_b,
-            candidate=acc_c,
+            n_baseline=n_b,
+            n_candidate=n_c,
+            baseline=share_b,
+            candidate=share_c,
             estimate=diff,
             ci_low=lo,
             ci_high=hi,
             threshold=-margin,
-            detail={"non_inferior": "yes" if non_inferior else "no"},
+            detail={**(detail or {}), "non_inferior": "yes" if non_inferior else "no"},
         ),
     )

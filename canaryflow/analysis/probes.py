@@ -20,10 +20,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from canaryflow.analysis.judges import JudgeConfig, _breach, _nodata, _threshold
+from canaryflow.analysis.judges import JudgeConfig, share_margin
 from canaryflow.analysis.samples import WindowSample
-from canaryflow.contracts import Evidence, GateResult, Label, LiveGate, Role
-from canaryflow.stats.estimators import newcombe_interval
+from canaryflow.contracts import GateResult, LiveGate, Role
 
 POOL_S = 6 * 3600.0  # the longest stage whose probes are pooled
 
@@ -74,41 +73,16 @@ def probe_accuracy(gate: LiveGate, sample: WindowSample, config: JudgeConfig) ->
     The probes are pooled over the stage (module docstring), so one candidate's probes are seen
     again in each later window: read the interval as the stage's, not the window's.
     """
-    margin = _threshold(gate, "margin")
     b, c = sample.baseline, sample.candidate
-    missing = _nodata(gate, "scored probes", b.probes, c.probes, config.min_samples)
-    if missing is not None:
-        return missing
-    share_b, share_c = b.probes_passed / b.probes, c.probes_passed / c.probes
-    diff = share_c - share_b
-    lo, hi = newcombe_interval(
-        c.probes_passed, c.probes, b.probes_passed, b.probes, 1.0 - config.alpha
-    )
-    worse = diff < -margin and hi < 0.0
-    reason = (
-        f"probes passed {c.probes_passed}/{c.probes} ({share_c:.3f}) vs {b.probes_passed}/"
-        f"{b.probes} ({share_b:.3f}) since the stage began: difference {diff:+.3f} (CI "
-        f"{lo:+.3f} to {hi:+.3f}), margin {margin:g}"
-    )
-    return GateResult(
-        gate=gate.metric,
-        severity=gate.severity,
-        label=_breach(gate) if worse else Label.PASS,
-        reason=("candidate fails more probes: " if worse else "") + reason,
-        evidence=Evidence(
-            n_baseline=b.probes,
-            n_candidate=c.probes,
-            baseline=share_b,
-            candidate=share_c,
-            estimate=diff,
-            ci_low=lo,
-            ci_high=hi,
-            threshold=-margin,
-            detail={
-                "passed_baseline": b.probes_passed,
-                "passed_candidate": c.probes_passed,
-                "non_inferior": "yes" if lo > -margin else "no",
-                "pooled": "since the stage began",
-            },
+    return share_margin(
+        gate, config, "scored probes",
+        (c.probes_passed, c.probes), (b.probes_passed, b.probes),
+        lambda share_c, share_b: (
+            f"probes passed {c.probes_passed}/{c.probes} ({share_c:.3f}) vs "
+            f"{b.probes_passed}/{b.probes} ({share_b:.3f}) since the stage began"
         ),
-    )
+        "candidate fails more probes: ",
+        detail={"passed_baseline": b.probes_passed, "passed_candidate": c.probes_passed,
+                "pooled": "since the stage began"},
+        says_non_inferiority=False,
+    )  # fmt: skip

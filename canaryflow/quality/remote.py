@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -85,6 +86,7 @@ class RemoteCheckers:
         self._environment = checker_environment(configs, providers)
         self._process: asyncio.subprocess.Process | None = None
         self._in_flight: dict[int, tuple[CheckItem, set[str]]] = {}
+        self._loads: Counter[str] = Counter()  # items in flight per checker, kept as they move
         self._next_id = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
@@ -107,7 +109,7 @@ class RemoteCheckers:
         if not names:
             return []
         process = self._process
-        busy = {name for name in names if self._load(name) >= self.queue_size}
+        busy = {name for name in names if self._loads[name] >= self.queue_size}
         if process is None or process.stdin is None or not self._up.is_set():
             busy = set(names)  # the child is down: nothing can be checked now
         for name in busy:
@@ -128,10 +130,8 @@ class RemoteCheckers:
         self._in_flight[key] = (item, set(taken))
         for name in taken:
             self.samplers[name].took(item.role)
+            self._loads[name] += 1
         return taken
-
-    def _load(self, name: str) -> int:
-        return sum(1 for _, names in self._in_flight.values() if name in names)
 
     async def start(self) -> RemoteCheckers:
         """Start the child and wait (up to 30 s) until its checkers are up."""
@@ -231,6 +231,7 @@ class RemoteCheckers:
                 self._deliver(CheckResult(item, name, self.configs[name].kind, verdicts))
 
     def _deliver(self, result: CheckResult) -> None:
+        self._loads[result.checker] -= 1
         self.samplers[result.checker].count(result)
         try:
             self.on_result(result)
